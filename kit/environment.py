@@ -1,0 +1,143 @@
+"""The machine, the build and the model, captured once per study so every number can be traced to them."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def numa_nodes() -> list[dict]:
+    """NUMA nodes from sysfs: id and CPU list. One node (or none listed) means NUMA tuning cannot matter."""
+    base = Path("/sys/devices/system/node")
+    nodes = []
+    for d in sorted(base.glob("node[0-9]*")):
+        cpulist = (d / "cpulist").read_text().strip() if (d / "cpulist").exists() else ""
+        nodes.append({"node": int(d.name[4:]), "cpus": cpulist})
+    return nodes
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def memory_settings() -> dict:
+    """What the guide's section 7 would change: huge pages, transparent huge pages, swappiness."""
+    return {
+        "nr_hugepages": _read("/proc/sys/vm/nr_hugepages"),
+        "transparent_hugepage": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "swappiness": _read("/proc/sys/vm/swappiness"),
+        "memlock_limit": _memlock_limit(),
+    }
+
+
+def _memlock_limit() -> str | None:
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+    except Exception:
+        return None
+
+
+def memory_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> dict:
+    """Measured RAM bandwidth (best of `repeats`): read (sum) and copy (read + write) in GB/s.
+
+    Decode of a dense model reads every weight once per token, so read bandwidth / model bytes bounds
+    tokens/s from above (the roofline). The buffer is much larger than any CPU cache.
+    """
+    import numpy as np
+
+    n = size_mb * (1 << 20) // 8
+    a = np.ones(n, dtype=np.float64)
+    b = np.empty_like(a)
+    read, copy = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        read.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        np.copyto(b, a)
+        copy.append(time.perf_counter() - t)
+    nbytes = a.nbytes
+    return {
+        "mem_read_gbs": round(nbytes / min(read) / 1e9, 2),
+        "mem_copy_gbs": round(2 * nbytes / min(copy) / 1e9, 2),
+        "mem_bw_buffer_mb": size_mb,
+    }
+
+
+def llama_build_info() -> dict:
+    import llama_cpp
+
+    info = {
+        "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "mmap_supported": bool(llama_cpp.llama_supports_mmap()),
+        "mlock_supported": bool(llama_cpp.llama_supports_mlock()),
+        "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+    info["backends"] = "GPU" if info["gpu_offload"] else "CPU"
+    return info
+
+
+def capture_environment(bandwidth: bool = True) -> dict:
+    """Hardware, OS, Python, llama.cpp build and GPU inventory (empty without a GPU)."""
+    import psutil
+
+    from . import gpu
+
+    env = {
+        "captured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hostname": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": sys.version.split()[0],
+        "cpu_info": cpu_model(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "cpu_logical_cores": psutil.cpu_count(logical=True),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "ram_total_mb": round(psutil.virtual_memory().total / 2**20),
+        "ram_available_mb": round(psutil.virtual_memory().available / 2**20),
+        "numa_nodes": numa_nodes(),
+        **memory_settings(),
+    }
+    env.update(llama_build_info())
+    gpus = gpu.gpu_inventory()
+    env["gpus"] = gpus
+    env["gpu_info"] = ", ".join(g["name"] for g in gpus) if gpus else ""
+    env["gpu_driver"] = gpus[0].get("driver_version") if gpus else None
+    if bandwidth:
+        env.update(memory_bandwidth_gbs())
+    return env
+
+
+def save_environment(study_dir: str | os.PathLike, env: dict | None = None) -> dict:
+    """Write environment.json under the study folder (once per study: an existing file is kept)."""
+    path = Path(study_dir) / "environment.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    env = env or capture_environment()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(env, indent=2, default=str))
+    return env
+
+
+def decode_roofline(model_bytes: int, mem_read_gbs: float) -> float:
+    """Upper bound on tg tokens/s when every weight byte is read once per generated token."""
+    return mem_read_gbs * 1e9 / model_bytes

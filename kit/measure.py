@@ -1,0 +1,409 @@
+"""Measure one configuration: engine speed as llama-bench measures it, and end-to-end speed as a server sees it.
+
+Timed regions (stated in every row's `timed_region`):
+- pp / tg / pg (engine): from before the first llama_decode to after llama_synchronize of the last one;
+  random tokens, prompt processing in batches of n_batch, generation as single-token decodes; no
+  tokenization, no sampling (llama-bench's `test_prompt` / `test_gen`). KV cache cleared before each
+  repetition; with n_depth, the depth is filled before the timer starts.
+- e2e (server view): from the call of a streamed chat completion to its last chunk; prompt cache reset
+  before each request, so every request pays prompt processing as a fresh request would.
+The model is loaded once per configuration; a warm-up run precedes the timed repetitions.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import random
+import resource
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from .config import Settings
+
+DEFAULT_REPETITIONS = 5
+
+# Real prompts for end-to-end timing: short RAG-server style questions about Python.
+DEFAULT_PROMPTS = (
+    "Explain in two sentences what a Python generator is.",
+    "What does the `with` statement do in Python? Answer briefly.",
+    "Name three built-in Python data types and one use of each.",
+)
+
+
+@dataclass(frozen=True)
+class Test:
+    """One measurement inside a trial. kind: pp, tg, pg (engine), e2e (server view), or 'module:function'."""
+
+    kind: str
+    n_prompt: int = 0
+    n_gen: int = 0
+    n_depth: int = 0
+    params: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """llama-bench's test label: pp512, tg128, pp512+tg128, with '@ d<depth>' for a filled context."""
+        if self.kind in ("pp", "tg", "pg"):
+            parts = ([f"pp{self.n_prompt}"] if self.n_prompt else []) + ([f"tg{self.n_gen}"] if self.n_gen else [])
+            label = "+".join(parts)
+        else:
+            label = self.kind.rsplit(":", 1)[-1]
+            if self.n_gen:
+                label += f"{self.n_gen}"
+        return label + (f" @ d{self.n_depth}" if self.n_depth else "")
+
+    def tokens_needed(self) -> int:
+        return self.n_depth + self.n_prompt + self.n_gen
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Test":
+        return cls(**d)
+
+
+def pp(n: int = 512, depth: int = 0) -> Test:
+    return Test("pp", n_prompt=n, n_depth=depth)
+
+
+def tg(n: int = 128, depth: int = 0) -> Test:
+    return Test("tg", n_gen=n, n_depth=depth)
+
+
+def e2e(max_tokens: int = 64, prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> Test:
+    return Test("e2e", n_gen=max_tokens, params={"prompts": list(prompts)})
+
+
+ENGINE_KINDS = ("pp", "tg", "pg")
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    llm: Any
+    settings: Settings
+    load_ms: float
+    effective: dict
+
+    @property
+    def ctx(self):
+        return self.llm._ctx.ctx
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def load_model(settings: Settings, model_path: str | None = None, log_file: str | None = None) -> LoadedModel:
+    """Load through llama_cpp.Llama (as a server would), timing the load; effective values read back from llama.cpp."""
+    import llama_cpp
+
+    from .logs import llama_log_to_file
+    from .models import resolve_model
+
+    llama_log_to_file(log_file)
+    path = model_path or str(resolve_model(settings.model))
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(**settings.llama_kwargs(path))
+    load_ms = (time.perf_counter() - t0) * 1e3
+    ctx = llm._ctx.ctx
+    eff = {
+        "n_ctx_effective": int(llama_cpp.llama_n_ctx(ctx)),
+        "n_batch_effective": int(llama_cpp.llama_n_batch(ctx)),
+        "n_ubatch_effective": int(llama_cpp.llama_n_ubatch(ctx)),
+        "n_threads_effective": int(llm.n_threads),
+        "n_threads_batch_effective": int(llm.n_threads_batch),
+    }
+    return LoadedModel(llm=llm, settings=settings, load_ms=load_ms, effective=eff)
+
+
+# ---- engine: llama-bench's test_prompt / test_gen --------------------------------------------------------------
+def _clear_kv(ctx) -> None:
+    import llama_cpp
+
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), False)
+
+
+def _decode_prompt(lm: LoadedModel, n_prompt: int, rng: random.Random) -> None:
+    import llama_cpp
+
+    ctx, vocab = lm.ctx, llama_cpp.llama_model_get_vocab(lm.llm._model.model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    add_bos = llama_cpp.llama_vocab_get_add_bos(vocab)
+    n_batch = lm.effective["n_batch_effective"]
+    buf = (llama_cpp.llama_token * n_batch)()
+    done = 0
+    while done < n_prompt:
+        n = min(n_prompt - done, n_batch)
+        buf[0] = llama_cpp.llama_vocab_bos(vocab) if done == 0 and add_bos else rng.randrange(n_vocab)
+        for i in range(1, n):
+            buf[i] = rng.randrange(n_vocab)
+        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(buf, n))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} while processing the prompt")
+        done += n
+    llama_cpp.llama_synchronize(ctx)
+
+
+def _decode_gen(lm: LoadedModel, n_gen: int, rng: random.Random) -> None:
+    import llama_cpp
+
+    ctx, vocab = lm.ctx, llama_cpp.llama_model_get_vocab(lm.llm._model.model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    tok = (llama_cpp.llama_token * 1)()
+    tok[0] = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else rng.randrange(n_vocab)
+    for _ in range(n_gen):
+        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tok, 1))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} while generating")
+        llama_cpp.llama_synchronize(ctx)
+        tok[0] = rng.randrange(n_vocab)
+
+
+def bench_engine(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETITIONS, warmup: bool = True,
+                 seed: int = 0) -> dict:
+    """pp/tg/pg exactly as llama-bench times them; returns llama-bench's columns plus the perf-counter cross-check."""
+    import llama_cpp
+
+    lm.settings.check_fits(test.tokens_needed(), what=f"test {test.name} (depth + prompt + generation)")
+    if test.tokens_needed() > lm.effective["n_ctx_effective"]:
+        raise ValueError(f"test {test.name} needs {test.tokens_needed()} tokens; n_ctx is {lm.effective['n_ctx_effective']}")
+    rng = random.Random(seed)
+    if warmup:
+        _clear_kv(lm.ctx)
+        if test.n_prompt:
+            _decode_prompt(lm, test.n_prompt, rng)
+        if test.n_gen:
+            _decode_gen(lm, 1, rng)
+    samples_ns, perf_ts = [], []
+    for _ in range(repetitions):
+        _clear_kv(lm.ctx)
+        if test.n_depth:
+            _decode_prompt(lm, test.n_depth, rng)
+        llama_cpp.llama_perf_context_reset(lm.ctx)
+        t0 = time.perf_counter_ns()
+        if test.n_prompt:
+            _decode_prompt(lm, test.n_prompt, rng)
+        if test.n_gen:
+            _decode_gen(lm, test.n_gen, rng)
+        samples_ns.append(time.perf_counter_ns() - t0)
+        perf = llama_cpp.llama_perf_context(lm.ctx)
+        perf_ms = perf.t_p_eval_ms + perf.t_eval_ms
+        if perf_ms > 0:
+            perf_ts.append((test.n_prompt + test.n_gen) / (perf_ms / 1e3))
+    n_tokens = test.n_prompt + test.n_gen
+    samples_ts = [n_tokens / (ns / 1e9) for ns in samples_ns]
+    row = {
+        "n_prompt": test.n_prompt,
+        "n_gen": test.n_gen,
+        "n_depth": test.n_depth,
+        "repetitions": repetitions,
+        "samples_ns": samples_ns,
+        "samples_ts": [round(x, 4) for x in samples_ts],
+        **summarize(samples_ts, samples_ns),
+        "perf_ts": round(statistics.median(perf_ts), 4) if perf_ts else None,
+        "timed_region": "llama_decode of random tokens (pp: batches of n_batch; tg: 1-token decodes) to "
+                        "llama_synchronize; no tokenize/sample; KV cleared per repetition; depth filled untimed",
+    }
+    if row["perf_ts"] and row["median_ts"]:
+        row["perf_wall_ratio"] = round(row["perf_ts"] / row["median_ts"], 4)
+    return row
+
+
+def summarize(samples_ts: list[float], samples_ns: list[int] | None = None) -> dict:
+    """llama-bench's avg/stddev (sample stddev, n-1) plus median and coefficient of variation."""
+    n = len(samples_ts)
+    out = {
+        "avg_ts": round(statistics.fmean(samples_ts), 4) if n else None,
+        "stddev_ts": round(statistics.stdev(samples_ts), 4) if n > 1 else 0.0,
+        "median_ts": round(statistics.median(samples_ts), 4) if n else None,
+        "min_ts": round(min(samples_ts), 4) if n else None,
+        "max_ts": round(max(samples_ts), 4) if n else None,
+    }
+    out["cv"] = round(out["stddev_ts"] / out["avg_ts"], 4) if n and out["avg_ts"] else None
+    if samples_ns:
+        out["avg_ns"] = int(statistics.fmean(samples_ns))
+        out["stddev_ns"] = int(statistics.stdev(samples_ns)) if len(samples_ns) > 1 else 0
+    return out
+
+
+# ---- end to end: a streamed chat completion, as a server client sees it ------------------------------------------
+def stream_chat(lm: LoadedModel, prompt: str | list[dict], **overrides) -> dict:
+    """One streamed chat completion from a fresh prompt cache: TTFT, inter-token latencies, e2e, counts.
+
+    A request-level helper shared by the e2e test and the studies that serve requests (RAG, queueing).
+    """
+    import llama_cpp
+
+    llm, s = lm.llm, lm.settings
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    kw = s.sampling_kwargs()
+    kw.update(overrides)
+    if kw.get("max_tokens") is None:
+        kw["max_tokens"] = -1  # llama-cpp-python: until EOS or the context is full
+    llm.reset()  # no cached prefix: every request pays its prompt processing
+    _clear_kv(lm.ctx)
+    llama_cpp.llama_perf_context_reset(lm.ctx)
+    times, pieces, finish = [], [], None
+    t0 = time.perf_counter()
+    for chunk in llm.create_chat_completion(messages=messages, stream=True, **kw):
+        choice = chunk["choices"][0]
+        content = choice.get("delta", {}).get("content")
+        if content:
+            times.append(time.perf_counter())
+            pieces.append(content)
+        if choice.get("finish_reason"):
+            finish = choice["finish_reason"]
+    t_end = time.perf_counter()
+    perf = llama_cpp.llama_perf_context(lm.ctx)
+    itl = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    n_gen = int(perf.n_eval) or len(times)
+    e2e_ms = (t_end - t0) * 1e3
+    return {
+        "text": "".join(pieces),
+        "finish_reason": finish,
+        "ttft_ms": (times[0] - t0) * 1e3 if times else None,
+        "e2e_ms": e2e_ms,
+        "itl_ms": itl,
+        "n_prompt_tokens": int(perf.n_p_eval),
+        "n_gen_tokens": n_gen,
+        "n_chunks": len(times),
+        "engine_pp_ms": float(perf.t_p_eval_ms),
+        "engine_tg_ms": float(perf.t_eval_ms),
+    }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    xs = sorted(values)
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def bench_e2e(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETITIONS, warmup: bool = True) -> dict:
+    """Streamed chat completions over the test's prompts, `repetitions` passes; TTFT, ITL p50/p95, e2e, tokens/s."""
+    prompts = test.params.get("prompts") or list(DEFAULT_PROMPTS)
+    max_tokens = test.n_gen or None
+    if warmup:
+        stream_chat(lm, prompts[0], max_tokens=4)
+    reqs = [stream_chat(lm, p, max_tokens=max_tokens) for _ in range(repetitions) for p in prompts]
+    itl = [x for r in reqs for x in r["itl_ms"]]
+    ts = [r["n_gen_tokens"] / (r["e2e_ms"] / 1e3) for r in reqs if r["e2e_ms"] > 0]
+    # cross-check: llama.cpp's own decode time against the wall clock between first and last token
+    decode_wall = [(r["e2e_ms"] - r["ttft_ms"]) for r in reqs if r["ttft_ms"] is not None]
+    decode_engine = [r["engine_tg_ms"] for r in reqs if r["ttft_ms"] is not None]
+    return {
+        "n_prompt": round(statistics.fmean(r["n_prompt_tokens"] for r in reqs)),
+        "n_gen": test.n_gen,
+        "n_depth": 0,
+        "repetitions": repetitions,
+        "n_requests": len(reqs),
+        "samples_ts": [round(x, 4) for x in ts],
+        **summarize(ts),
+        "ttft_ms": round(statistics.median(r["ttft_ms"] for r in reqs if r["ttft_ms"] is not None), 3),
+        "samples_ttft_ms": [round(r["ttft_ms"], 3) for r in reqs if r["ttft_ms"] is not None],
+        "itl_p50_ms": round(_pct(itl, 0.5), 3) if itl else None,
+        "itl_p95_ms": round(_pct(itl, 0.95), 3) if itl else None,
+        "e2e_ms": round(statistics.median(r["e2e_ms"] for r in reqs), 3),
+        "samples_e2e_ms": [round(r["e2e_ms"], 3) for r in reqs],
+        "n_gen_tokens_mean": round(statistics.fmean(r["n_gen_tokens"] for r in reqs), 2),
+        "engine_share_of_decode": round(sum(decode_engine) / sum(decode_wall), 4) if sum(decode_wall) > 0 else None,
+        "timed_region": "streamed create_chat_completion call to its last chunk (template, tokenize, prompt "
+                        "processing, sampling, detokenize); prompt cache reset per request; avg_ts = generated "
+                        "tokens / e2e time",
+    }
+
+
+# ---- resources -------------------------------------------------------------------------------------------------
+class ResourceMonitor:
+    """Peak RSS (kernel's ru_maxrss plus a sampled current RSS), CPU utilisation, and GPU via NVML when present."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._rss_peak = 0
+
+    def __enter__(self):
+        import psutil
+
+        from .gpu import GpuSampler
+
+        self._proc = psutil.Process()
+        self._cpu0 = self._proc.cpu_times()
+        self._t0 = time.perf_counter()
+        self._gpu = GpuSampler()
+        self._gpu.__enter__()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._rss_peak = max(self._rss_peak, self._proc.memory_info().rss)
+            except Exception:
+                return
+
+    def snapshot(self) -> dict:
+        cpu = self._proc.cpu_times()
+        wall = time.perf_counter() - self._t0
+        busy = (cpu.user - self._cpu0.user) + (cpu.system - self._cpu0.system)
+        maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_now = self._proc.memory_info().rss
+        return {
+            "rss_mb": round(rss_now / 2**20, 1),
+            "rss_peak_mb": round(max(self._rss_peak, rss_now, maxrss_kb * 1024) / 2**20, 1),
+            "cpu_util_pct": round(100 * busy / wall, 1) if wall > 0 else None,
+            **self._gpu.summary(),
+        }
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+        self._gpu.__exit__(*exc)
+
+
+# ---- one configuration ------------------------------------------------------------------------------------------
+def resolve_test_fn(kind: str) -> Callable:
+    """Engine kinds, e2e, or a 'package.module:function' taking (LoadedModel, Test, repetitions) -> dict."""
+    if kind in ENGINE_KINDS:
+        return bench_engine
+    if kind == "e2e":
+        return bench_e2e
+    if ":" in kind:
+        mod, _, fn = kind.partition(":")
+        return getattr(importlib.import_module(mod), fn)
+    raise ValueError(f"unknown test kind {kind!r}: use pp, tg, pg, e2e or 'module:function'")
+
+
+def measure_config(settings: Settings, tests: list[Test], repetitions: int = DEFAULT_REPETITIONS,
+                   model_path: str | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Load once, run every test, return one row per test (measurement fields only; the sweep adds the rest).
+
+    A test that raises becomes a row with status 'error' and the message; the others still run.
+    """
+    rows = []
+    with ResourceMonitor() as mon:
+        lm = load_model(settings, model_path=model_path)
+        try:
+            for test in tests:
+                fn = resolve_test_fn(test.kind)
+                try:
+                    row = {"status": "ok", "error": None, **fn(lm, test, repetitions)}
+                except Exception as exc:  # one failing test must not hide the others
+                    row = {"status": "error", "error": f"{type(exc).__name__}: {exc}",
+                           "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth}
+                row.update(test=test.name, test_kind=test.kind, load_ms=round(lm.load_ms, 3), **lm.effective,
+                           **mon.snapshot())
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+        finally:
+            lm.close()
+    return rows

