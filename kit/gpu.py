@@ -269,6 +269,10 @@ class GpuSampler:
         if any(sample[k] is not None for k in ("util_pct", "vram_used_mb", "power_w")):
             self.samples.append(sample)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The summary so far, while sampling continues (a trial reports one row per test)."""
+        return self._summarise()
+
     def _summarise(self) -> dict[str, Any]:
         summary: dict[str, Any] = dict.fromkeys(SUMMARY_KEYS)
         if self.last_error is not None:

@@ -360,7 +360,7 @@ class ResourceMonitor:
             "rss_mb": round(rss_now / 2**20, 1),
             "rss_peak_mb": round(max(self._rss_peak, rss_now, maxrss_kb * 1024) / 2**20, 1),
             "cpu_util_pct": round(100 * busy / wall, 1) if wall > 0 else None,
-            **self._gpu.summary(),
+            **self._gpu.snapshot(),
         }
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,78 @@
+"""Rows on disk <-> a DataFrame. One JSON object per line, appended and fsynced as each trial ends."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+RESULTS_FILE = "results.jsonl"
+
+
+def append_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows durably: a killed process loses at most what it had not yet handed to this function."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "a+b") as fh:
+        # a torn last line (a run killed mid-write) must not glue itself onto the next row
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        for row in rows:
+            fh.write((json.dumps(row, default=_jsonable) + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return str(x)
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """All complete rows; a torn line (killed writer) is skipped with a warning, never an error."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    rows, torn = [], 0
+    with open(p, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                torn += 1
+    if torn:
+        warnings.warn(f"{p}: skipped {torn} torn line(s) left by an interrupted run", stacklevel=2)
+    return rows
+
+
+def latest_by_key(rows: list[dict]) -> list[dict]:
+    """Keep the last row per trial_key (a retried failure replaces the failure), preserving first-seen order."""
+    order, last = [], {}
+    for r in rows:
+        k = r.get("trial_key")
+        if k not in last:
+            order.append(k)
+        last[k] = r
+    return [last[k] for k in order]
+
+
+def load_results(path: str | os.PathLike, status: str | None = None):
+    """One call: a study folder or results.jsonl -> a pandas DataFrame, one row per trial and test."""
+    import pandas as pd
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / RESULTS_FILE
+    df = pd.DataFrame(latest_by_key(read_rows(p)))
+    if status is not None and not df.empty:
+        df = df[df["status"] == status].reset_index(drop=True)
+    return df

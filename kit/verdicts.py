@@ -1,0 +1,165 @@
+"""Verdicts: effect sizes with bootstrap intervals, and the one verdicts.json schema every study writes.
+
+A verdict is a claim about the world, so it follows the interval, not the point estimate:
+- supported: the interval excludes "no change" on the side the guide claims;
+- refuted: the interval excludes "no change" on the other side;
+- no measurable effect: the interval contains "no change" (or lies inside a stated equivalence band);
+- not testable here: with the reason (e.g. "this llama.cpp build has no GPU offload").
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+SUPPORTED = "supported"
+REFUTED = "refuted"
+NO_EFFECT = "no measurable effect"
+NOT_TESTABLE = "not testable here"
+VERDICTS = (SUPPORTED, REFUTED, NO_EFFECT, NOT_TESTABLE)
+CLAIM_IDS = ("G1", "G2", "G3", "M1", "M2", "C1", "C2", "Q1", "Q2", "R1", "R2", "R3", "R4",
+             "S1", "S2", "O1", "O2", "O3", "P1", "P2", "X1", "X2", "X3", "X4")
+UNSTABLE_CV = 0.10
+VERDICTS_FILE = "verdicts.json"
+
+
+@dataclass
+class Verdict:
+    claim: str
+    verdict: str
+    summary: str = ""                 # one sentence a reader can act on
+    effect: float | None = None       # ratio of medians, candidate / baseline (or a stated metric)
+    ci_low: float | None = None
+    ci_high: float | None = None
+    metric: str = ""                  # what the effect measures, e.g. "tg t/s ratio, fa on / off, depth 2048"
+    evidence: list[str] = field(default_factory=list)   # figure / table / results paths, relative to outputs/
+    reason: str = ""                  # why not testable, or what limits the verdict
+    unstable: bool = False            # a compared sample set had CV >= 10 %
+    n_baseline: int = 0
+    n_candidate: int = 0
+    details: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.claim not in CLAIM_IDS:
+            raise ValueError(f"unknown claim id {self.claim!r}; known: {', '.join(CLAIM_IDS)}")
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict {self.verdict!r} must be one of {VERDICTS}")
+        if self.verdict == NOT_TESTABLE and not self.reason:
+            raise ValueError("a 'not testable here' verdict needs a reason")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        ci = f" [{self.ci_low:.3g}, {self.ci_high:.3g}]" if self.ci_low is not None else ""
+        eff = f" effect {self.effect:.3g}{ci}" if self.effect is not None else ""
+        return f"{self.claim}: {self.verdict}{eff}. {self.summary or self.reason}".strip()
+
+
+def cv(samples: Sequence[float]) -> float | None:
+    xs = [float(x) for x in samples]
+    if len(xs) < 2 or statistics.fmean(xs) == 0:
+        return None
+    return statistics.stdev(xs) / abs(statistics.fmean(xs))
+
+
+def bootstrap_ratio(candidate: Sequence[float], baseline: Sequence[float], n_boot: int = 4000,
+                    confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Ratio of medians (candidate / baseline) and its percentile bootstrap interval (independent resamples)."""
+    c, b = [float(x) for x in candidate], [float(x) for x in baseline]
+    if not c or not b:
+        raise ValueError("both sample sets need at least one value")
+    mb = statistics.median(b)
+    if mb == 0:
+        raise ValueError("baseline median is 0: a ratio is undefined")
+    point = statistics.median(c) / mb
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(n_boot):
+        rc = statistics.median(rng.choices(c, k=len(c)))
+        rb = statistics.median(rng.choices(b, k=len(b)))
+        if rb:
+            ratios.append(rc / rb)
+    ratios.sort()
+    alpha = (1 - confidence) / 2
+    lo = ratios[int(alpha * (len(ratios) - 1))]
+    hi = ratios[int((1 - alpha) * (len(ratios) - 1))]
+    return point, lo, hi
+
+
+def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool = True,
+            claimed: str = "better", metric: str = "", equivalence: float = 0.0, evidence: Sequence[str] = (),
+            summary: str = "", seed: int = 0) -> Verdict:
+    """Verdict on "candidate is <claimed> than baseline" from raw samples.
+
+    claimed: "better" (the guide says the change helps), "worse" (it says the change costs), or "same".
+    equivalence: a band around 1 (e.g. 0.02 = +-2 %) inside which a whole interval counts as no effect.
+    """
+    if claimed not in ("better", "worse", "same"):
+        raise ValueError("claimed must be 'better', 'worse' or 'same'")
+    point, lo, hi = bootstrap_ratio(candidate, baseline, seed=seed)
+    up = lo > 1 + equivalence          # interval entirely above the band
+    down = hi < 1 - equivalence        # entirely below
+    improved = up if higher_is_better else down
+    worsened = down if higher_is_better else up
+    if claimed == "same":
+        inside = lo >= 1 - equivalence and hi <= 1 + equivalence
+        verdict = SUPPORTED if inside else (REFUTED if (up or down) else NO_EFFECT)
+    elif improved:
+        verdict = SUPPORTED if claimed == "better" else REFUTED
+    elif worsened:
+        verdict = REFUTED if claimed == "better" else SUPPORTED
+    else:
+        verdict = NO_EFFECT
+    cvs = [cv(candidate), cv(baseline)]
+    unstable = any(x is not None and x >= UNSTABLE_CV for x in cvs)
+    direction = "higher" if point > 1 else "lower"
+    auto = (f"{metric or 'metric'}: {abs(point - 1) * 100:.1f} % {direction} "
+            f"(95 % CI {lo:.3f}-{hi:.3f}, n={len(candidate)} vs {len(baseline)})")
+    return Verdict(claim=claim, verdict=verdict, summary=summary or auto, effect=round(point, 4),
+                   ci_low=round(lo, 4), ci_high=round(hi, 4), metric=metric, evidence=list(evidence),
+                   unstable=unstable, n_baseline=len(baseline), n_candidate=len(candidate),
+                   reason="unstable samples (CV >= 10 %): repeat on a quieter machine" if unstable else "")
+
+
+def not_testable(claim: str, reason: str, evidence: Sequence[str] = (), **details) -> Verdict:
+    return Verdict(claim=claim, verdict=NOT_TESTABLE, reason=reason, summary=reason, evidence=list(evidence),
+                   details=details)
+
+
+def write_verdicts(study_dir: str | os.PathLike, verdicts: Sequence[Verdict]) -> Path:
+    """Write outputs/<study>/verdicts.json, replacing earlier verdicts of the same claims in that file."""
+    path = Path(study_dir) / VERDICTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = {v["claim"]: v for v in read_verdicts(path)} if path.exists() else {}
+    for v in verdicts:
+        existing[v.claim] = v.to_dict()
+    ordered = [existing[c] for c in CLAIM_IDS if c in existing]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"schema": 1, "verdicts": ordered}, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_verdicts(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / VERDICTS_FILE
+    return json.loads(p.read_text())["verdicts"]
+
+
+def verdict_table(verdicts: Sequence[Verdict | dict]):
+    """A DataFrame for display: claim, verdict, effect [CI], summary."""
+    import pandas as pd
+
+    rows = []
+    for v in verdicts:
+        d = v.to_dict() if isinstance(v, Verdict) else v
+        ci = f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]" if d.get("ci_low") is not None else ""
+        rows.append({"claim": d["claim"], "verdict": d["verdict"],
+                     "effect": d.get("effect"), "95% CI": ci, "summary": d.get("summary") or d.get("reason")})
+    return pd.DataFrame(rows)
