@@ -39,6 +39,8 @@ DEFAULT_PROMPTS = (
 class Test:
     """One measurement inside a trial. kind: pp, tg, pg (engine), e2e (server view), or 'module:function'."""
 
+    __test__ = False  # not a pytest test class
+
     kind: str
     n_prompt: int = 0
     n_gen: int = 0
