@@ -1,0 +1,504 @@
+"""Generation settings (claims S1, S2): what sampling settings and a max_tokens cap do to speed, length and text.
+
+Sampling settings are request-time arguments, so one loaded model serves the whole sweep: each sampling
+configuration is one test of the kind ``kit.generation:sampling_test`` inside a trial (a child process,
+`kit.sweep.run_sweep`), and its row lands in ``results.jsonl`` as usual. The study runs two trials: the
+sampling sweep (S1) and the max_tokens sweep (S2); a rerun skips the tests already in the file.
+
+Timed region of every request: a streamed chat completion from a fresh prompt cache
+(`kit.measure.stream_chat`): template, tokenize, prompt processing, then per token decode + sample +
+detokenize. The per-token cost is the mean inter-token latency (ITL) between streamed chunks, i.e.
+(time of last chunk - time of first chunk) / (chunks - 1): decode and sampling only, the prompt excluded.
+llama.cpp's own decode time (``llama_perf_context``) is kept beside it, so the difference is what sampling
+and the Python around it cost per token.
+
+Row columns written by ``sampling_test`` override the trial's Settings columns of the same name
+(temperature, top_p, top_k, repeat_penalty, max_tokens): a row always shows the values its requests used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .config import Settings, SettingsError
+from .measure import Test, _pct, stream_chat, summarize
+
+PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens")
+# The guide's "speeding up generation" settings (section 6).
+GUIDE_SAMPLING = {"temperature": 0.1, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
+GUIDE_MAX_TOKENS = 512
+SAMPLING_KIND = "kit.generation:sampling_test"
+TIMED_REGION = ("streamed create_chat_completion from a fresh prompt cache, per request; per-token cost = mean "
+                "inter-token latency between streamed chunks (decode + sampling + detokenize; prompt excluded); "
+                "engine_decode_ms_per_token = llama.cpp's own decode time / decoded tokens")
+
+
+def default_sampling() -> dict:
+    """llama-cpp-python's own sampling defaults as the kit's Settings holds them (Llama/create_completion)."""
+    s = Settings()
+    return {k: getattr(s, k) for k in ("temperature", "top_p", "top_k", "repeat_penalty")}
+
+
+# ---- prompts ------------------------------------------------------------------------------------------------
+def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[dict]:
+    """The shipped prompt set (data/prompts.jsonl: id, kind, prompt), the first `n` of it if given."""
+    p = Path(path) if path else PROMPTS_FILE
+    rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for r in rows:
+        if not isinstance(r.get("id"), str) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise ValueError(f"{p}: every line needs a string 'id' and a non-empty 'prompt': {r!r}")
+    if len({r["id"] for r in rows}) != len(rows):
+        raise ValueError(f"{p}: prompt ids are not unique")
+    if n is not None:
+        if n < 1 or n > len(rows):
+            raise ValueError(f"n={n}: the prompt file {p.name} has {len(rows)} prompts")
+        rows = rows[:n]
+    return [{"id": r["id"], "prompt": r["prompt"]} for r in rows]
+
+
+# ---- what the text looks like -----------------------------------------------------------------------------------
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def text_stats(text: str) -> dict:
+    """Words, distinct-1/2 (unique n-grams / n-grams) and the share of 4-grams that repeat an earlier one."""
+    words = _WORD.findall(text.lower())
+
+    def distinct(n: int) -> float | None:
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        return round(len(set(grams)) / len(grams), 4) if grams else None
+
+    grams4 = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+    rep4 = round(1 - len(set(grams4)) / len(grams4), 4) if grams4 else None
+    return {"n_words": len(words), "distinct_1": distinct(1), "distinct_2": distinct(2), "rep_4gram": rep4}
+
+
+# ---- the sweep test kind ---------------------------------------------------------------------------------------
+def sampling_test(lm, test: Test, repetitions: int) -> dict:
+    """One sampling configuration over a prompt set: `repetitions` seeds per prompt, one request each.
+
+    test.params: any of SAMPLING_KEYS (the request's sampling; the rest from the trial's Settings),
+    "prompts" (list of {"id", "prompt"}), "label" (a name for tables). Seeds are settings.seed + 0..R-1.
+    Requests run seed-major (all prompts with seed 0, then seed 1, ...), so slow drift of a shared machine
+    spreads over prompts instead of landing on one.
+    """
+    params = dict(test.params)
+    prompts = params.pop("prompts", None) or load_prompts(n=3)
+    label = params.pop("label", None)
+    unknown = set(params) - set(SAMPLING_KEYS)
+    if unknown:
+        raise SettingsError(f"sampling_test: unknown params {sorted(unknown)}; use {SAMPLING_KEYS}, prompts, label")
+    s = lm.settings.replace(**params)  # validates values the same way Settings does
+    sampling = {k: getattr(s, k) for k in SAMPLING_KEYS}
+    stream_chat(lm, prompts[0]["prompt"], max_tokens=4, seed=s.seed)  # warm-up, untimed
+    reqs = []
+    for r in range(repetitions):
+        seed = s.seed + r
+        for p in prompts:
+            out = stream_chat(lm, p["prompt"], seed=seed, **sampling)
+            reqs.append(_request_record(p["id"], seed, out))
+    return _sampling_row(label, sampling, s.seed, reqs, repetitions)
+
+
+def _request_record(prompt_id: str, seed: int, out: dict) -> dict:
+    itl = out["itl_ms"]
+    n_eval = out["n_gen_tokens"]
+    rec = {
+        "prompt_id": prompt_id,
+        "seed": seed,
+        "n_prompt_tokens": out["n_prompt_tokens"],
+        "n_gen_tokens": n_eval,
+        "n_chunks": out["n_chunks"],
+        "finish_reason": out["finish_reason"],
+        "ttft_ms": round(out["ttft_ms"], 3) if out["ttft_ms"] is not None else None,
+        "e2e_ms": round(out["e2e_ms"], 3),
+        "decode_ms_per_token": round(statistics.fmean(itl), 4) if itl else None,
+        "itl_p50_ms": round(_pct(itl, 0.5), 4) if itl else None,
+        "itl_p95_ms": round(_pct(itl, 0.95), 4) if itl else None,
+        "engine_decode_ms_per_token": round(out["engine_tg_ms"] / n_eval, 4) if n_eval else None,
+        "text_sha": hashlib.sha256(out["text"].encode()).hexdigest()[:16],
+        **text_stats(out["text"]),
+        "text": out["text"],
+    }
+    if rec["decode_ms_per_token"] is not None and rec["engine_decode_ms_per_token"] is not None:
+        rec["overhead_ms_per_token"] = round(rec["decode_ms_per_token"] - rec["engine_decode_ms_per_token"], 4)
+    return rec
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.fmean(xs), 4) if xs else None
+
+
+def _median(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), 4) if xs else None
+
+
+def _sampling_row(label: str | None, sampling: dict, seed: int, reqs: list[dict], repetitions: int) -> dict:
+    per_tok = [r["decode_ms_per_token"] for r in reqs if r["decode_ms_per_token"]]
+    ts = [1e3 / x for x in per_tok]
+    by_prompt: dict[str, set] = {}
+    for r in reqs:
+        by_prompt.setdefault(r["prompt_id"], set()).add(r["text_sha"])
+    deterministic = (round(sum(len(v) == 1 for v in by_prompt.values()) / len(by_prompt), 4)
+                     if repetitions > 1 and by_prompt else None)
+    truncated = [r["finish_reason"] == "length" for r in reqs]
+    itl_all = [r["itl_p50_ms"] for r in reqs if r["itl_p50_ms"] is not None]
+    return {
+        "label": label or _label(sampling),
+        **sampling,
+        "max_tokens_label": "unlimited" if sampling["max_tokens"] is None else str(sampling["max_tokens"]),
+        "seed": seed,
+        "n_prompt": round(statistics.fmean(r["n_prompt_tokens"] for r in reqs)) if reqs else 0,
+        "n_gen": sampling["max_tokens"] or 0,
+        "n_depth": 0,
+        "repetitions": repetitions,
+        "n_requests": len(reqs),
+        "prompt_ids": sorted(by_prompt),
+        "samples_ts": [round(x, 4) for x in ts],
+        **summarize(ts),
+        "samples_decode_ms_per_token": per_tok,
+        "samples_engine_decode_ms_per_token": [r["engine_decode_ms_per_token"] for r in reqs
+                                               if r["engine_decode_ms_per_token"] is not None],
+        "samples_e2e_ms": [r["e2e_ms"] for r in reqs],
+        "samples_ttft_ms": [r["ttft_ms"] for r in reqs if r["ttft_ms"] is not None],
+        "samples_n_gen_tokens": [r["n_gen_tokens"] for r in reqs],
+        "decode_ms_per_token": _median(per_tok),
+        "engine_decode_ms_per_token": _median(r["engine_decode_ms_per_token"] for r in reqs),
+        "overhead_ms_per_token": _median(r.get("overhead_ms_per_token") for r in reqs),
+        "ttft_ms": _median(r["ttft_ms"] for r in reqs),
+        "e2e_ms": _median(r["e2e_ms"] for r in reqs),
+        "itl_p50_ms": _median(itl_all),
+        "itl_p95_ms": _median(r["itl_p95_ms"] for r in reqs),
+        "n_gen_tokens_mean": _mean(r["n_gen_tokens"] for r in reqs),
+        "truncation_rate": round(sum(truncated) / len(truncated), 4) if truncated else None,
+        "n_truncated": sum(truncated),
+        "deterministic_share": deterministic,
+        "distinct_1": _mean(r["distinct_1"] for r in reqs),
+        "distinct_2": _mean(r["distinct_2"] for r in reqs),
+        "rep_4gram": _mean(r["rep_4gram"] for r in reqs),
+        "requests": reqs,
+        "timed_region": TIMED_REGION,
+    }
+
+
+def _label(sampling: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sampling.items())
+
+
+# ---- the study --------------------------------------------------------------------------------------------------
+@dataclass
+class GenerationStudy:
+    """Parameters of notebooks/70_generation, validated before anything runs.
+
+    Sampling sweep (S1): the guide's settings, llama-cpp-python's defaults, and one axis at a time varied from
+    the defaults (temperature, top_p, top_k, repeat_penalty), on the first `n_prompts` prompts with
+    `sweep_max_tokens`. Cap sweep (S2): the guide's sampling with each max_tokens in `caps`, on the first
+    `n_cap_prompts` prompts, and unlimited (until EOS or n_ctx) on the first `n_unlimited_prompts`.
+    """
+
+    model: str = "smollm2-135m"
+    n_ctx: int = 2048
+    n_threads: int | None = None
+    prompts_file: str | None = None
+    n_prompts: int = 4
+    sweep_max_tokens: int = 128
+    temperatures: list = field(default_factory=lambda: [0.0, 0.1, 0.5, 1.0])
+    top_ps: list = field(default_factory=lambda: [0.5, 0.9, 1.0])
+    top_ks: list = field(default_factory=lambda: [1, 0])
+    repeat_penalties: list = field(default_factory=lambda: [1.1, 1.3])
+    caps: list = field(default_factory=lambda: [64, 128, 256, 512])
+    n_cap_prompts: int = 4
+    n_unlimited_prompts: int = 2
+    repetitions: int = 5
+    cap_repetitions: int = 2
+    s2_cap: int = GUIDE_MAX_TOKENS
+    equivalence: float = 0.03
+    timeout_s: float = 1800.0
+    out_dir: str = "outputs/70_generation"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "GenerationStudy":
+        base = self.settings()
+        prompts = load_prompts(self.prompts_file)
+        for name in ("n_prompts", "n_cap_prompts", "n_unlimited_prompts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= len(prompts):
+                raise SettingsError(f"{name}={v!r}: must be an int from 0 to {len(prompts)} (prompts in the file)")
+        if self.n_prompts < 1:
+            raise SettingsError("n_prompts must be at least 1")
+        if self.n_unlimited_prompts > self.n_cap_prompts:
+            raise SettingsError("n_unlimited_prompts must not exceed n_cap_prompts (S2 compares the same prompts)")
+        for name in ("repetitions", "cap_repetitions"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be a positive int")
+        for name in ("temperatures", "top_ps", "top_ks", "repeat_penalties", "caps"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise SettingsError(f"{name} must be a list")
+        for cap in self.caps:
+            if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+                raise SettingsError(f"caps: {cap!r} must be a positive int (unlimited is n_unlimited_prompts)")
+            if cap >= self.n_ctx:
+                raise SettingsError(f"caps: {cap} does not fit n_ctx={self.n_ctx} with a prompt")
+        if self.n_unlimited_prompts and self.s2_cap not in self.caps:
+            raise SettingsError(f"s2_cap={self.s2_cap} must be one of caps {self.caps}: S2 compares it with unlimited")
+        if self.sweep_max_tokens < 2 or self.sweep_max_tokens >= self.n_ctx:
+            raise SettingsError(f"sweep_max_tokens={self.sweep_max_tokens} must be in [2, n_ctx)")
+        if not 0 <= self.equivalence < 0.5:
+            raise SettingsError("equivalence is a fraction, e.g. 0.03 for +-3 %")
+        for variant in self.sampling_variants().values():  # every value checked by Settings' own rules
+            base.replace(**variant)
+        return self
+
+    def settings(self) -> Settings:
+        return Settings(model=self.model, n_ctx=self.n_ctx, n_threads=self.n_threads)
+
+    def sampling_variants(self) -> dict[str, dict]:
+        """label -> sampling overrides; the two S1 arms first, then one axis at a time from the defaults."""
+        d = default_sampling()
+        out = {"guide": dict(GUIDE_SAMPLING), "default": dict(d)}
+        for key, values in (("temperature", self.temperatures), ("top_p", self.top_ps),
+                            ("top_k", self.top_ks), ("repeat_penalty", self.repeat_penalties)):
+            for v in values:
+                variant = {**d, key: v}
+                if variant not in out.values():
+                    out[f"{key}={v}"] = variant
+        return out
+
+    def sampling_tests(self) -> list[Test]:
+        prompts = load_prompts(self.prompts_file, self.n_prompts)
+        return [Test(SAMPLING_KIND, n_gen=self.sweep_max_tokens,
+                     params={**v, "max_tokens": self.sweep_max_tokens, "label": label, "prompts": prompts})
+                for label, v in self.sampling_variants().items()]
+
+    def cap_tests(self) -> list[Test]:
+        tests = []
+        if self.n_cap_prompts:
+            prompts = load_prompts(self.prompts_file, self.n_cap_prompts)
+            tests += [Test(SAMPLING_KIND, n_gen=cap, params={**GUIDE_SAMPLING, "max_tokens": cap,
+                                                             "label": f"max_tokens={cap}", "prompts": prompts})
+                      for cap in self.caps]
+        if self.n_unlimited_prompts:
+            prompts = load_prompts(self.prompts_file, self.n_unlimited_prompts)
+            tests.append(Test(SAMPLING_KIND, params={**GUIDE_SAMPLING, "max_tokens": None,
+                                                     "label": "max_tokens=unlimited", "prompts": prompts}))
+        return tests
+
+
+def evidence_path(path: str | Path, out_dir: str | Path) -> str:
+    """A figure or file as verdict evidence: relative to the outputs root (the study folder's parent)."""
+    return os.path.relpath(Path(path).resolve(), Path(out_dir).resolve().parent)
+
+
+def study_location(out_dir: str | Path) -> tuple[str, Path]:
+    """out_dir 'outputs/70_generation' -> (study name, out_root) for kit.sweep.run_sweep."""
+    p = Path(out_dir)
+    return p.name, p.parent
+
+
+def run_generation_study(study: GenerationStudy, progress: bool = True):
+    """Two trials, one model load each: the sampling sweep (S1) and the max_tokens sweep (S2). Returns all rows."""
+    from .results import load_results
+    from .sweep import run_sweep
+
+    name, root = study_location(study.out_dir)
+    base = study.settings()
+    run_sweep(name, base, study.sampling_tests(), repetitions=study.repetitions, out_root=root,
+              timeout_s=study.timeout_s, progress=progress, extra={"claim": "S1", "part": "sampling"})
+    caps = study.cap_tests()
+    if caps:
+        run_sweep(name, base, caps, repetitions=study.cap_repetitions, out_root=root,
+                  timeout_s=study.timeout_s, progress=progress, extra={"claim": "S2", "part": "max_tokens"})
+    return load_results(Path(root) / name)
+
+
+# ---- analysis -------------------------------------------------------------------------------------------------------
+def requests_frame(df):
+    """One row per request (the `requests` column exploded), with the row's label, part and sampling."""
+    import pandas as pd
+
+    recs = []
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    for _, row in ok.iterrows():
+        for r in row.get("requests") or []:
+            recs.append({"label": row["label"], "part": row.get("part"),
+                         **{k: row.get(k) for k in SAMPLING_KEYS}, "max_tokens_label": row.get("max_tokens_label"),
+                         **r})
+    return pd.DataFrame(recs)
+
+
+def sampling_table(df, part: str | None = "sampling"):
+    """Per configuration: per-token cost (median [95 % CI]), length, truncation, text diversity, determinism."""
+    import pandas as pd
+
+    from .verdicts import bootstrap_ratio
+
+    rows = []
+    ok = df[(df["status"] == "ok") & ((df["part"] == part) if part else True)]
+    for _, r in ok.iterrows():
+        per_tok = r["samples_decode_ms_per_token"]
+        med, lo, hi = bootstrap_ratio(per_tok, [1.0]) if per_tok else (None, None, None)
+        rows.append({
+            "label": r["label"], "temperature": r["temperature"], "top_p": r["top_p"], "top_k": r["top_k"],
+            "repeat_penalty": r["repeat_penalty"], "max_tokens": r["max_tokens_label"],
+            "ms/token (ITL)": round(med, 3) if med is not None else None,
+            "ms/token 95% CI": f"[{lo:.3f}, {hi:.3f}]" if med is not None else "",
+            "engine ms/token": r["engine_decode_ms_per_token"],
+            "tokens/s": r["median_ts"], "output tokens (mean)": r["n_gen_tokens_mean"],
+            "e2e ms (median)": r["e2e_ms"], "truncated": r["truncation_rate"],
+            "distinct-2": r["distinct_2"], "repeated 4-grams": r["rep_4gram"],
+            "same text across seeds": r["deterministic_share"], "requests": r["n_requests"],
+        })
+    return pd.DataFrame(rows)
+
+
+def _row(df, label: str):
+    m = df[(df["status"] == "ok") & (df["label"] == label)]
+    return None if m.empty else m.iloc[-1]
+
+
+def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
+    """S1: per-token decode speed, guide sampling vs llama-cpp-python defaults; output length reported apart."""
+    from .verdicts import bootstrap_ratio, compare, not_testable
+
+    g, d = _row(df, "guide"), _row(df, "default")
+    if g is None or d is None:
+        return not_testable("S1", "the sampling sweep has no successful 'guide' and 'default' rows to compare",
+                            evidence=evidence)
+    v = compare("S1", g["samples_ts"], d["samples_ts"], higher_is_better=True, claimed="better",
+                metric="decode tokens/s per request (1000 / mean ITL), guide sampling / llama-cpp-python defaults",
+                equivalence=equivalence, evidence=evidence)
+    ln, ln_lo, ln_hi = bootstrap_ratio(g["samples_n_gen_tokens"], d["samples_n_gen_tokens"])
+    e2e, e_lo, e_hi = bootstrap_ratio(g["samples_e2e_ms"], d["samples_e2e_ms"])
+    v.details = {"output_tokens_ratio": round(ln, 4), "output_tokens_ci": [round(ln_lo, 4), round(ln_hi, 4)],
+                 "e2e_ratio": round(e2e, 4), "e2e_ci": [round(e_lo, 4), round(e_hi, 4)],
+                 "guide_ms_per_token": g["decode_ms_per_token"], "default_ms_per_token": d["decode_ms_per_token"],
+                 "guide_overhead_ms_per_token": g["overhead_ms_per_token"],
+                 "default_overhead_ms_per_token": d["overhead_ms_per_token"],
+                 "equivalence": equivalence}
+    v.summary = (f"Per-token speed with the guide's sampling is {v.effect:.3f}x the defaults' "
+                 f"(95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}; equivalence band +-{equivalence:.0%}): {v.verdict}. "
+                 f"What changes is how many tokens come out: output length {ln:.2f}x "
+                 f"(95 % CI {ln_lo:.2f}-{ln_hi:.2f}), end-to-end latency {e2e:.2f}x ({e_lo:.2f}-{e_hi:.2f}).")
+    return v
+
+
+def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
+    """S2: e2e latency with max_tokens=cap against unlimited, on the prompts both ran; truncation rates beside it."""
+    from .verdicts import bootstrap_ratio, compare, not_testable
+
+    req = requests_frame(df)
+    if req.empty:
+        return not_testable("S2", "no successful max_tokens rows", evidence=evidence)
+    capped = req[(req["part"] == "max_tokens") & (req["max_tokens_label"] == str(cap))]
+    unl = req[(req["part"] == "max_tokens") & (req["max_tokens_label"] == "unlimited")]
+    if capped.empty or unl.empty:
+        return not_testable("S2", f"the max_tokens sweep needs both max_tokens={cap} and unlimited rows "
+                                  "(set caps to include it and n_unlimited_prompts >= 1)", evidence=evidence)
+    same = capped[capped["prompt_id"].isin(set(unl["prompt_id"]))]
+    v = compare("S2", same["e2e_ms"].tolist(), unl["e2e_ms"].tolist(), higher_is_better=False, claimed="better",
+                metric=f"end-to-end latency, max_tokens={cap} / unlimited, same prompts and seeds",
+                evidence=evidence)
+    trunc_cap_all = float((capped["finish_reason"] == "length").mean())
+    trunc_cap_same = float((same["finish_reason"] == "length").mean())
+    trunc_unl = float((unl["finish_reason"] == "length").mean())
+    ln, lo, hi = bootstrap_ratio(same["n_gen_tokens"].tolist(), unl["n_gen_tokens"].tolist())
+    v.details = {"truncation_rate_cap_all_prompts": round(trunc_cap_all, 4),
+                 "truncation_rate_cap_same_prompts": round(trunc_cap_same, 4),
+                 "truncation_rate_unlimited_hit_n_ctx": round(trunc_unl, 4),
+                 "output_tokens_ratio": round(ln, 4), "output_tokens_ci": [round(lo, 4), round(hi, 4)],
+                 "unlimited_max_tokens_seen": int(unl["n_gen_tokens"].max()),
+                 "n_prompts_unlimited": int(unl["prompt_id"].nunique())}
+    v.summary = (f"max_tokens={cap} makes end-to-end latency {v.effect:.2f}x unlimited (95 % CI "
+                 f"{v.ci_low:.2f}-{v.ci_high:.2f}) on {v.details['n_prompts_unlimited']} prompt(s): {v.verdict}. "
+                 f"The cap cut off {trunc_cap_all:.0%} of answers over all {capped['prompt_id'].nunique()} prompts "
+                 f"(finish_reason 'length'); unlimited answers reached n_ctx in {trunc_unl:.0%} of requests "
+                 f"(longest {v.details['unlimited_max_tokens_seen']} tokens). A cap saves time only on answers "
+                 f"longer than the cap, and it saves it by cutting those answers off.")
+    return v
+
+
+def text_examples(df, prompt_id: str | None = None, chars: int = 160, part: str = "sampling"):
+    """The first characters of one prompt's answer (first seed) under every configuration: what changes in the text."""
+    req = requests_frame(df)
+    if req.empty:
+        return req
+    req = req[req["part"] == part]
+    pid = prompt_id or req["prompt_id"].iloc[0]
+    first = req[req["prompt_id"] == pid].sort_values("seed").groupby("label", sort=False).head(1)
+    out = first[["label", "seed", "n_gen_tokens", "finish_reason", "text"]].copy()
+    out["text"] = out["text"].str.slice(0, chars).str.replace("\n", " ", regex=False)
+    return out.reset_index(drop=True)
+
+
+# ---- figures --------------------------------------------------------------------------------------------------------
+def plot_sampling(df):
+    """Per-token cost and output length per sampling configuration (median, 95 % CI of per-request samples)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+
+    from .plots import setup
+
+    setup()
+    req = requests_frame(df)
+    req = req[req["part"] == "sampling"]
+    order = list(dict.fromkeys(req["label"]))
+    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 0.35 * len(order) + 1.5)), sharey=True)
+    sns.pointplot(data=req, y="label", x="decode_ms_per_token", order=order, estimator=np.median,
+                  errorbar=("ci", 95), ax=axes[0], linestyles="none", markersize=4)
+    sns.pointplot(data=req, y="label", x="engine_decode_ms_per_token", order=order, estimator=np.median,
+                  errorbar=("ci", 95), ax=axes[0], linestyles="none", markersize=4, color="grey", marker="x")
+    axes[0].set_xlabel("ms per token (dot: mean ITL end to end; x: llama.cpp decode)")
+    axes[0].set_ylabel("")
+    axes[0].set_title("per-token cost")
+    sns.pointplot(data=req, y="label", x="n_gen_tokens", order=order, estimator=np.mean,
+                  errorbar=("ci", 95), ax=axes[1], linestyles="none", markersize=4, color="C1")
+    axes[1].set_xlabel("generated tokens per answer (mean, 95 % CI)")
+    axes[1].set_title("output length")
+    fig.suptitle("Sampling settings: cost per token vs tokens per answer")
+    fig.tight_layout()
+    return fig
+
+
+def plot_caps(df):
+    """End-to-end latency and truncation rate against max_tokens (unlimited at the right)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+
+    from .plots import setup
+
+    setup()
+    req = requests_frame(df)
+    req = req[req["part"] == "max_tokens"].copy()
+    caps = sorted({int(x) for x in req["max_tokens_label"] if x != "unlimited"})
+    order = [str(c) for c in caps] + (["unlimited"] if (req["max_tokens_label"] == "unlimited").any() else [])
+    req["truncated"] = (req["finish_reason"] == "length").astype(float)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    sns.pointplot(data=req, x="max_tokens_label", y="e2e_ms", hue="prompt_id", order=order, estimator=np.median,
+                  errorbar=("ci", 95), ax=axes[0], markersize=4, linewidth=1)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("max_tokens")
+    axes[0].set_ylabel("end-to-end latency, ms (log)")
+    axes[0].set_title("latency per prompt")
+    sns.barplot(data=req, x="max_tokens_label", y="truncated", order=order, errorbar=("ci", 95), ax=axes[1],
+                color="C3")
+    axes[1].set_xlabel("max_tokens")
+    axes[1].set_ylabel("share of answers cut off (finish_reason 'length')")
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_title("truncation")
+    fig.suptitle("max_tokens: latency saved = answer cut off")
+    fig.tight_layout()
+    return fig
+

@@ -1,0 +1,605 @@
+"""Quantization study (claims Q1, Q2): build a ladder of quantized files, measure speed and quality side by side.
+
+The ladder is built with llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`), each file in a child
+process whose llama.cpp log and stderr go to a log file beside the file (the quantizer prints every tensor).
+Files are cached under <cache_dir>/<source sha256[:16]>/ so a second run reuses them.
+
+F16 is the reference. When the source is itself quantized (the bundled model is Q4_1) the F16 file is a
+dequantized copy: it carries the source's rounding, every other rung is a re-quantization of those weights,
+and KLD measures the distance from that F16, not from the original full-precision model. `ladder_table`
+says so in its `reference_note` column.
+
+k-quants work on rows of 256 weights. A tensor whose rows are not a multiple of 256 (576 on the bundled model)
+is stored in a fallback type (Q4_K -> Q5_0, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, ...); the quantizer counts these
+and `ladder_table` reports the count and the share of weights really stored in the type's base k-quant.
+
+Measured per file through `kit.sweep.run_sweep` (one child process per file, model loaded once):
+pp and tg as llama-bench times them, load time, peak RSS, and `kit.quality:kld_test` against the F16
+reference (perplexity, KL divergence, top-1 agreement, with their uncertainties).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import SettingsError
+
+# llama_ftype values (llama.h)
+FTYPES = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32,
+}
+# the ggml type a file type is named after (mixes such as Q4_K_M put some tensors in a higher type on purpose)
+BASE_TYPE = {
+    "F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0",
+    "Q5_1": "Q5_1", "Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K", "Q4_K_S": "Q4_K",
+    "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
+}
+UNQUANTIZED = ("F32", "F16", "BF16")
+LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
+REFERENCE_TYPE = "F16"
+# the guide, section 4: fastest -> best quality
+GUIDE_SPEED_ORDER = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
+GUIDE_RECOMMENDED = {"production": ("Q4_K_M", "Q4_K_S"), "development": ("Q3_K_M",), "quality": ("Q5_K_M",)}
+DEFAULT_CACHE_DIR = Path("outputs") / "cache" / "quantized"
+
+_FALLBACK_LINE = re.compile(r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"
+                            r".*?-> falling back to\s+(\S+)")
+_FALLBACK_TOTAL = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
+
+
+# ---- the study's config ---------------------------------------------------------------------------------------
+@dataclass
+class QuantStudy:
+    """Validated parameters of the quantization study (notebook 50)."""
+
+    model: str = "smollm2-135m"                     # source GGUF: bundled name or path (ideally F16)
+    types: list = field(default_factory=lambda: list(LADDER))  # file types to build and measure
+    repetitions: int = 5                            # timed pp/tg runs per file, after a warm-up
+    n_prompt: int = 128                             # pp test size (tokens)
+    n_gen: int = 32                                 # tg test size (tokens)
+    ppl_n_ctx: int = 256                            # perplexity / KLD chunk size (tokens)
+    ppl_chunks: int = 8                             # chunks of held-out text scored (second half of each)
+    n_threads: int | None = None                    # generation threads (None: llama-cpp-python's default)
+    out_dir: str = "outputs/50_quantization"        # rows, figures, verdicts
+    cache_dir: str = str(DEFAULT_CACHE_DIR)         # quantized files and reference log-probs
+    timeout_s: float = 600.0                        # per trial
+
+    def __post_init__(self) -> None:
+        if isinstance(self.types, str):
+            raise SettingsError(f"types must be a list of file types, got the string {self.types!r}")
+        unknown = [t for t in self.types if t not in FTYPES]
+        if unknown:
+            raise SettingsError(f"unknown quantization type(s) {unknown}; known: {', '.join(FTYPES)}")
+        if len(set(self.types)) != len(self.types):
+            raise SettingsError(f"types has duplicates: {self.types}")
+        # the reference is always built and measured, first
+        self.types = [REFERENCE_TYPE] + [t for t in self.types if t != REFERENCE_TYPE]
+        for name in ("repetitions", "n_prompt", "n_gen", "ppl_chunks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SettingsError(f"{name}={v!r} must be a positive int")
+        if isinstance(self.ppl_n_ctx, bool) or not isinstance(self.ppl_n_ctx, int) or self.ppl_n_ctx < 16:
+            raise SettingsError(f"ppl_n_ctx={self.ppl_n_ctx!r} must be an int >= 16")
+        if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
+            raise SettingsError(f"n_threads={self.n_threads!r} must be None or a positive int")
+        from .models import resolve_model
+
+        resolve_model(self.model)  # a bad path fails here, before anything is built
+
+    @property
+    def n_ctx(self) -> int:
+        """The context every file is loaded with: holds the speed tests and one perplexity chunk."""
+        need = max(self.n_prompt + self.n_gen, self.ppl_n_ctx)
+        return max(512, 256 * math.ceil(need / 256))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- building the ladder ---------------------------------------------------------------------------------------
+def quantize_file(source: str | os.PathLike, out_path: str | os.PathLike, ftype: str, nthread: int | None = None,
+                  allow_requantize: bool = True, log_file: str | os.PathLike | None = None,
+                  timeout_s: float = 1800) -> dict:
+    """Quantize `source` to `ftype` in a child process; llama.cpp's output goes to `log_file`, not the caller.
+
+    Writes to a temporary name and renames on success, so a killed run leaves no half file in the cache.
+    """
+    if ftype not in FTYPES:
+        raise SettingsError(f"unknown file type {ftype!r}; known: {', '.join(FTYPES)}")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = Path(log_file) if log_file else out.with_suffix(".quantize.log")
+    tmp = out.with_name(out.name + f".part{os.getpid()}")
+    cmd = [sys.executable, "-m", "kit.quantize", str(Path(source).resolve()), str(tmp.resolve()), ftype,
+           str(nthread or 0), "1" if allow_requantize else "0", str(log.resolve())]
+    t0 = time.perf_counter()
+    with open(log, "ab") as err:
+        err.write(f"\n=== quantize {Path(source).name} -> {ftype} ({time.strftime('%Y-%m-%dT%H:%M:%S')}) ===\n".encode())
+        err.flush()
+        proc = subprocess.run(cmd, stdout=err, stderr=err, stdin=subprocess.DEVNULL, timeout=timeout_s,
+                              cwd=str(Path(__file__).resolve().parent.parent),
+                              env={**os.environ, "GGML_NO_BACKTRACE": "1"})
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
+        raise RuntimeError(f"quantizing {source} to {ftype} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    os.replace(tmp, out)
+    return {"path": str(out), "quantize_s": round(seconds, 3), "log": str(log)}
+
+
+def _child_main(argv: list[str]) -> int:
+    """python -m kit.quantize SRC DST FTYPE NTHREAD ALLOW_REQUANTIZE LOG"""
+    import ctypes
+
+    import llama_cpp
+
+    from .logs import llama_log_to_file
+
+    src, dst, ftype, nthread, allow, log = argv[1:7]
+    llama_log_to_file(log)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = int(nthread)
+    params.allow_requantize = allow == "1"
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    return 0 if rc == 0 else 1
+
+
+def parse_fallbacks(log_text: str) -> dict:
+    """Fallback tensors named in one quantization log: [(tensor, ncols, wanted, used)] and llama.cpp's total."""
+    items = [{"tensor": m.group(1), "ncols": int(m.group(2)), "wanted": m.group(4), "used": m.group(5)}
+             for m in _FALLBACK_LINE.finditer(log_text)]
+    tot = _FALLBACK_TOTAL.findall(log_text)
+    return {"fallbacks": items, "n_fallback": int(tot[-1][0]) if tot else len(items),
+            "n_tensors": int(tot[-1][1]) if tot else None}
+
+
+def _gguf_tensor_infos(path: str | os.PathLike) -> list[tuple[str, tuple, int, int]]:
+    """(name, shape, ggml type id, n_elements) of every tensor, reading only the GGUF header.
+
+    gguf.GGUFReader builds numpy views of every metadata value (a 49152-token vocabulary: tens of seconds);
+    here the metadata is skipped with struct, which takes milliseconds.
+    """
+    import struct
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+        if head[:4] != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        _, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+        buf = fh.read(1 << 20)
+        pos = 0
+
+        def need(n: int) -> None:
+            nonlocal buf, pos
+            if pos + n > len(buf):
+                buf = buf[pos:] + fh.read(max(n, 1 << 20))
+                pos = 0
+
+        def u32() -> int:
+            nonlocal pos
+            need(4); v = struct.unpack_from("<I", buf, pos)[0]; pos += 4; return v
+
+        def u64() -> int:
+            nonlocal pos
+            need(8); v = struct.unpack_from("<Q", buf, pos)[0]; pos += 8; return v
+
+        def string() -> bytes:
+            nonlocal pos
+            n = u64(); need(n); v = buf[pos:pos + n]; pos += n; return v
+
+        def skip_value(vtype: int) -> None:
+            nonlocal pos
+            if vtype == 8:
+                n = u64(); need(n); pos += n
+            elif vtype == 9:
+                itype, count = u32(), u64()
+                if itype in scalar:
+                    n = scalar[itype] * count; need(n); pos += n
+                else:
+                    for _ in range(count):
+                        skip_value(itype)
+            else:
+                need(scalar[vtype]); pos += scalar[vtype]
+
+        for _ in range(n_kv):
+            string()
+            skip_value(u32())
+        out = []
+        for _ in range(n_tensors):
+            name = string().decode("utf-8", "replace")
+            n_dims = u32()
+            shape = tuple(u64() for _ in range(n_dims))
+            ttype = u32()
+            u64()  # offset
+            n_el = 1
+            for d in shape:
+                n_el *= d
+            out.append((name, shape, ttype, n_el))
+    return out
+
+
+def tensor_types(path: str | os.PathLike) -> dict:
+    """Histogram of tensor storage types read back from the GGUF: tensors, weights and bytes per ggml type."""
+    import gguf
+
+    hist: dict[str, dict] = {}
+    n_el = n_bytes = 0
+    for _, shape, ttype, n in _gguf_tensor_infos(path):
+        qt = gguf.GGMLQuantizationType(ttype)
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        nb = n // block * size
+        h = hist.setdefault(qt.name, {"tensors": 0, "weights": 0, "bytes": 0, "matrices": 0, "matrix_weights": 0})
+        h["tensors"] += 1
+        h["weights"] += n
+        h["bytes"] += nb
+        if len(shape) >= 2:
+            h["matrices"] += 1
+            h["matrix_weights"] += n
+        n_el += n
+        n_bytes += nb
+    return {"types": hist, "n_weights": n_el, "tensor_bytes": n_bytes, "n_tensors": sum(h["tensors"] for h in hist.values()),
+            "bits_per_weight": 8.0 * n_bytes / max(n_el, 1)}
+
+
+def ladder_dir(source: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
+    from .models import resolve_model, sha256_file
+
+    return Path(cache_dir) / sha256_file(resolve_model(source))[:16]
+
+
+def build_ladder(source: str | os.PathLike = "smollm2-135m", types=LADDER,
+                 cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, nthread: int | None = None,
+                 progress: bool = True) -> list[dict]:
+    """Build (or reuse from the cache) one file per type; F16 first, every other type quantized from that F16.
+
+    Returns one dict per type: type, path, size_bytes, bits_per_weight, n_fallback, fallbacks, tensor type
+    histogram, share of matrix weights in the type's base type, cached (reused) or quantize_s, and source facts.
+    """
+    from tqdm.auto import tqdm
+
+    from .models import model_card
+
+    src = model_card(source)
+    folder = ladder_dir(source, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(src.file_name).stem.replace(f".{src.file_type}", "")
+    source_quantized = src.file_type.upper() not in UNQUANTIZED
+    types = [REFERENCE_TYPE] + [t for t in types if t != REFERENCE_TYPE]
+    manifest_p = folder / "manifest.json"
+    manifest = json.loads(manifest_p.read_text()) if manifest_p.exists() else {}
+    out = []
+    for ftype in tqdm(types, desc="quantize", unit="file", disable=not progress):
+        path = folder / f"{stem}.{ftype}.gguf"
+        log = folder / f"{stem}.{ftype}.quantize.log"
+        info = manifest.get(ftype)
+        cached = path.exists() and info is not None and info.get("size_bytes") == path.stat().st_size
+        if not cached:
+            if log.exists():
+                log.unlink()
+            # F16 from the source (dequantizing it if needed); the rest from F16, as one quantizes from a float file
+            base = src.path if ftype == REFERENCE_TYPE else str(folder / f"{stem}.{REFERENCE_TYPE}.gguf")
+            q = quantize_file(base, path, ftype, nthread=nthread, allow_requantize=True, log_file=log)
+            fb = parse_fallbacks(log.read_text(errors="replace"))
+            info = {"quantize_s": q["quantize_s"], "from": Path(base).name, "size_bytes": path.stat().st_size, **fb}
+            manifest[ftype] = info
+            manifest_p.write_text(json.dumps(manifest, indent=1))
+        th = tensor_types(path)
+        mats = sum(h["matrix_weights"] for h in th["types"].values())
+        base_type = BASE_TYPE.get(ftype, ftype)
+        in_base = th["types"].get(base_type, {}).get("matrix_weights", 0)
+        out.append({
+            "quant_type": ftype,
+            "path": str(path),
+            "size_bytes": path.stat().st_size,
+            "size_mib": round(path.stat().st_size / 2**20, 2),
+            "bits_per_weight": round(th["bits_per_weight"], 3),
+            "n_fallback": info.get("n_fallback", 0),
+            "n_tensors": th["n_tensors"],
+            "fallbacks": info.get("fallbacks", []),
+            "base_type": base_type,
+            "base_type_share_pct": round(100.0 * in_base / max(mats, 1), 1),
+            "tensor_types": {k: v["tensors"] for k, v in sorted(th["types"].items())},
+            "quantize_s": info.get("quantize_s"),
+            "cached": cached,
+            "quantized_from": info.get("from"),
+            "source_file": src.file_name,
+            "source_type": src.file_type,
+            "source_sha256": src.sha256,
+            "reference_dequantized": source_quantized,
+            "log": str(log),
+        })
+    return out
+
+
+def reference_note(ladder: list[dict]) -> str:
+    r = ladder[0]
+    if r["reference_dequantized"]:
+        return (f"The F16 reference was dequantized from a {r['source_type']} source ({r['source_file']}): it "
+                f"carries {r['source_type']}'s rounding, so KLD is the distance from that F16, not from the "
+                f"original full-precision weights, and types above {r['source_type']} cannot recover lost precision.")
+    return f"The F16 reference was converted from a {r['source_type']} source ({r['source_file']})."
+
+
+# ---- running the study --------------------------------------------------------------------------------------------
+def run_study(cfg: QuantStudy, progress: bool = True):
+    """Build the ladder, then one sweep trial per file (reference first): pp, tg and KLD against F16.
+
+    Returns (ladder, rows DataFrame). Rows go to cfg.out_dir/results.jsonl; the ladder to cfg.out_dir/ladder.json.
+    """
+    from . import quality
+    from .config import Settings
+    from .measure import pp, tg
+    from .models import sha256_file
+    from .sweep import run_sweep
+
+    ladder = build_ladder(cfg.model, cfg.types, cfg.cache_dir, progress=progress)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ladder.json").write_text(json.dumps(ladder, indent=1))
+    ref = ladder[0]
+    ref_sha = sha256_file(ref["path"])
+    # keyed by the F16 file's sha256, the held-out text and the chunking (kit.quality.reference_path)
+    ref_logits = quality.reference_path(ref["path"], cfg.ppl_n_ctx, cfg.ppl_chunks,
+                                        cache_dir=Path(ref["path"]).parent / "logprobs")
+    base = Settings(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads)
+    configs = [base.replace(model=l["path"]) for l in ladder]
+    tests = [pp(cfg.n_prompt), tg(cfg.n_gen),
+             quality.kld_test_for(ref_logits, cfg.ppl_n_ctx, cfg.ppl_chunks, reference_sha256=ref_sha)]
+    df = run_sweep(out.name, configs, tests, repetitions=cfg.repetitions, out_root=out.parent,
+                   timeout_s=cfg.timeout_s, progress=progress, extra={"claim": "Q1"})
+    return ladder, df
+
+
+def _bootstrap_median_ci(samples, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    import random
+
+    xs = [float(x) for x in samples]
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (float("nan"), float("nan"))
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
+    return meds[int(0.025 * (n_boot - 1))], meds[int(0.975 * (n_boot - 1))]
+
+
+def study_table(ladder: list[dict], df):
+    """One row per type: size, bpw, fallbacks, load, pp/tg medians with 95 % CIs, peak RSS, PPL, KLD, top-1."""
+    import pandas as pd
+
+    from .models import sha256_file
+
+    by_sha = {sha256_file(l["path"]): l for l in ladder}
+    rows = []
+    for sha, l in by_sha.items():
+        d = df[(df["model_sha256"] == sha)] if not df.empty else df
+        r = {"quant_type": l["quant_type"], "size_mib": l["size_mib"], "bits_per_weight": l["bits_per_weight"],
+             "n_fallback": l["n_fallback"], "base_type_share_pct": l["base_type_share_pct"]}
+        ok = d[d["status"] == "ok"] if not d.empty else d
+        r["load_ms"] = round(float(ok["load_ms"].median()), 1) if not ok.empty else None
+        # peak RSS up to the end of the speed tests: the KLD test afterwards holds the reference's log-probs too
+        speed = ok[ok["test_kind"].isin(["pp", "tg"])] if not ok.empty else ok
+        r["rss_peak_mb"] = round(float(speed["rss_peak_mb"].max()), 1) if not speed.empty else None
+        for kind, name in (("pp", "pp"), ("tg", "tg")):
+            t = ok[ok["test_kind"] == kind] if not ok.empty else ok
+            if not t.empty:
+                s = list(t.iloc[-1]["samples_ts"])
+                lo, hi = _bootstrap_median_ci(s)
+                r[f"{name}_ts"] = round(statistics.median(s), 2)
+                r[f"{name}_ci_low"], r[f"{name}_ci_high"] = round(lo, 2), round(hi, 2)
+                r[f"{name}_samples"] = s
+            else:
+                r[f"{name}_ts"] = None
+        k = ok[ok["test_kind"] == "kit.quality:kld_test"] if not ok.empty else ok
+        if not k.empty:
+            k = k.iloc[-1]
+            for c in ("ppl", "ppl_stderr", "kld_mean", "kld_stderr", "kld_p99", "top1_agree_pct",
+                      "top1_agree_stderr_pct", "ln_ppl_ratio", "ln_ppl_ratio_stderr", "n_tokens_scored"):
+                r[c] = k[c]
+        failed = d[d["status"] != "ok"] if not d.empty else d
+        r["errors"] = "; ".join(f"{a}: {b}" for a, b in zip(failed["test"], failed["error"])) if not failed.empty else ""
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+# ---- Pareto front and verdicts --------------------------------------------------------------------------------------
+def pareto_front(table, x: str = "tg_ts", x_higher_is_better: bool = True, y: str = "kld_mean") -> list[str]:
+    """Types no other type beats on both axes (point estimates; lower y is better)."""
+    t = table.dropna(subset=[x, y])
+    front = []
+    for _, a in t.iterrows():
+        dominated = False
+        for _, b in t.iterrows():
+            if b["quant_type"] == a["quant_type"]:
+                continue
+            bx_ok = b[x] >= a[x] if x_higher_is_better else b[x] <= a[x]
+            bx_better = b[x] > a[x] if x_higher_is_better else b[x] < a[x]
+            if bx_ok and b[y] <= a[y] and (bx_better or b[y] < a[y]):
+                dominated = True
+                break
+        if not dominated:
+            front.append(a["quant_type"])
+    return front
+
+
+def clear_dominators(table, quant_type: str) -> list[dict]:
+    """Types that beat `quant_type` on tg speed AND KLD beyond their uncertainty.
+
+    Speed: the bootstrap 95 % interval of the ratio of tg medians lies above 1. KLD: the difference of means is
+    more than 1.96 combined standard errors (the KLD values of two types are computed on the same tokens, so
+    this is conservative).
+    """
+    from .verdicts import bootstrap_ratio
+
+    t = table.set_index("quant_type")
+    a = t.loc[quant_type]
+    out = []
+    for name, b in t.iterrows():
+        if name == quant_type or b.get("tg_samples") is None or a.get("tg_samples") is None:
+            continue
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (a["kld_mean"], b["kld_mean"])):
+            continue
+        point, lo, hi = bootstrap_ratio(b["tg_samples"], a["tg_samples"])
+        se = math.sqrt(float(a["kld_stderr"]) ** 2 + float(b["kld_stderr"]) ** 2)
+        kld_better = float(a["kld_mean"]) - float(b["kld_mean"]) > 1.96 * se
+        if lo > 1 and kld_better:
+            out.append({"by": name, "tg_ratio": round(point, 4), "tg_ci": [round(lo, 4), round(hi, 4)],
+                        "kld_diff": round(float(a["kld_mean"]) - float(b["kld_mean"]), 6)})
+    return out
+
+
+def spearman(x, y) -> float:
+    import pandas as pd
+
+    rx, ry = pd.Series(list(x)).rank(), pd.Series(list(y)).rank()
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(rx.corr(ry))
+
+
+def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
+    """Q1: does tg speed fall along the guide's order Q2_K > Q3_K_M > Q4_0 > Q4_K_M > Q5_K_M > Q6_K?
+
+    Statistic: Spearman rank correlation between the guide's position (0 = fastest) and the measured median tg
+    t/s, sign-flipped so +1 means "exactly the guide's order". Interval: bootstrap over the raw tg samples of
+    every type (resample within type, recompute the medians and rho). Supported when the whole 95 % interval is
+    above 0, refuted when it is below 0, no measurable effect otherwise. Adjacent pairs are compared with
+    kit.verdicts.compare and reported in `details` (an order with ties inside the noise is not refuted by them).
+    """
+    import random
+
+    from .verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, Verdict, compare, not_testable
+
+    t = table.set_index("quant_type")
+    present = [q for q in GUIDE_SPEED_ORDER if q in t.index and t.loc[q].get("tg_samples") is not None
+               and isinstance(t.loc[q]["tg_samples"], list) and len(t.loc[q]["tg_samples"]) > 0]
+    if len(present) < 3:
+        return not_testable("Q1", f"only {len(present)} of the guide's types {list(GUIDE_SPEED_ORDER)} were measured "
+                                  f"({present}); an order needs at least 3", evidence=evidence)
+    samples = {q: [float(v) for v in t.loc[q]["tg_samples"]] for q in present}
+    guide_rank = list(range(len(present)))  # 0 = the guide's fastest
+    med = [statistics.median(samples[q]) for q in present]
+    rho = -spearman(guide_rank, med)
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(n_boot):
+        m = [statistics.median(rng.choices(samples[q], k=len(samples[q]))) for q in present]
+        r = -spearman(guide_rank, m)
+        if not math.isnan(r):
+            boots.append(r)
+    boots.sort()
+    lo, hi = boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]
+    verdict = SUPPORTED if lo > 0 else REFUTED if hi < 0 else NO_EFFECT
+    pairs = []
+    for faster, slower in zip(present, present[1:]):
+        v = compare("Q1", samples[faster], samples[slower], claimed="better", metric=f"tg t/s {faster} / {slower}")
+        pairs.append({"faster_per_guide": faster, "slower_per_guide": slower, "verdict": v.verdict,
+                      "ratio": v.effect, "ci": [v.ci_low, v.ci_high], "unstable": v.unstable})
+    measured = [q for _, q in sorted(zip(med, present), reverse=True)]
+    n_ok = sum(p["verdict"] == SUPPORTED for p in pairs)
+    n_bad = sum(p["verdict"] == REFUTED for p in pairs)
+    summary = (f"Measured tg order (fastest first): {' > '.join(measured)}; guide: {' > '.join(present)}. "
+               f"Rank agreement rho = {rho:.2f} (95 % CI {lo:.2f} to {hi:.2f}); of {len(pairs)} adjacent pairs "
+               f"{n_ok} are faster as the guide says, {n_bad} significantly the other way, "
+               f"{len(pairs) - n_ok - n_bad} within noise.")
+    unstable = any(p["unstable"] for p in pairs)
+    return Verdict(claim="Q1", verdict=verdict, summary=summary, effect=round(rho, 4), ci_low=round(lo, 4),
+                   ci_high=round(hi, 4), metric="Spearman rho, guide order vs measured median tg t/s (+1 = guide's order)",
+                   evidence=list(evidence), unstable=unstable, n_baseline=len(present), n_candidate=len(present),
+                   reason="unstable tg samples (CV >= 10 %): repeat on a quieter machine" if unstable else "",
+                   details={"pairs": pairs, "measured_order": measured, "guide_order": present,
+                            "median_tg_ts": dict(zip(present, [round(m, 3) for m in med]))})
+
+
+def recommendation_verdict(table, evidence=()):
+    """Q2: are the guide's recommended types (Q4_K_M, Q4_K_S, Q3_K_M, Q5_K_M) on the tg-vs-KLD Pareto front?
+
+    supported: every recommended type measured is on the front (point estimates) and none is clearly dominated;
+    refuted: at least one is clearly dominated (another type is faster AND closer to F16 beyond the
+    uncertainty, see `clear_dominators`); no measurable effect: some are off the front only within the noise.
+    """
+    from .verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict, not_testable
+
+    recommended = [q for qs in GUIDE_RECOMMENDED.values() for q in qs]
+    t = table.dropna(subset=["tg_ts", "kld_mean"])
+    present = [q for q in recommended if q in set(t["quant_type"])]
+    if not present:
+        return not_testable("Q2", f"none of the recommended types {recommended} was measured", evidence=evidence)
+    if len(t) < 2:
+        return not_testable("Q2", "a Pareto front needs at least two measured types", evidence=evidence)
+    front = pareto_front(t, "tg_ts", True, "kld_mean")
+    size_front = pareto_front(t, "size_mib", False, "kld_mean")
+    dominated = {q: clear_dominators(t, q) for q in present}
+    clearly = [q for q, d in dominated.items() if d]
+    off = [q for q in present if q not in front]
+    if clearly:
+        verdict = REFUTED
+    elif off:
+        verdict = NO_EFFECT
+    else:
+        verdict = SUPPORTED
+    role = {q: r for r, qs in GUIDE_RECOMMENDED.items() for q in qs}
+    parts = []
+    for q in present:
+        where = "on the front" if q in front else "off the front"
+        by = f", clearly beaten by {', '.join(d['by'] for d in dominated[q])}" if dominated[q] else ""
+        parts.append(f"{q} ({role[q]}) {where}{by}")
+    summary = (f"tg-vs-KLD Pareto front: {', '.join(front)}. " + "; ".join(parts) +
+               f". Size-vs-KLD front: {', '.join(size_front)}.")
+    share = len([q for q in present if q in front]) / len(present)
+    return Verdict(claim="Q2", verdict=verdict, summary=summary, effect=round(share, 4),
+                   metric="share of the guide's recommended types on the tg-vs-KLD Pareto front",
+                   evidence=list(evidence), n_candidate=len(present), n_baseline=len(t),
+                   details={"front_tg_kld": front, "front_size_kld": size_front,
+                            "clear_dominators": dominated, "missing": [q for q in recommended if q not in present]})
+
+
+def pareto_plot(table, out_dir: str | os.PathLike, name: str = "pareto"):
+    """Two panels: tg t/s against mean KLD, size against mean KLD; error bars; the front joined and named."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure, setup
+
+    setup()
+    t = table.dropna(subset=["tg_ts", "kld_mean"]).copy()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # KLD of the reference is 0: a log axis needs a floor
+    floor = max(1e-6, float(t.loc[t["kld_mean"] > 0, "kld_mean"].min()) / 3) if (t["kld_mean"] > 0).any() else 1e-6
+    t["kld_plot"] = t["kld_mean"].clip(lower=floor)
+    for ax, (x, hib, xlabel) in zip(axes, (("tg_ts", True, "tg t/s (median, 95 % CI)"),
+                                          ("size_mib", False, "file size (MiB)"))):
+        front = pareto_front(t, x, hib, "kld_mean")
+        xerr = None
+        if x == "tg_ts":
+            xerr = [(t["tg_ts"] - t["tg_ci_low"]).clip(lower=0), (t["tg_ci_high"] - t["tg_ts"]).clip(lower=0)]
+        yerr = [(t["kld_stderr"] * 1.96).clip(upper=t["kld_plot"] - floor * 0.999).fillna(0), t["kld_stderr"] * 1.96]
+        ax.errorbar(t[x], t["kld_plot"], xerr=xerr, yerr=yerr, fmt="o", color="0.5", ecolor="0.7", capsize=2)
+        f = t[t["quant_type"].isin(front)].sort_values(x)
+        ax.plot(f[x], f["kld_plot"], "-o", color="C3", label="Pareto front")
+        for _, r in t.iterrows():
+            on = r["quant_type"] in front
+            label = r["quant_type"] + (" (reference)" if r["quant_type"] == REFERENCE_TYPE else "")
+            ax.annotate(label, (r[x], r["kld_plot"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=9, fontweight="bold" if on else "normal", color="C3" if on else "0.3")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean KLD vs F16 (nats/token, 95 % CI; F16 at the floor)")
+        ax.legend(loc="best")
+    axes[0].set_title("speed against quality loss (better: right, down)")
+    axes[1].set_title("size against quality loss (better: left, down)")
+    fig.tight_layout()
+    return fig, save_figure(fig, out_dir, name)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv))

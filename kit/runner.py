@@ -1,0 +1,344 @@
+"""The one-command study: every notebooks/NN_*.ipynb through papermill, in order, then the report.
+
+`python -m kit run [--model PATH] [--quick] [--only 10,20] [--out DIR]`
+
+- Executed copies go to <out>/<stem>/<stem>.ipynb; a failed one is kept there for inspection, named in the
+  output with its cell, and the run goes on with the next notebook; the command then exits non-zero.
+- Resumable: the notebooks' sweeps skip trials already in results.jsonl, so a rerun reuses them.
+- Parameters are validated for every notebook before anything runs (names known to the notebook via
+  papermill.inspect_notebook, values of JSON types): a typo is one clear error, not a notebook half-run.
+- `--quick` passes notebooks/quick.json's smoke parameters ({"stem": {param: value}}); with `--out` the
+  outputs go to another root. String parameters whose default lies under "outputs" are moved under it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import keyword
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+QUICK_FILE = NOTEBOOKS_DIR / "quick.json"
+NOTEBOOK_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
+STATUS_FILE = "run_status.json"
+DEFAULT_OUT = "outputs"
+
+
+class RunnerError(ValueError):
+    """Bad input to the runner (unknown notebook, unknown parameter, non-JSON value)."""
+
+
+# ---- discovery and parameters -------------------------------------------------------------------------------
+def discover_notebooks(notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR, only: Sequence[str] | None = None) -> list[Path]:
+    """notebooks/NN_name.ipynb in reading order; `only` keeps stems or their NN prefixes ("10", "10_gpu_layers")."""
+    d = Path(notebooks_dir)
+    found = sorted(p for p in d.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
+    if not only:
+        return found
+    wanted = [str(o).strip() for o in only if str(o).strip()]
+    out, unknown = [], []
+    for w in wanted:
+        hits = [p for p in found if p.stem == w or p.stem.split("_", 1)[0] == w or p.name == w]
+        if not hits:
+            unknown.append(w)
+        out.extend(h for h in hits if h not in out)
+    if unknown:
+        raise RunnerError(f"no notebook matches {', '.join(unknown)}; known: {', '.join(p.stem for p in found)}")
+    return sorted(out)
+
+
+def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
+    """The parameters cell: name -> {inferred_type_name, default, help}.
+
+    papermill.inspect_notebook's line parser skips a line whose comment holds '=' ("0 = no limit"); the
+    cell's own assignments (read with ast) fill those in, so a real parameter is never called unknown.
+    """
+    import ast
+
+    import nbformat
+    import papermill as pm
+
+    known = dict(pm.inspect_notebook(str(path)))
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code" or "parameters" not in cell.metadata.get("tags", []):
+            continue
+        try:
+            tree = ast.parse(cell.source)
+        except SyntaxError:
+            break
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, ast.AnnAssign) else []
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id not in known:
+                    default = ast.get_source_segment(cell.source, node.value) if node.value is not None else None
+                    known[t.id] = {"name": t.id, "inferred_type_name": "None", "default": default, "help": ""}
+        break
+    return known
+
+
+def _json_type_ok(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, str)):
+        return True
+    if isinstance(v, float):
+        return v == v and v not in (float("inf"), float("-inf"))
+    if isinstance(v, list):
+        return all(_json_type_ok(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _json_type_ok(x) for k, x in v.items())
+    return False
+
+
+def validate_parameters(stem: str, params: dict, known: dict) -> dict:
+    """Names must be identifiers the notebook declares; values JSON types. Returns params, or raises RunnerError."""
+    problems = []
+    for name, value in params.items():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            problems.append(f"{name!r} is not a valid parameter name")
+        elif name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown parameter {name!r}{hint}; the notebook declares: {', '.join(known) or 'none'}")
+        if not _json_type_ok(value):
+            problems.append(f"{name}={value!r}: only JSON values (str, int, float, bool, null, list, dict) can be passed")
+    if problems:
+        raise RunnerError(f"{stem}: " + "; ".join(problems))
+    return params
+
+
+def load_quick(path: str | os.PathLike = QUICK_FILE) -> dict[str, dict]:
+    p = Path(path)
+    if not p.exists():
+        return {}
+    data = json.loads(p.read_text())
+    data = {k: v for k, v in data.items() if not k.startswith("_")} if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise RunnerError(f"{p}: expected {{\"stem\": {{param: value}}}} (keys starting with '_' are comments)")
+    return data
+
+
+def _default_value(spec: dict) -> Any:
+    raw = spec.get("default")
+    if raw is None:
+        return None
+    try:
+        import ast
+
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _relocate(value: Any, out_root: str) -> Any:
+    """"outputs" / "outputs/x" -> "<out_root>" / "<out_root>/x" (strings only)."""
+    if isinstance(value, str) and (value == DEFAULT_OUT or value.startswith(DEFAULT_OUT + "/")):
+        return out_root + value[len(DEFAULT_OUT):]
+    return value
+
+
+def plan_parameters(notebooks: Sequence[Path], model: str | None, quick: bool, out_root: str,
+                    quick_params: dict | None = None, extra: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Every notebook's parameters, validated up front (all problems in one error)."""
+    quick_params = (load_quick() if quick_params is None else quick_params) if quick else {}
+    plans, problems = {}, []
+    for nb in notebooks:
+        stem = nb.stem
+        try:
+            known = notebook_parameters(nb)
+        except Exception as exc:  # noqa: BLE001 - a notebook papermill cannot read
+            problems.append(f"{stem}: cannot read its parameters ({type(exc).__name__}: {exc})")
+            continue
+        params: dict[str, Any] = {}
+        if out_root != DEFAULT_OUT:
+            for name, spec in known.items():
+                v = _default_value(spec)
+                moved = _relocate(v, out_root)
+                if moved != v:
+                    params[name] = moved
+        if model is not None and "model" in known:
+            params["model"] = model
+        params.update(quick_params.get(stem, {}))
+        params.update((extra or {}).get(stem, {}))
+        if out_root != DEFAULT_OUT:
+            params = {k: _relocate(v, out_root) if k not in (extra or {}).get(stem, {}) else v
+                      for k, v in params.items()}
+        try:
+            plans[stem] = validate_parameters(stem, params, known)
+        except RunnerError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise RunnerError("invalid parameters, nothing was run:\n  " + "\n  ".join(problems))
+    return plans
+
+
+# ---- running -------------------------------------------------------------------------------------------------
+def _status_path(out_root: str) -> Path:
+    return Path(out_root) / STATUS_FILE
+
+
+def read_status(out_root: str | os.PathLike = DEFAULT_OUT) -> dict[str, dict]:
+    p = _status_path(str(out_root))
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text()).get("notebooks", {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def _write_status(out_root: str, status: dict) -> None:
+    p = _status_path(out_root)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"schema": 1, "notebooks": status}, indent=2, default=str))
+    os.replace(tmp, p)
+
+
+def describe_failure(exc: BaseException) -> dict:
+    """Cell index, execution count, exception name and value from papermill's error (or any other)."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        return {"cell_index": exc.cell_index, "exec_count": exc.exec_count, "ename": exc.ename,
+                "evalue": str(exc.evalue)[:2000]}
+    return {"cell_index": None, "exec_count": None, "ename": type(exc).__name__, "evalue": str(exc)[:2000]}
+
+
+def run_notebook(nb: Path, params: dict, out_root: str, kernel_name: str = "python3", cwd: str | None = None,
+                 progress: bool = True) -> dict:
+    """One notebook with papermill; returns its status record (never raises for a failing notebook)."""
+    import papermill as pm
+
+    out_dir = Path(out_root) / nb.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / f"{nb.stem}.ipynb"
+    t0 = time.perf_counter()
+    rec = {"notebook": str(nb), "executed": str(executed), "parameters": params,
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        pm.execute_notebook(str(nb), str(executed), parameters=params, kernel_name=kernel_name,
+                            cwd=cwd or str(REPO_ROOT), progress_bar=progress)
+        rec.update(status="ok")
+    except Exception as exc:  # noqa: BLE001 - a failed notebook must not stop the rest
+        rec.update(status="failed", **describe_failure(exc))
+        if not hasattr(exc, "cell_index"):
+            rec["traceback"] = traceback.format_exc(limit=5)
+    rec["duration_s"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def failure_message(stem: str, rec: dict) -> str:
+    where = (f"cell {rec['cell_index']} (execution count {rec['exec_count']})"
+             if rec.get("cell_index") is not None else "before or outside a cell")
+    return (f"FAILED {stem}: {where}: {rec.get('ename')}: {rec.get('evalue')}\n"
+            f"  executed notebook kept for inspection: {rec.get('executed')}")
+
+
+def run_study(model: str | None = None, quick: bool = False, only: Sequence[str] | None = None,
+              out_root: str = DEFAULT_OUT, notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR,
+              quick_file: str | os.PathLike | None = None, params: dict[str, dict] | None = None,
+              report: bool = True, kernel_name: str = "python3", cwd: str | None = None,
+              progress: bool = True, log=print) -> int:
+    """Run the study notebooks in order, then render the report. 0 when every notebook ran, 1 otherwise,
+    2 for bad input (nothing run)."""
+    out_root = str(out_root).rstrip("/") or DEFAULT_OUT
+    try:
+        if model is not None:
+            from .models import resolve_model
+
+            resolve_model(model)  # a bad model path fails here, not twelve times
+        notebooks = discover_notebooks(notebooks_dir, only)
+        if not notebooks:
+            raise RunnerError(f"no notebooks named NN_name.ipynb in {notebooks_dir}")
+        quick_params = load_quick(quick_file or Path(notebooks_dir) / "quick.json") if quick else None
+        plans = plan_parameters(notebooks, model, quick, out_root, quick_params, params)
+    except (RunnerError, ValueError) as exc:
+        log(f"error: {exc}")
+        return 2
+    status = read_status(out_root)
+    failed = []
+    for i, nb in enumerate(notebooks, 1):
+        log(f"[{i}/{len(notebooks)}] {nb.stem} {json.dumps(plans[nb.stem]) if plans[nb.stem] else ''}".rstrip())
+        rec = run_notebook(nb, plans[nb.stem], out_root, kernel_name=kernel_name, cwd=cwd, progress=progress)
+        status[nb.stem] = rec
+        _write_status(out_root, status)
+        if rec["status"] == "ok":
+            log(f"    ok in {rec['duration_s']:.0f} s")
+        else:
+            failed.append(nb.stem)
+            log(failure_message(nb.stem, rec))
+    if report:
+        try:
+            from .report import render_report
+
+            index = render_report(out_root, status=status)
+            log(f"report: {index}")
+        except Exception as exc:  # noqa: BLE001 - a report failure is a failure, but after the studies ran
+            log(f"FAILED report: {type(exc).__name__}: {exc}")
+            failed.append("report")
+    profiles = Path(out_root) / "profiles"
+    if profiles.is_dir():
+        log(f"profiles: {', '.join(str(p) for p in sorted(profiles.glob('*.env')))}")
+    if failed:
+        log(f"{len(failed)} failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m kit run", description="Run every study notebook, then the report.")
+    ap.add_argument("--model", default=None, help="bundled model name or path to a GGUF (default: the bundled model)")
+    ap.add_argument("--quick", action="store_true", help="smoke parameters from notebooks/quick.json (CI)")
+    ap.add_argument("--only", default=None, help="comma-separated stems or NN prefixes, e.g. 10,20_batch_flash_attn")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output root (default: outputs)")
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="STEM.NAME=JSON",
+                    help="one parameter for one notebook, e.g. 20_batch_flash_attn.repetitions=3")
+    ap.add_argument("--no-report", action="store_true", help="skip rendering the HTML report")
+    return ap
+
+
+def _parse_param_args(items: Sequence[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        stem, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise RunnerError(f"--param {item!r}: expected STEM.NAME=JSON")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare string
+        out.setdefault(stem, {})[name] = value
+    return out
+
+
+def main_run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    try:
+        params = _parse_param_args(args.param)
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    only = [s for s in args.only.split(",")] if args.only else None
+    return run_study(model=args.model, quick=args.quick, only=only, out_root=args.out, params=params,
+                     report=not args.no_report)
+
+
+def main_report(argv: Sequence[str] | None = None) -> int:
+    from .report import main as report_main
+
+    return report_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main_run())

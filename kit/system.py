@@ -1,0 +1,765 @@
+"""Threads, NUMA, priority and loading: the guide's CPU and system claims (C1, C2, O1, O2, O3).
+
+Parts of one study (`SystemStudy`), each a set of sweeps through `kit.sweep.run_sweep` (one child process per
+configuration):
+- threads (C1): n_threads = n_threads_batch = t for t from 1 to the logical CPU count. llama.cpp decodes a
+  single token with n_threads and a batch of tokens with n_threads_batch, so tg measures the first and pp the
+  second inside one trial.
+- numa (C2): llama.cpp's NUMA strategies, where the machine has more than one NUMA node.
+- priority (O1): tg with busy-loop processes competing for every core, at normal and raised priority
+  (test kind `niced_bench`: niceness applied inside the trial's child to all its threads, then the engine bench).
+- loading (O2, O3): use_mmap x use_mlock, with the model file evicted from the page cache (cold) or fully
+  cached (warm): load time, time to the first token after loading, resident and locked memory.
+
+Test kinds defined here run inside a trial's child process (see `kit.measure.Test`):
+  Test("kit.system:memory_probe")                                  memory of the process right now
+  Test("kit.system:niced_bench", params={"nice": -10, "inner": "tg", "n_gen": 64})
+  Test("kit.system:load_probe", params={"cache": "cold", "rep": 0, "n_prompt": 32})
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap as _mmap
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import NUMA_STRATEGIES, Settings, SettingsError
+from .measure import Test
+
+CACHE_STATES = ("cold", "warm")
+# A cold trial whose file is still more than this fraction in the page cache is not cold: flagged in the row.
+COLD_RESIDENCY_MAX = 0.05
+
+
+# ---- the machine ----------------------------------------------------------------------------------------------
+def cpu_topology() -> dict:
+    """Logical CPUs, physical cores, the CPUs this process may run on, and what os.cpu_count() says (the guide's value)."""
+    import psutil
+
+    logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    return {"os_cpu_count": os.cpu_count(), "logical": logical, "physical": physical, "affinity": affinity,
+            "smt": logical > physical}
+
+
+def default_thread_counts(topology: dict | None = None) -> list[int]:
+    """1, 2, 4, ... up to the logical count, plus the physical and logical counts themselves."""
+    topo = topology or cpu_topology()
+    top = topo["logical"]
+    counts = {1, topo["physical"], top, topo["affinity"]}
+    k = 2
+    while k < top:
+        counts.add(k)
+        k *= 2
+    return sorted(c for c in counts if 1 <= c <= top)
+
+
+def priority_permitted(nice: int) -> tuple[bool, str]:
+    """Can this process set its niceness `nice` lower than now (raise priority)? Checked in a throwaway child."""
+    if nice >= 0:
+        return True, "lowering priority needs no privilege"
+    code = f"import os\ntry:\n os.nice({int(nice)})\n print('ok')\nexcept PermissionError as e:\n print('denied', e)"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"could not check: {exc}"
+    if out.startswith("ok"):
+        return True, "permitted (root or CAP_SYS_NICE, or RLIMIT_NICE allows it)"
+    return False, ("raising priority (negative nice) needs root or CAP_SYS_NICE (or a raised RLIMIT_NICE); "
+                   f"this user may not: {out}")
+
+
+# ---- memory of this process, and page-cache residency of a file ---------------------------------------------
+def proc_memory(pid: int | str = "self") -> dict:
+    """VmRSS, RssAnon, RssFile and VmLck (locked) in MiB, from /proc/<pid>/status (Linux)."""
+    want = {"VmRSS": "proc_rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb", "VmLck": "vm_lck_mb",
+            "VmHWM": "vm_hwm_mb"}
+    out = {v: None for v in want.values()}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in want:
+                out[want[key]] = round(int(rest.split()[0]) / 1024, 2)
+    except OSError:
+        pass
+    return out
+
+
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def page_cache_residency(path: str | os.PathLike) -> float | None:
+    """Fraction of the file's pages in the page cache (mincore on a fresh read-only mapping; touches nothing)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return None
+    libc = _libc()
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, _mmap.PROT_READ, _mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            n_pages = (size + _mmap.PAGESIZE - 1) // _mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * n_pages)()
+            if libc.mincore(addr, size, vec) != 0:
+                return None
+            return sum(b & 1 for b in vec) / n_pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def evict_from_page_cache(path: str | os.PathLike) -> dict:
+    """Ask the kernel to drop the file's clean pages (posix_fadvise DONTNEED): no root needed, touches no other file.
+
+    Pages that another process has mapped stay resident; the residency before and after says whether it worked.
+    (/proc/sys/vm/drop_caches would work for any file but needs root and empties the cache of every process on
+    the machine, disturbing whatever else runs: not used.)
+    """
+    before = page_cache_residency(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    after = page_cache_residency(path)
+    return {"evict_method": "posix_fadvise(DONTNEED)", "residency_before_evict": before, "residency": after}
+
+
+def warm_page_cache(path: str | os.PathLike) -> dict:
+    """Read the whole file once so every page is cached."""
+    with open(path, "rb") as fh:
+        while fh.read(1 << 22):
+            pass
+    return {"evict_method": None, "residency_before_evict": None, "residency": page_cache_residency(path)}
+
+
+def private_model_copy(model_path: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """A copy of the model that only this study maps, so eviction is not defeated by other processes mapping the
+    original (a server, a notebook). Kept if already there with the same size."""
+    src = Path(model_path)
+    dst = Path(folder) / src.name
+    if not (dst.exists() and dst.stat().st_size == src.stat().st_size):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".part")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    return dst
+
+
+# ---- niceness of every thread ---------------------------------------------------------------------------------
+def _thread_ids() -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir("/proc/self/task"))
+    except OSError:
+        return [0]
+
+
+def _thread_nice(tid: int) -> int | None:
+    try:
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[16])  # field 19 of stat; fields[0] is field 3 (state)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def set_process_niceness(increment: int) -> dict:
+    """Add `increment` to the niceness of every thread of this process (as `nice -n` would at start).
+
+    On Linux niceness belongs to a thread: os.nice() alone would leave llama.cpp's worker threads, created at
+    load time, at their old priority. Threads created afterwards inherit from the main thread.
+    """
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    target = max(-20, min(19, before + increment))
+    errors = []
+    for tid in _thread_ids():
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
+        except PermissionError as exc:
+            errors.append(str(exc))
+        except ProcessLookupError:
+            pass
+    nices = [n for n in (_thread_nice(t) for t in _thread_ids()) if n is not None]
+    return {"nice_requested": increment, "nice_before": before, "nice_target": target,
+            "nice_applied": not errors and all(n == target for n in nices),
+            "thread_nice": sorted(set(nices)), "n_threads_in_process": len(nices),
+            "nice_error": errors[0] if errors else None}
+
+
+# ---- a competing CPU load -------------------------------------------------------------------------------------
+class CompetingLoad:
+    """`n_procs` busy-loop processes (one per core by default) at niceness `nice`, for at most `max_s` seconds.
+
+    Each child ends on its own after max_s even if this process dies; on leaving the `with` block every child
+    started here is killed by its pid.
+    """
+
+    def __init__(self, n_procs: int | None = None, nice: int = 0, max_s: float = 600.0):
+        self.n_procs = n_procs or os.cpu_count() or 1
+        self.nice = nice
+        self.max_s = max_s
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "CompetingLoad":
+        code = (f"import os, time\nos.nice({int(self.nice)})\nend = time.monotonic() + {float(self.max_s)}\n"
+                "x = 0\nwhile time.monotonic() < end:\n    x += 1\n")
+        for _ in range(self.n_procs):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.3)  # let them reach the loop
+        return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            p.wait(timeout=10)
+        self.procs = []
+
+
+# ---- test kinds (run inside a trial's child) ------------------------------------------------------------------
+def memory_probe(lm, test: Test, repetitions: int = 1) -> dict:
+    """Test kind: the process's memory right now (first test of a trial: just after loading)."""
+    return {"n_prompt": 0, "n_gen": 0, "n_depth": 0, "repetitions": 1, **proc_memory(),
+            "timed_region": "none: /proc/self/status read after loading (memory, no timing)"}
+
+
+def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
+    """Test kind: change this process's niceness by params['nice'] (all threads), then the engine bench.
+
+    params: nice (int increment, e.g. -10), inner ("tg" or "pp"), n_gen / n_prompt, n_depth.
+    If raising priority is not permitted the bench still runs at the old niceness and the row says so
+    (nice_applied False, nice_error).
+    """
+    from .measure import bench_engine
+
+    p = dict(test.params or {})
+    unknown = set(p) - {"nice", "inner", "n_gen", "n_prompt", "n_depth", "condition"}
+    if unknown:
+        raise ValueError(f"unknown niced_bench parameter(s): {sorted(unknown)}")
+    inner = p.get("inner", "tg")
+    if inner not in ("tg", "pp"):
+        raise ValueError(f"niced_bench inner={inner!r}: use 'tg' or 'pp'")
+    n = int(p.get("n_gen" if inner == "tg" else "n_prompt", 64 if inner == "tg" else 256))
+    inner_test = Test(inner, n_gen=n if inner == "tg" else 0, n_prompt=n if inner == "pp" else 0,
+                      n_depth=int(p.get("n_depth", 0)))
+    info = set_process_niceness(int(p.get("nice", 0)))
+    row = bench_engine(lm, inner_test, repetitions)
+    info["thread_nice_after"] = sorted({n for n in (_thread_nice(t) for t in _thread_ids()) if n is not None})
+    row.update(info, inner=inner, inner_test=inner_test.name)
+    row["timed_region"] = f"after setting niceness: {row['timed_region']}"
+    return row
+
+
+def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
+    """Test kind: right after loading, memory, then the first prompt + token (where mmap'ed pages fault in).
+
+    The load itself is timed by the trial (row column load_ms); this adds first_decode_ms, and memory before and
+    after it. One sample per trial: repeat with params['rep'].
+    """
+    from .measure import Test as _T, bench_engine
+
+    p = dict(test.params or {})
+    n_prompt = int(p.get("n_prompt", 32))
+    after_load = {f"{k}_after_load": v for k, v in proc_memory().items()}
+    t0 = time.perf_counter()
+    bench_engine(lm, _T("pg", n_prompt=n_prompt, n_gen=1), repetitions=1, warmup=False)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    return {"n_prompt": n_prompt, "n_gen": 1, "n_depth": 0, "repetitions": 1,
+            "first_decode_ms": round(first_ms, 3), **after_load, **proc_memory(),
+            "timed_region": "first_decode_ms: the first prompt of n_prompt random tokens + 1 generated token after "
+                            "loading, including the page faults mmap defers; load_ms: llama_cpp.Llama() construction"}
+
+
+# ---- the study ------------------------------------------------------------------------------------------------
+@dataclass
+class SystemStudy:
+    """Threads (C1), NUMA (C2), priority under load (O1), loading (O2, O3). Validated on construction."""
+
+    model: str = "smollm2-135m"
+    repetitions: int = 5
+    out_dir: str = "outputs/40_threads_system"
+    n_ctx: int = 1024
+    n_gen: int = 64                       # tg length
+    n_prompt: int = 256                   # pp length
+    thread_counts: list = field(default_factory=list)   # empty: 1, 2, 4, ... physical, logical
+    numa_modes: list = field(default_factory=lambda: ["disabled", "distribute", "isolate"])
+    nice: int = -10                       # the guide's `nice -n -10`
+    load_nice_proxy: int = 10             # competing load lowered by this much: the same priority gap, no root
+    load_procs: int = 0                   # busy-loop processes; 0 = one per logical CPU
+    priority_threads: int = 0             # n_threads in the priority part; 0 = os.cpu_count() (the guide)
+    load_repetitions: int = 5             # trials (loads) per loading condition
+    mmap_values: list = field(default_factory=lambda: [True, False])
+    mlock_values: list = field(default_factory=lambda: [False, True])
+    first_prompt: int = 32                # tokens of the first request after loading
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        from .models import model_card
+
+        for name in ("repetitions", "n_ctx", "n_gen", "n_prompt", "load_repetitions", "first_prompt"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SettingsError(f"{name}={v!r} must be a positive int")
+        for name in ("load_procs", "priority_threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise SettingsError(f"{name}={v!r} must be an int >= 0 (0 = one per logical CPU)")
+        if self.n_prompt + self.n_gen > self.n_ctx or self.first_prompt + 1 > self.n_ctx:
+            raise SettingsError(f"n_ctx={self.n_ctx} must hold n_prompt + n_gen = {self.n_prompt + self.n_gen}")
+        for t in self.thread_counts:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+                raise SettingsError(f"thread_counts: {t!r} is not a positive int")
+        for m in self.numa_modes:
+            if m not in NUMA_STRATEGIES:
+                raise SettingsError(f"numa_modes: {m!r} is not one of {', '.join(NUMA_STRATEGIES)}")
+        if "numactl" in self.numa_modes:
+            raise SettingsError("numa_modes: 'numactl' means the process was started under numactl; the sweep "
+                                "starts its own children, so that mode is not reachable here (use 'isolate')")
+        if not -20 <= self.nice <= 19 or not 0 <= self.load_nice_proxy <= 19:
+            raise SettingsError(f"nice={self.nice} must be in -20..19 and load_nice_proxy in 0..19")
+        for name in ("mmap_values", "mlock_values"):
+            v = getattr(self, name)
+            if not v or any(not isinstance(x, bool) for x in v):
+                raise SettingsError(f"{name}={v!r} must be a non-empty list of booleans")
+        if not str(self.out_dir):
+            raise SettingsError("out_dir must be a folder")
+        self.card = model_card(self.model)
+        self.topology = cpu_topology()
+        if not self.thread_counts:
+            self.thread_counts = default_thread_counts(self.topology)
+        self.thread_counts = sorted(set(self.thread_counts))
+        Settings(model=self.model, n_ctx=self.n_ctx)  # model + context validated the settings' way
+
+    # paths
+    @property
+    def study(self) -> str:
+        return Path(self.out_dir).name
+
+    @property
+    def out_root(self) -> str:
+        return str(Path(self.out_dir).parent)
+
+    def base(self) -> Settings:
+        return Settings(model=self.model, n_ctx=self.n_ctx)
+
+    # -- threads
+    def thread_configs(self) -> list[Settings]:
+        return [self.base().replace(n_threads=t, n_threads_batch=t) for t in self.thread_counts]
+
+    def thread_tests(self) -> list[Test]:
+        from .measure import pp, tg
+
+        return [tg(self.n_gen), pp(self.n_prompt)]
+
+    # -- numa
+    def numa_nodes(self) -> list[dict]:
+        from .environment import numa_nodes
+
+        return numa_nodes()
+
+    def numa_testable(self) -> tuple[bool, str]:
+        nodes = self.numa_nodes()
+        if len(nodes) > 1:
+            return True, f"{len(nodes)} NUMA nodes"
+        return False, (f"this machine has {len(nodes) or 1} NUMA node: every core reaches all memory at the same "
+                       "cost, so binding threads and memory to a node (numactl, --numa) cannot change anything")
+
+    def numa_configs(self) -> list[Settings]:
+        n = self.topology["logical"]
+        return [self.base().replace(numa=m, n_threads=n, n_threads_batch=n) for m in self.numa_modes]
+
+    # -- priority
+    def priority_settings(self) -> Settings:
+        n = self.priority_threads or self.topology["os_cpu_count"] or 1
+        return self.base().replace(n_threads=n, n_threads_batch=n)
+
+    def priority_conditions(self) -> list[dict]:
+        """(label, competing load niceness or None for no load, niceness change of the bench)."""
+        return [
+            {"condition": "no load", "load_nice": None, "nice": 0},
+            {"condition": "load", "load_nice": 0, "nice": 0},
+            {"condition": f"load, bench nice {self.nice:+d}", "load_nice": 0, "nice": self.nice},
+            {"condition": f"load at nice {self.load_nice_proxy:+d}", "load_nice": self.load_nice_proxy, "nice": 0},
+        ]
+
+    def priority_test(self, cond: dict) -> Test:
+        return Test("kit.system:niced_bench", params={"nice": cond["nice"], "inner": "tg", "n_gen": self.n_gen,
+                                                     "condition": cond["condition"]})
+
+    # -- loading
+    def loading_conditions(self) -> list[tuple[Settings, str]]:
+        out = []
+        for mm in self.mmap_values:
+            for ml in self.mlock_values:
+                for cache in CACHE_STATES:
+                    out.append((self.base().replace(use_mmap=mm, use_mlock=ml, n_threads=None), cache))
+        return out
+
+    def load_test(self, cache: str, rep: int) -> Test:
+        return Test("kit.system:load_probe", params={"cache": cache, "rep": rep, "n_prompt": self.first_prompt})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["topology"] = self.topology
+        return d
+
+
+# ---- running ----------------------------------------------------------------------------------------------------
+def _sweep(study: SystemStudy, configs, tests, repetitions: int, part: str, extra: dict | None = None,
+           progress: bool = True):
+    from .sweep import run_sweep
+
+    return run_sweep(study.study, configs, tests, repetitions=repetitions, out_root=study.out_root,
+                     timeout_s=study.timeout_s, progress=progress, extra={"part": part, **(extra or {})})
+
+
+def run_threads(study: SystemStudy, progress: bool = True):
+    return _sweep(study, study.thread_configs(), study.thread_tests(), study.repetitions, "threads",
+                  progress=progress)
+
+
+def run_numa(study: SystemStudy, progress: bool = True):
+    """Runs only where there is more than one NUMA node; returns the study's rows either way."""
+    from .results import load_results
+
+    ok, _ = study.numa_testable()
+    if ok:
+        _sweep(study, study.numa_configs(), study.thread_tests(), study.repetitions, "numa", progress=progress)
+    return load_results(study.out_dir)
+
+
+def run_priority(study: SystemStudy, progress: bool = True):
+    """Each condition is one trial with its competing load started before and killed after it."""
+    from .results import load_results
+
+    permitted, why = priority_permitted(study.nice)
+    s = study.priority_settings()
+    for cond in study.priority_conditions():
+        extra = {"condition": cond["condition"], "load_nice": cond["load_nice"],
+                 "load_procs": study.load_procs or study.topology["logical"], "priority_permitted": permitted,
+                 "priority_check": why}
+        test = study.priority_test(cond)
+        if cond["load_nice"] is None:
+            _sweep(study, [s], [test], study.repetitions, "priority", extra, progress)
+        else:
+            with CompetingLoad(study.load_procs or None, nice=cond["load_nice"], max_s=study.timeout_s + 60):
+                _sweep(study, [s], [test], study.repetitions, "priority", extra, progress)
+    return load_results(study.out_dir)
+
+
+def run_loading(study: SystemStudy, progress: bool = True):
+    """Cold and warm loads of a private copy of the model; page-cache residency recorded before every trial.
+
+    One trial per load (a load happens once per trial); conditions are interleaved per repetition so a slow
+    phase of a shared machine does not land on one condition only.
+    """
+    from .results import load_results
+
+    copy = private_model_copy(study.card.path, Path(study.out_dir) / "model_copy")
+    try:
+        for rep in range(study.load_repetitions):
+            for s, cache in study.loading_conditions():
+                s = s.replace(model=str(copy))
+                state = evict_from_page_cache(copy) if cache == "cold" else warm_page_cache(copy)
+                state["cold_ok"] = (state["residency"] is not None and state["residency"] <= COLD_RESIDENCY_MAX) \
+                    if cache == "cold" else None
+                _sweep(study, [s], [study.load_test(cache, rep)], 1, "loading",
+                       {"cache": cache, **state}, progress=False)
+    finally:
+        shutil.rmtree(copy.parent, ignore_errors=True)
+    return load_results(study.out_dir)
+
+
+def run_system_study(study: SystemStudy, parts: tuple = ("threads", "numa", "priority", "loading"),
+                     progress: bool = True):
+    """Every part in turn; returns all rows of the study folder as a DataFrame."""
+    from .results import load_results
+
+    runners = {"threads": run_threads, "numa": run_numa, "priority": run_priority, "loading": run_loading}
+    for p in parts:
+        if p not in runners:
+            raise SettingsError(f"unknown part {p!r}; parts: {', '.join(runners)}")
+        runners[p](study, progress=progress)
+    return load_results(study.out_dir)
+
+
+# ---- analysis ---------------------------------------------------------------------------------------------------
+def _ok(df, part: str):
+    if df.empty or "part" not in df:
+        return df.iloc[0:0]
+    return df[(df["part"] == part) & (df["status"] == "ok")]
+
+
+def _samples(rows, col: str = "samples_ts") -> list[float]:
+    out: list[float] = []
+    if col not in rows:
+        return out
+    for v in rows[col]:
+        if isinstance(v, list):
+            out.extend(float(x) for x in v)
+    return out
+
+
+def thread_table(df, study: SystemStudy):
+    """Median t/s with its 95 % interval per thread count, for tg (n_threads) and pp (n_threads_batch)."""
+    import pandas as pd
+
+    from .context import median_ci
+
+    rows = []
+    d = _ok(df, "threads")
+    d = d[d["n_threads"].isin(study.thread_counts)] if not d.empty else d
+    for (t, kind), g in d.groupby(["n_threads", "test_kind"]):
+        xs = _samples(g)
+        med, lo, hi = median_ci(xs)
+        rows.append({"threads": int(t), "test": kind, "median_ts": med, "ci_low": lo, "ci_high": hi,
+                     "n_samples": len(xs), "is_cpu_count": int(t) == study.topology["os_cpu_count"],
+                     "is_physical": int(t) == study.topology["physical"]})
+    return pd.DataFrame(rows)
+
+
+def _thread_verdict(df, study: SystemStudy, kind: str, evidence):
+    from .verdicts import compare, not_testable
+
+    d = _ok(df, "threads")
+    d = d[d["test_kind"] == kind] if not d.empty else d
+    n_all = study.topology["os_cpu_count"]
+    by_t = {int(t): _samples(g) for t, g in d.groupby("n_threads")} if not d.empty else {}
+    cand = by_t.get(n_all)
+    others = {t: xs for t, xs in by_t.items() if t != n_all and xs}
+    if not cand or not others:
+        return not_testable("C1", f"{kind}: need rows at os.cpu_count()={n_all} threads and at another count "
+                                  f"(have {sorted(by_t)})", evidence)
+    import statistics
+
+    best_t = max(others, key=lambda t: statistics.median(others[t]))
+    phys = study.topology["physical"]
+    base_t = phys if phys != n_all and phys in others else best_t
+    what = "n_threads (generation)" if kind == "tg" else "n_threads_batch (prompt processing)"
+    v = compare("C1", cand, others[base_t], claimed="better", evidence=evidence,
+                metric=f"{kind} t/s, {n_all} threads (os.cpu_count) / {base_t} threads "
+                       f"({'physical cores' if base_t == phys else 'best other count'}), {what}")
+    if base_t != best_t:
+        v.details["vs_best"] = compare("C1", cand, others[best_t], claimed="better",
+                                       metric=f"{kind} t/s, {n_all} / {best_t} threads (best other)").to_dict()
+    v.details.update(kind=kind, baseline_threads=base_t, best_other_threads=best_t, candidate_threads=n_all)
+    return v
+
+
+def thread_verdict(df, study: SystemStudy, evidence=()):
+    """C1: one verdict (generation, which n_threads sets), with prompt processing's verdict in details."""
+    tg_v = _thread_verdict(df, study, "tg", list(evidence))
+    pp_v = _thread_verdict(df, study, "pp", list(evidence))
+    topo = study.topology
+    tg_v.summary = (f"Generation (n_threads): {tg_v.verdict} — {tg_v.summary}. Prompt processing "
+                    f"(n_threads_batch): {pp_v.verdict} — {pp_v.summary}. Machine: {topo['physical']} physical / "
+                    f"{topo['logical']} logical cores, os.cpu_count()={topo['os_cpu_count']}.")
+    tg_v.details["pp"] = pp_v.to_dict()
+    tg_v.details["topology"] = topo
+    return tg_v
+
+
+def numa_verdict(df, study: SystemStudy, evidence=()):
+    from .verdicts import compare, not_testable
+
+    ok, why = study.numa_testable()
+    if not ok:
+        return not_testable("C2", why, list(evidence), numa_nodes=study.numa_nodes())
+    d = _ok(df, "numa")
+    d = d[d["test_kind"] == "tg"] if not d.empty else d
+    by = {m: _samples(g) for m, g in d.groupby("numa")} if not d.empty else {}
+    cand_mode = "isolate" if "isolate" in by else next((m for m in by if m != "disabled"), None)
+    if "disabled" not in by or cand_mode is None:
+        return not_testable("C2", f"NUMA rows missing (have {sorted(by)})", list(evidence))
+    return compare("C2", by[cand_mode], by["disabled"], claimed="better", evidence=list(evidence),
+                   metric=f"tg t/s, numa={cand_mode} (threads kept on one node, as numactl --cpunodebind) / disabled")
+
+
+def priority_table(df):
+    import pandas as pd
+
+    from .context import median_ci
+
+    d = _ok(df, "priority")
+    rows = []
+    for cond, g in d.groupby("condition", sort=False):
+        xs = _samples(g)
+        med, lo, hi = median_ci(xs)
+        last = g.iloc[-1]
+        rows.append({"condition": cond, "median_ts": med, "ci_low": lo, "ci_high": hi, "n_samples": len(xs),
+                     "nice_applied": last.get("nice_applied"), "bench_nice": last.get("nice_target"),
+                     "load_nice": last.get("load_nice"), "n_threads": last.get("n_threads")})
+    return pd.DataFrame(rows)
+
+
+def priority_verdict(df, study: SystemStudy, evidence=()):
+    """O1: tg under a competing load, raised priority vs normal. Falls back to the no-root equivalent (the load
+    lowered by the same amount: CFS shares CPU by the niceness *difference*) where raising is not permitted."""
+    from .verdicts import compare, not_testable
+
+    d = _ok(df, "priority")
+    conds = {c: g for c, g in d.groupby("condition")} if not d.empty else {}
+    labels = [c["condition"] for c in study.priority_conditions()]
+    free, load, raised, proxy = (conds.get(lab) for lab in labels)
+    if load is None:
+        return not_testable("O1", "no rows under competing load", list(evidence))
+    details = {}
+    if free is not None:
+        details["load_slowdown"] = compare("O1", _samples(load), _samples(free), claimed="worse",
+                                           metric="tg t/s, competing load / no load").to_dict()
+    raised_ok = raised is not None and bool(raised["nice_applied"].all())
+    if raised_ok:
+        v = compare("O1", _samples(raised), _samples(load), claimed="better", evidence=list(evidence),
+                    metric=f"tg t/s under load, bench at nice {study.nice:+d} / nice 0")
+    elif proxy is not None:
+        why = raised["nice_error"].iloc[-1] if raised is not None else "not run"
+        v = compare("O1", _samples(proxy), _samples(load), claimed="better", evidence=list(evidence),
+                    metric=f"tg t/s under load, load at nice {study.load_nice_proxy:+d} / load at nice 0 (the same "
+                           f"priority gap as the bench at {-study.load_nice_proxy:+d}; raising priority not permitted)")
+        v.reason = (v.reason + "; " if v.reason else "") + f"raising priority not permitted here ({why}): measured " \
+            "the equivalent gap by lowering the competing load instead"
+    else:
+        return not_testable("O1", "raising priority is not permitted here and the proxy condition did not run",
+                            list(evidence))
+    if raised_ok and proxy is not None:
+        details["proxy_load_niced"] = compare("O1", _samples(proxy), _samples(load), claimed="better",
+                                              metric=f"load at nice {study.load_nice_proxy:+d} / 0").to_dict()
+    v.details.update(details)
+    return v
+
+
+def loading_table(df):
+    """Per use_mmap x use_mlock x cache: load_ms, first_decode_ms, load + first, memory, residency (medians + CI)."""
+    import pandas as pd
+
+    from .context import median_ci
+
+    d = _ok(df, "loading")
+    rows = []
+    if d.empty:
+        return pd.DataFrame(rows)
+    d = d.assign(load_to_first_ms=d["load_ms"] + d["first_decode_ms"])
+    for (mm, ml, cache), g in d.groupby(["use_mmap", "use_mlock", "cache"]):
+        r = {"use_mmap": mm, "use_mlock": ml, "cache": cache, "n_loads": len(g)}
+        for col in ("load_ms", "first_decode_ms", "load_to_first_ms"):
+            med, lo, hi = median_ci(list(g[col].astype(float)))
+            r[col] = med
+            r[f"{col}_ci"] = f"[{lo:.1f}, {hi:.1f}]" if lo is not None else ""
+        for col in ("proc_rss_mb", "rss_anon_mb", "rss_file_mb", "vm_lck_mb", "rss_file_mb_after_load"):
+            if col in g:
+                r[col] = round(float(g[col].astype(float).median()), 1)
+        r["residency_median"] = round(float(g["residency"].astype(float).median()), 3)
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def loading_verdicts(df, study: SystemStudy, evidence=()):
+    """O2 (huge pages, swappiness: kernel settings, reported; not changed) and O3 (cold vs warm load)."""
+    from .environment import memory_settings
+    from .verdicts import compare, not_testable
+
+    mem = memory_settings()
+    tab = loading_table(df)
+    d = _ok(df, "loading")
+    o2 = not_testable(
+        "O2",
+        f"huge pages (nr_hugepages={mem['nr_hugepages']}, transparent_hugepage='{mem['transparent_hugepage']}') and "
+        f"vm.swappiness={mem['swappiness']} are kernel settings shared by every process on the machine; changing "
+        f"them needs root and would disturb everything else running, and swappiness only matters under memory "
+        f"pressure, which a {study.card.size_bytes / 2**20:.0f} MiB model does not create. Measured instead: "
+        f"use_mmap / use_mlock load time and resident memory (table).",
+        list(evidence), memory_settings=mem, loading=tab.to_dict("records"))
+    if not d.empty:
+        locked = d[d["use_mlock"] == True]  # noqa: E712
+        if not locked.empty:
+            o2.details["mlock_locked_mb_median"] = float(locked["vm_lck_mb"].astype(float).median())
+            o2.details["memlock_limit"] = mem["memlock_limit"]
+    mm = d[(d["use_mmap"] == True) & (d["use_mlock"] == False)] if not d.empty else d  # noqa: E712
+    if mm.empty:
+        mm = d
+    cold = mm[mm["cache"] == "cold"] if not mm.empty else mm
+    warm = mm[mm["cache"] == "warm"] if not mm.empty else mm
+    if cold.empty or warm.empty:
+        return o2, not_testable("O3", "no cold and warm loads to compare", list(evidence))
+    cold_ok = cold[cold["cold_ok"] == True]  # noqa: E712
+    if cold_ok.empty:
+        res = float(cold["residency"].astype(float).median())
+        return o2, not_testable("O3", f"could not evict the model file from the page cache (still {res:.0%} "
+                                      f"resident after posix_fadvise): a cold load cannot be produced here",
+                                list(evidence))
+    c = list((cold_ok["load_ms"] + cold_ok["first_decode_ms"]).astype(float))
+    w = list((warm["load_ms"] + warm["first_decode_ms"]).astype(float))
+    o3 = compare("O3", w, c, higher_is_better=False, claimed="better", evidence=list(evidence),
+                 metric="load + first token ms, page cache (warm: the fastest storage there is) / cold read from "
+                        "this machine's disk; use_mmap=True")
+    o3.details["cold_loads_excluded_not_evicted"] = int(len(cold) - len(cold_ok))
+    o3.details["median_cold_ms"] = round(float(sorted(c)[len(c) // 2]), 1)
+    o3.details["median_warm_ms"] = round(float(sorted(w)[len(w) // 2]), 1)
+    return o2, o3
+
+
+def figure(df, study: SystemStudy):
+    """Three panels: t/s against threads (tg, pp), tg under competing load by priority, load + first token."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import seaborn as sns
+
+    from .plots import samples_long, setup
+
+    setup()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax = axes[0]
+    d = _ok(df, "threads")
+    if not d.empty:
+        sns.pointplot(data=samples_long(d), x="n_threads", y="samples_ts", hue="test_kind", estimator=np.median,
+                      errorbar=("ci", 95), ax=ax, markersize=4)
+        ax.set_xlabel("n_threads (tg) = n_threads_batch (pp)")
+        ax.set_ylabel("tokens/s")
+    topo = study.topology
+    ax.set_title(f"Threads ({topo['physical']} physical / {topo['logical']} logical cores)")
+    ax = axes[1]
+    p = _ok(df, "priority")
+    if not p.empty:
+        sns.barplot(data=samples_long(p), y="condition", x="samples_ts", estimator=np.median, errorbar=("ci", 95),
+                    ax=ax, color="C0")
+        ax.set_xlabel("tg tokens/s")
+        ax.set_ylabel("")
+    ax.set_title("Generation under a competing CPU load")
+    ax = axes[2]
+    lo = _ok(df, "loading")
+    if not lo.empty:
+        lo = lo.assign(load_to_first_ms=lo["load_ms"] + lo["first_decode_ms"],
+                       config=[f"mmap={'on' if a else 'off'}, mlock={'on' if b else 'off'}"
+                               for a, b in zip(lo["use_mmap"], lo["use_mlock"])])
+        sns.barplot(data=lo, y="config", x="load_to_first_ms", hue="cache", estimator=np.median,
+                    errorbar=("ci", 95), ax=ax)
+        ax.set_xlabel("load + first token, ms")
+        ax.set_ylabel("")
+    ax.set_title("Loading: cold (evicted) vs warm (page cache)")
+    fig.tight_layout()
+    return fig

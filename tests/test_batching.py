@@ -1,0 +1,247 @@
+"""kit.batching: the study config, the decode/micro-batch plan, tables, verdicts, and the cached-depth tests
+on the real bundled model."""
+from __future__ import annotations
+
+import math
+import random
+
+import pandas as pd
+import pytest
+
+from kit import batching
+from kit.config import Settings, SettingsError
+from kit import measure
+from kit.measure import load_model, pp
+from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, VERDICTS
+
+
+# ---- config -------------------------------------------------------------------------------------------------------
+def test_default_study_expands_to_the_briefed_grid() -> None:
+    s = batching.BatchFlashStudy()
+    configs = s.batch_configs()
+    pairs = {(c.n_batch, c.n_ubatch) for c in configs}
+    assert (512, 512) in pairs and (1024, 512) in pairs
+    assert all(u <= b for b, u in pairs)
+    skipped = {(c["n_batch"], c["n_ubatch"]) for c, _ in configs.skipped}
+    assert skipped == {(128, 256), (128, 512), (256, 512)}
+    assert len(configs) + len(skipped) == 4 * 3
+    assert list(s.skipped_combos().columns) == ["n_batch", "n_ubatch", "why"]
+    assert all(c.n_ctx == 1024 for c in configs)  # the longest prompt
+    assert [t.n_prompt for t in s.batch_tests()] == [256, 1024]
+    fa = s.flash_configs()
+    assert [c.flash_attn for c in fa] == [False, True]
+    assert fa[0].n_ctx >= 2048 + 128
+    tests = s.flash_tests()
+    assert {(t.n_depth, t.n_prompt, t.n_gen) for t in tests} == {(d, 128, 0) for d in (0, 1024, 2048)} | {
+        (d, 0, 32) for d in (0, 1024, 2048)}
+    assert all(t.kind.startswith("kit.batching:") for t in tests)
+
+
+def test_uncached_depth_uses_core_tests() -> None:
+    tests = batching.BatchFlashStudy(cache_depth=False, depths=[0, 512]).flash_tests()
+    assert {t.kind for t in tests} == {"pp", "tg"}
+    assert {t.name for t in tests} == {"pp128", "tg32", "pp128 @ d512", "tg32 @ d512"}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(n_batch=[]), "must not be empty"),
+    (dict(n_batch=[512, 512]), "duplicates"),
+    (dict(n_ubatch=[0, 512]), "integer >= 1"),
+    (dict(prompt_lengths="256"), "list of integers"),
+    (dict(depths=[-1]), "integer >= 0"),
+    (dict(guide_batch=[2048, 512]), "must be in the grid"),
+    (dict(baseline_batch=[512]), "two positive integers"),
+    (dict(batch_n_ctx=512), "cannot hold the longest prompt"),
+    (dict(repetitions=0), "positive integer"),
+    (dict(n_threads=0), "n_threads=0 must be positive"),
+])
+def test_study_rejects_bad_parameters(bad, match) -> None:
+    with pytest.raises(SettingsError, match=match):
+        batching.BatchFlashStudy(**bad)
+
+
+# ---- micro-batch plan -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_prompt, nb, nub, calls, sizes", [
+    (1024, 1024, 512, 1, (512, 512)),
+    (1024, 512, 512, 2, (512, 512)),
+    (256, 1024, 512, 1, (256,)),
+    (1000, 512, 128, 2, (128, 128, 128, 128, 128, 128, 128, 104)),
+    (200, 64, 64, 4, (64, 64, 64, 8)),
+])
+def test_ubatch_plan(n_prompt, nb, nub, calls, sizes) -> None:
+    assert batching.ubatch_plan(n_prompt, nb, nub) == (calls, sizes)
+    assert sum(batching.ubatch_plan(n_prompt, nb, nub)[1]) == n_prompt
+
+
+def test_median_ci_brackets_the_median() -> None:
+    rng = random.Random(1)
+    xs = [100 + rng.gauss(0, 5) for _ in range(30)]
+    med, lo, hi = batching.median_ci(xs)
+    assert lo <= med <= hi and hi - lo < 10
+    assert batching.median_ci([7.0]) == (7.0, 7.0, 7.0)
+    assert batching.median_ci([]) == (None, None, None)
+
+
+# ---- tables and verdicts on synthetic rows ------------------------------------------------------------------------
+def _row(n_prompt, nb, nub, ts, n_ctx=1024, status="ok", **kw):
+    samples = [ts * (1 + 0.01 * i) for i in range(-2, 3)]
+    return {"trial_key": f"{n_prompt}-{nb}-{nub}-{kw.get('flash_attn', False)}-{kw.get('n_depth', 0)}",
+            "status": status, "test_kind": kw.pop("test_kind", "pp"), "n_prompt": n_prompt, "n_gen": kw.pop("n_gen", 0),
+            "n_depth": kw.pop("n_depth", 0), "n_batch": nb, "n_ubatch": nub,
+            "n_batch_effective": min(nb, n_ctx), "n_ubatch_effective": min(nub, nb, n_ctx),
+            "samples_ts": samples, "samples_ns": [int(max(n_prompt, 1) / x * 1e9) for x in samples],
+            "cv": 0.01, "flash_attn": kw.pop("flash_attn", False), **kw}
+
+
+def _grid_rows(speed):
+    rows = []
+    for n in (256, 1024):
+        for nb in (256, 512, 1024, 2048):
+            for nub in (256, 512):
+                if nub <= nb:
+                    rows.append(_row(n, nb, nub, speed(n, nb, nub)))
+    return pd.DataFrame(rows)
+
+
+def test_batch_table_flags_clamps_and_identical_work() -> None:
+    t = batching.batch_table(_grid_rows(lambda n, nb, nub: 300.0))
+    r = t[(t.n_prompt == 1024) & (t.n_batch == 2048) & (t.n_ubatch == 512)].iloc[0]
+    assert r.n_batch_effective == 1024 and r.clamped == "n_batch 2048->1024"
+    assert r.duplicate_of == "1024/512"  # llama.cpp ran the same configuration
+    r = t[(t.n_prompt == 1024) & (t.n_batch == 1024) & (t.n_ubatch == 512)].iloc[0]
+    assert r.decode_calls == 1 and r.ubatches == "2x512" and pd.isna(r.clamped) and pd.isna(r.duplicate_of)
+    r = t[(t.n_prompt == 1024) & (t.n_batch == 512) & (t.n_ubatch == 512)].iloc[0]
+    assert r.decode_calls == 2 and r.ubatches == "2x512" and pd.isna(r.same_work_as)  # different call count
+    # at 256 tokens every n_batch >= 256 with n_ubatch 256 or 512 is one call of one 256-token micro-batch
+    short = t[t.n_prompt == 256]
+    assert short.same_work_as.isna().sum() == 1
+    assert set(short.same_work_as.dropna()) == {"256/256"}
+    # TTFT is the prompt time: n_prompt / t/s
+    r = t.iloc[0]
+    assert r.ttft_ms == pytest.approx(r.n_prompt / r.pp_ts * 1e3, rel=1e-6)
+    assert r.pp_ts_lo <= r.pp_ts <= r.pp_ts_hi
+
+
+def test_g3_verdict_follows_the_data() -> None:
+    study = batching.BatchFlashStudy(n_batch=[256, 512, 1024, 2048], n_ubatch=[256, 512])
+    faster = batching.verdict_batch(_grid_rows(lambda n, nb, nub: 400.0 if (nb, nub) == (1024, 512) else 300.0),
+                                    study, gpu_offload=False)
+    assert faster.claim == "G3" and faster.verdict == SUPPORTED
+    assert faster.effect == pytest.approx(4 / 3, rel=0.02)
+    assert "not testable here" in faster.reason and faster.details["scope"] == "cpu"
+    assert [p["n_prompt"] for p in faster.details["per_prompt"]] == [256, 1024]
+    assert faster.details["per_prompt"][0]["same_work"] is True  # 256 tokens: both one call, one micro-batch
+    assert faster.details["per_prompt"][1]["same_work"] is False
+    slower = batching.verdict_batch(_grid_rows(lambda n, nb, nub: 200.0 if (nb, nub) == (1024, 512) else 300.0),
+                                    study, gpu_offload=True)
+    assert slower.verdict == REFUTED and slower.details["scope"] == "gpu" and "not testable" not in slower.reason
+    same = batching.verdict_batch(_grid_rows(lambda n, nb, nub: 300.0), study, gpu_offload=False)
+    assert same.verdict == NO_EFFECT
+    failed = _grid_rows(lambda n, nb, nub: 300.0)
+    failed["status"] = "error"
+    assert batching.verdict_batch(failed, study).verdict == NOT_TESTABLE
+
+
+def _flash_rows(on_factor):
+    rows = []
+    for fa in (False, True):
+        for d in (0, 1024):
+            for mode in ("pp", "tg"):
+                base = 300.0 if mode == "pp" else 100.0
+                ts = base * (on_factor(mode, d) if fa else 1.0)
+                rows.append(_row(128 if mode == "pp" else 0, 512, 512, ts, flash_attn=fa, n_depth=d,
+                                 n_gen=0 if mode == "pp" else 32, test_kind=f"kit.batching:{mode}_at_depth"))
+    return pd.DataFrame(rows)
+
+
+def test_g2_verdict_agreeing_and_mixed() -> None:
+    v = batching.verdict_flash(_flash_rows(lambda m, d: 1.3), gpu_offload=False)
+    assert v.claim == "G2" and v.verdict == SUPPORTED and v.details["mixed"] is False
+    assert len(v.details["comparisons"]) == 4
+    # faster prompts, slower decode at depth: the deepest tg decides, the mix is stated
+    v = batching.verdict_flash(_flash_rows(lambda m, d: 1.3 if m == "pp" else (0.8 if d else 1.0)), gpu_offload=False)
+    assert v.verdict == REFUTED and v.details["mixed"] is True and "mixed" in v.summary
+    assert v.details["comparisons"][0]["verdict"] == SUPPORTED
+    assert batching.verdict_flash(pd.DataFrame()).verdict == NOT_TESTABLE
+    t = batching.flash_table(_flash_rows(lambda m, d: 1.0))
+    assert set(t.test) == {"pp128", "tg32"} and len(t) == 8
+
+
+def test_planned_rows_drops_rows_of_other_parameters() -> None:
+    from kit.models import model_card
+    from kit.sweep import trial_key
+
+    s = Settings(n_ctx=512)
+    sha = model_card("smollm2-135m").sha256
+    keep = trial_key(sha, s, pp(64), 2)
+    df = pd.DataFrame([{"trial_key": keep, "x": 1}, {"trial_key": trial_key(sha, s, pp(64), 3), "x": 2}])
+    out = batching.planned_rows(df, [s], [pp(64)], 2)
+    assert list(out.x) == [1]
+
+
+def test_evidence_path_is_relative_to_outputs_root(tmp_path) -> None:
+    out = tmp_path / "outputs" / "20_x"
+    assert batching.evidence_path(out / "figures" / "a.png", out) == "20_x/figures/a.png"
+
+
+# ---- the cached-depth tests on the real model (in process) -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm():
+    m = load_model(Settings(n_ctx=256, n_batch=64, n_ubatch=64))
+    yield m
+    m.close()
+
+
+def test_pp_at_depth_rolls_back_to_the_depth(lm) -> None:
+    import llama_cpp
+
+    # 200 + 3 x 40 tokens would overflow n_ctx=256 unless every repetition starts again at depth 200
+    test = batching.depth_test("pp", 40, 200)
+    row = batching.pp_at_depth(lm, test, repetitions=3)
+    assert len(row["samples_ts"]) == 3 and all(x > 0 for x in row["samples_ts"])
+    assert row["n_depth"] == 200 and row["n_prompt"] == 40
+    assert row["depth_fill_ms"] > 0
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(lm.ctx), 0) == 200 + 40 - 1
+    assert row["samples_ts"][0] == pytest.approx(40 / (row["samples_ns"][0] / 1e9), rel=1e-3)
+    # llama.cpp's own counters agree with the wall clock (within scheduling noise)
+    assert 0.5 < row["perf_wall_ratio"] < 2.0
+
+
+def test_tg_at_depth_and_no_depth(lm) -> None:
+    import llama_cpp
+
+    row = batching.tg_at_depth(lm, batching.depth_test("tg", 8, 100), repetitions=2)
+    assert row["n_gen"] == 8 and len(row["samples_ns"]) == 2
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(lm.ctx), 0) == 100 + 8 - 1
+    row = batching.tg_at_depth(lm, batching.depth_test("tg", 8, 0), repetitions=2)
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(lm.ctx), 0) == 8 - 1
+    assert math.isfinite(row["median_ts"])
+
+
+def test_depth_test_refuses_what_does_not_fit_or_mixes_modes(lm) -> None:
+    with pytest.raises(ValueError, match="needs"):
+        batching.pp_at_depth(lm, batching.depth_test("pp", 100, 200), repetitions=1)
+    with pytest.raises(ValueError, match="either pp"):
+        batching.pp_at_depth(lm, measure.Test("kit.batching:pp_at_depth", n_prompt=8, n_gen=8), repetitions=1)
+    with pytest.raises(ValueError):
+        batching.depth_test("pg", 8, 0)
+
+
+def test_verdict_strings_are_valid() -> None:
+    v = batching.verdict_flash(_flash_rows(lambda m, d: 1.0))
+    assert v.verdict in VERDICTS
+
+
+def test_too_few_samples_give_no_verdict() -> None:
+    """One sample per side makes a zero-width interval: a point estimate must not become a verdict."""
+    df = _flash_rows(lambda m, d: 1.5)
+    df["samples_ts"] = [s[:1] for s in df["samples_ts"]]
+    v = batching.verdict_flash(df, gpu_offload=True)
+    assert v.verdict == NOT_TESTABLE and "repetitions >= 3" in v.reason
+    assert v.details["comparisons"][0]["ratio"] == pytest.approx(1.5, rel=0.05)
+    assert "point estimate" in v.summary
+    rows = _grid_rows(lambda n, nb, nub: 400.0 if (nb, nub) == (1024, 512) else 300.0)
+    rows["samples_ts"] = [s[:2] for s in rows["samples_ts"]]
+    study = batching.BatchFlashStudy(n_batch=[256, 512, 1024, 2048], n_ubatch=[256, 512])
+    g3 = batching.verdict_batch(rows, study, gpu_offload=False)
+    assert g3.verdict == NOT_TESTABLE and g3.details["per_prompt"][-1]["effect"] == pytest.approx(4 / 3, rel=0.02)

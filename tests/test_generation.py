@@ -1,0 +1,193 @@
+"""kit.generation: prompt set, text statistics, study validation, the sampling test kind on the real model, verdicts."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from kit import generation as gen
+from kit.config import Settings, SettingsError
+from kit.measure import Test as KitTest, load_model
+from kit.results import read_rows
+from kit.verdicts import NOT_TESTABLE, VERDICTS
+
+
+# ---- prompts and text ---------------------------------------------------------------------------------------------
+def test_prompt_set_is_valid_and_ordered():
+    prompts = gen.load_prompts()
+    assert 10 <= len(prompts) <= 16
+    assert len({p["id"] for p in prompts}) == len(prompts)
+    assert all(len(p["prompt"]) > 20 for p in prompts)
+    assert gen.load_prompts(n=3) == prompts[:3]
+    with pytest.raises(ValueError):
+        gen.load_prompts(n=len(prompts) + 1)
+
+
+def test_load_prompts_rejects_a_bad_file(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    with pytest.raises(ValueError, match="unique"):
+        gen.load_prompts(f)
+    f.write_text('{"id": "a"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        gen.load_prompts(f)
+
+
+def test_text_stats():
+    s = gen.text_stats("a b a b a b a b")
+    assert s["n_words"] == 8
+    assert s["distinct_1"] == 0.25
+    assert s["distinct_2"] == round(2 / 7, 4)
+    assert s["rep_4gram"] == 0.6  # 5 four-grams, 2 distinct
+    fresh = gen.text_stats("one two three four five six")
+    assert fresh["distinct_1"] == 1.0 and fresh["rep_4gram"] == 0.0
+    assert gen.text_stats("")["distinct_1"] is None
+
+
+# ---- the study config ----------------------------------------------------------------------------------------------
+def test_study_validation_fails_early():
+    with pytest.raises(SettingsError, match="temperature"):
+        gen.GenerationStudy(temperatures=[-1.0])
+    with pytest.raises(SettingsError, match="top_p"):
+        gen.GenerationStudy(top_ps=[1.5])
+    with pytest.raises(SettingsError, match="must be a list"):
+        gen.GenerationStudy(temperatures="0.1")
+    with pytest.raises(SettingsError, match="n_ctx"):
+        gen.GenerationStudy(caps=[64, 4096], n_ctx=2048)
+    with pytest.raises(SettingsError, match="n_unlimited_prompts"):
+        gen.GenerationStudy(n_cap_prompts=1, n_unlimited_prompts=2)
+    with pytest.raises(SettingsError, match="s2_cap"):
+        gen.GenerationStudy(caps=[64, 128])
+    with pytest.raises(SettingsError, match="n_prompts"):
+        gen.GenerationStudy(n_prompts=99)
+
+
+def test_sampling_variants_and_tests():
+    st = gen.GenerationStudy(temperatures=[0.0, 0.8], top_ps=[0.9], top_ks=[], repeat_penalties=[1.1])
+    v = st.sampling_variants()
+    assert list(v)[:2] == ["guide", "default"]
+    assert v["guide"] == gen.GUIDE_SAMPLING
+    d = Settings()
+    assert v["default"] == {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+                            "repeat_penalty": d.repeat_penalty}
+    assert "temperature=0.8" not in v  # the default itself is not run twice
+    assert {"temperature=0.0", "top_p=0.9", "repeat_penalty=1.1"} <= set(v)
+    tests = st.sampling_tests()
+    assert len(tests) == len(v) and all(t.kind == gen.SAMPLING_KIND for t in tests)
+    assert all(t.params["max_tokens"] == st.sweep_max_tokens for t in tests)
+    caps = st.cap_tests()
+    assert [t.params["max_tokens"] for t in caps] == [64, 128, 256, 512, None]
+    assert len(caps[-1].params["prompts"]) == st.n_unlimited_prompts
+    assert all(t.params["temperature"] == 0.1 for t in caps)  # the guide's sampling
+
+
+# ---- the sampling test kind on the real model ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm():
+    m = load_model(Settings(n_ctx=512))
+    yield m
+    m.close()
+
+
+def test_sampling_test_greedy_is_deterministic_and_truncated(lm):
+    prompts = gen.load_prompts(n=2)
+    t = KitTest(gen.SAMPLING_KIND, n_gen=12, params={"temperature": 0.0, "max_tokens": 12, "prompts": prompts,
+                                                 "label": "greedy"})
+    row = gen.sampling_test(lm, t, repetitions=2)
+    assert row["label"] == "greedy" and row["temperature"] == 0.0 and row["max_tokens"] == 12
+    assert row["n_requests"] == 4 and [r["seed"] for r in row["requests"]] == [42, 42, 43, 43]
+    assert row["deterministic_share"] == 1.0  # greedy: the seed does not matter
+    assert row["truncation_rate"] == 1.0  # 12 tokens cannot finish an answer to these prompts
+    assert all(r["finish_reason"] == "length" for r in row["requests"])
+    assert all(r["n_gen_tokens"] >= 10 for r in row["requests"])
+    assert 0.5 < row["decode_ms_per_token"] < 2000
+    assert 5 < row["median_ts"] < 2000
+    # llama.cpp's decode is part of the per-token latency, not more than it
+    assert row["engine_decode_ms_per_token"] <= row["decode_ms_per_token"] * 1.25
+    assert len(row["samples_ts"]) == 4 and all(r["text"] for r in row["requests"])
+
+
+def test_sampling_test_rejects_unknown_and_invalid_params(lm):
+    with pytest.raises(SettingsError, match="unknown"):
+        gen.sampling_test(lm, KitTest(gen.SAMPLING_KIND, params={"temprature": 0.1}), 1)
+    with pytest.raises(SettingsError):
+        gen.sampling_test(lm, KitTest(gen.SAMPLING_KIND, params={"top_p": 0.0}), 1)
+
+
+def test_unlimited_stops_at_eos_or_n_ctx():
+    m = load_model(Settings(n_ctx=128))
+    n_ctx = m.effective["n_ctx_effective"]  # llama.cpp may pad n_ctx (to 256 here)
+    try:
+        prompts = gen.load_prompts(n=1)
+        row = gen.sampling_test(m, KitTest(gen.SAMPLING_KIND, params={"max_tokens": None, "temperature": 0.0,
+                                                                   "prompts": prompts}), 1)
+    finally:
+        m.close()
+    r = row["requests"][0]
+    assert row["max_tokens_label"] == "unlimited" and row["max_tokens"] is None
+    assert r["finish_reason"] in ("stop", "length")
+    assert r["n_prompt_tokens"] + r["n_gen_tokens"] <= n_ctx
+    if r["finish_reason"] == "length":  # only the context can stop an uncapped answer early
+        assert r["n_prompt_tokens"] + r["n_gen_tokens"] >= n_ctx - 2
+
+
+# ---- through the sweep ---------------------------------------------------------------------------------------------------
+def test_study_rows_resume_and_carry_the_request_sampling(tmp_path):
+    st = gen.GenerationStudy(n_ctx=512, n_prompts=1, sweep_max_tokens=8, temperatures=[0.0], top_ps=[], top_ks=[],
+                             repeat_penalties=[], caps=[8], s2_cap=8, n_cap_prompts=1, n_unlimited_prompts=0,
+                             repetitions=2, cap_repetitions=1, out_dir=str(tmp_path / "70_generation"))
+    df = gen.run_generation_study(st, progress=False)
+    assert (df["status"] == "ok").all(), df[["label", "error"]].to_string()
+    assert set(df["label"]) == {"guide", "default", "temperature=0.0", "max_tokens=8"}
+    # the row shows the sampling its requests used, not the trial's Settings defaults
+    by = df.set_index("label")
+    assert by.loc["guide", "temperature"] == 0.1 and by.loc["guide", "repeat_penalty"] == 1.1
+    assert by.loc["default", "temperature"] == Settings().temperature
+    assert by.loc["temperature=0.0", "deterministic_share"] == 1.0
+    assert (df["rss_peak_mb"] > 0).all() and "gpu_util_pct" in df
+    n_lines = len(read_rows(tmp_path / "70_generation" / "results.jsonl"))
+    gen.run_generation_study(st, progress=False)  # a rerun measures nothing again
+    assert len(read_rows(tmp_path / "70_generation" / "results.jsonl")) == n_lines
+    table = gen.sampling_table(df)
+    assert list(table["label"]) == ["guide", "default", "temperature=0.0"]
+    v1 = gen.s1_verdict(df)
+    assert v1.verdict in VERDICTS and v1.ci_low is not None and "output_tokens_ratio" in v1.details
+    v2 = gen.s2_verdict(df, cap=8)
+    assert v2.verdict == NOT_TESTABLE and "unlimited" in v2.reason
+    assert not gen.text_examples(df).empty
+
+
+# ---- verdict logic on constructed rows -------------------------------------------------------------------------------------
+def _req(pid, seed, e2e, n, finish):
+    return {"prompt_id": pid, "seed": seed, "e2e_ms": e2e, "n_gen_tokens": n, "finish_reason": finish}
+
+
+def test_s2_verdict_counts_latency_and_truncation():
+    capped = [_req("a", s, 4000.0 + s, 512, "length") for s in range(3)] + \
+             [_req("b", s, 1000.0 + s, 120, "stop") for s in range(3)] + \
+             [_req("c", s, 3000.0 + s, 400, "stop") for s in range(3)]
+    unl = [_req("a", s, 12000.0 + s, 1500, "stop") for s in range(3)] + \
+          [_req("b", s, 1000.0 + s, 120, "stop") for s in range(3)]
+    df = pd.DataFrame([
+        {"status": "ok", "label": "max_tokens=512", "part": "max_tokens", "max_tokens_label": "512",
+         "temperature": 0.1, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1, "max_tokens": 512, "requests": capped},
+        {"status": "ok", "label": "max_tokens=unlimited", "part": "max_tokens", "max_tokens_label": "unlimited",
+         "temperature": 0.1, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1, "max_tokens": None, "requests": unl},
+    ])
+    v = gen.s2_verdict(df)
+    assert v.n_candidate == 6 and v.n_baseline == 6  # prompt c never ran unlimited: left out of the ratio
+    assert v.effect == pytest.approx((4000.0 + 1002.0) / 2 / ((12000.0 + 1002.0) / 2), rel=0.01)
+    assert v.details["truncation_rate_cap_all_prompts"] == pytest.approx(1 / 3, abs=1e-3)
+    assert v.details["truncation_rate_unlimited_hit_n_ctx"] == 0.0
+    assert v.details["unlimited_max_tokens_seen"] == 1500
+
+
+def test_s1_verdict_same_speed_is_no_effect():
+    base = {"status": "ok", "samples_n_gen_tokens": [100, 120, 80, 90], "samples_e2e_ms": [900.0, 1000, 800, 850],
+            "decode_ms_per_token": 8.0, "overhead_ms_per_token": 1.0}
+    df = pd.DataFrame([{**base, "label": "guide", "samples_ts": [120.0, 121, 119, 120.5, 119.5]},
+                       {**base, "label": "default", "samples_ts": [120.2, 120.8, 119.2, 120.1, 119.9]}])
+    v = gen.s1_verdict(df, equivalence=0.03)
+    assert v.verdict == "no measurable effect"
+    assert v.details["output_tokens_ratio"] == 1.0
+    v = gen.s1_verdict(df[df["label"] == "guide"])
+    assert v.verdict == NOT_TESTABLE

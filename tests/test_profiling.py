@@ -1,0 +1,113 @@
+"""kit.profiling: exposing native calls to cProfile, reading profiles, profiling a real request, the P2 verdict."""
+from __future__ import annotations
+
+import ctypes
+import pstats
+
+import pandas as pd
+import pytest
+
+from kit import profiling as prof
+from kit.config import Settings, SettingsError
+from kit.generation import load_prompts
+from kit.measure import Test as KitTest, load_model
+from kit.verdicts import VERDICTS
+
+
+def test_expose_native_calls_wraps_and_restores():
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    original = low.llama_decode
+    assert isinstance(original, ctypes._CFuncPtr)
+    with prof.expose_native_calls() as n:
+        assert n > 100
+        assert not isinstance(low.llama_decode, ctypes._CFuncPtr)
+        assert low.llama_decode.__code__.co_name == "llama_decode"
+        assert low.llama_decode.__code__.co_filename == prof.NATIVE_FILE
+        assert llama_cpp.llama_decode is not original  # the package namespace too (kit.measure calls it there)
+    assert low.llama_decode is original and llama_cpp.llama_decode is original
+
+
+def test_names_and_categories():
+    assert prof.short_name((prof.NATIVE_FILE, 1, "llama_decode")) == "[native] llama_decode"
+    assert prof.short_name(("/x/lib/python3.11/site-packages/llama_cpp/llama.py", 854, "generate")) == \
+        "llama_cpp/llama.py:854(generate)"
+    assert prof.short_name(("~", 0, "<built-in method time.sleep>")) == "<built-in method time.sleep>"
+    assert prof.categorize((prof.NATIVE_FILE, 1, "llama_decode")) == "llama.cpp: llama_decode"
+    assert prof.categorize((prof.NATIVE_FILE, 1, "llama_sampler_sample")) == "llama.cpp: sampling"
+    assert prof.categorize((prof.NATIVE_FILE, 1, "llama_token_to_piece")) == "llama.cpp: detokenize"
+    assert prof.categorize((prof.NATIVE_FILE, 1, "llama_n_ctx")) == "llama.cpp: other native calls"
+    assert prof.categorize(("/s/site-packages/llama_cpp/_internals.py", 328, "decode")).startswith("llama_cpp: _int")
+    assert prof.categorize(("/s/site-packages/jinja2/runtime.py", 1, "f")) == "jinja2: chat template"
+    assert prof.categorize((prof.__file__.replace("profiling.py", "measure.py"), 1, "stream_chat")) == "kit"
+    assert set(prof.CATEGORY_ORDER) >= {prof.categorize(k) for k in [("~", 0, "x"), ("/a/b.py", 1, "f")]}
+
+
+def test_study_validation():
+    with pytest.raises(SettingsError, match="prompt_index"):
+        prof.ProfilingStudy(prompt_index=99)
+    with pytest.raises(SettingsError, match="max_tokens"):
+        prof.ProfilingStudy(max_tokens=4096, n_ctx=2048)
+    kinds = [t.kind for t in prof.ProfilingStudy().tests()]
+    assert kinds == ["tg", prof.PROFILE_KIND]
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("80_profiling")
+    lm = load_model(Settings(n_ctx=512, max_tokens=12))
+    try:
+        p = load_prompts(n=1)[0]
+        row = prof.profile_test(lm, KitTest(prof.PROFILE_KIND, params={
+            "prompt": p["prompt"], "prompt_id": p["id"], "prof_dir": str(out)}), repetitions=2)
+    finally:
+        lm.close()
+    return row, out
+
+
+def test_profile_test_on_the_real_model(profiled):
+    row, out = profiled
+    assert (out / prof.PLAIN_PROF).exists() and (out / prof.NATIVE_PROF).exists()
+    assert row["all_same_tokens"]  # same prompt and seed: the three variants did the same work
+    assert len(row["samples_wall_ms"]) == len(row["samples_wall_cprofile_ms"]) == 2
+    # plain cProfile: the wrapper's self time is llama_decode's time, as llama.cpp's own timer says
+    for r in row["samples_cprofile_decode_ratio"]:
+        assert 0.8 < r < 1.25, row["samples_cprofile_decode_ratio"]
+    for c in row["samples_cprofile_coverage"]:
+        assert 0.9 < c < 1.1
+    share = row["native_breakdown_share"]
+    assert sum(v for v in share.values() if v) == pytest.approx(1.0, abs=0.01)
+    assert share["llama.cpp: llama_decode"] > 0.3  # decoding is most of a request on any machine
+    assert row["native_breakdown_ms"]["llama.cpp: sampling"] > 0
+    assert row["native_breakdown_ms"]["llama.cpp: detokenize"] > 0
+    # with native calls exposed, _internals.decode no longer holds llama_decode's time
+    assert share["llama_cpp: _internals.py (self time; hides native calls)"] < 0.2
+
+
+def test_top_functions_from_the_saved_profile(profiled):
+    _, out = profiled
+    top = prof.top_functions(out / prof.PLAIN_PROF, 20)
+    assert len(top) == 20 and list(top.index) == list(range(1, 21))
+    assert top["cumtime_s"].is_monotonic_decreasing
+    assert "stream_chat" in top["function"].iloc[0]
+    assert any("_internals.py" in f and "(decode)" in f for f in top["function"])
+    assert not any("/work/" in f or "site-packages" in f for f in top["function"])  # no machine paths
+    native = prof.top_functions(pstats.Stats(str(out / prof.NATIVE_PROF)), 5, sort="tottime")
+    assert native["function"].iloc[0] == "[native] llama_decode"
+
+
+def test_tables_and_verdict(profiled):
+    row, _ = profiled
+    df = pd.DataFrame([{"status": "ok", "test_kind": "tg", "median_ts": 100.0},
+                       {"status": "ok", "test_kind": prof.PROFILE_KIND, **row}])
+    split = prof.split_table(df)
+    assert {"llama.cpp: llama_decode, prompt processing", "llama.cpp: llama_decode, generation"} <= set(split["category"])
+    assert split["ms"].sum() == pytest.approx(row["native_total_ms"], rel=0.02)
+    gap = prof.gap_table(df)
+    assert gap["ms_per_token"].iloc[0] == pytest.approx(10.0)
+    assert gap["ms_per_token"].notna().all()
+    v = prof.p2_verdict(df)
+    assert v.verdict in VERDICTS and v.ci_low is not None
+    assert {"cprofile_overhead", "llama_decode_share", "profile_coverage_of_wall"} <= set(v.details)
+    assert "native" in v.summary

@@ -1,0 +1,122 @@
+"""kit.runner: parameter validation before anything runs, failures named with notebook and cell, the rest still
+runs and the index renders; quick.json names real parameters of the real notebooks."""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from kit import runner
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _nb(path: Path, params_src: str, cells: list[str]) -> Path:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    p = new_code_cell(params_src)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [new_markdown_cell(f"# {path.stem}"), p] + [new_code_cell(c) for c in cells]
+    nbformat.write(nb, str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_notebooks(tmp_path):
+    d = tmp_path / "nbs"
+    d.mkdir()
+    _nb(d / "10_fails.ipynb", 'x: int = 1            # a number\nout_dir: str = "outputs/10_fails"  # where',
+        ["y = x + 1", "raise ValueError('deliberate failure in the third code cell')", "z = 3"])
+    _nb(d / "20_runs.ipynb", 'out_dir: str = "outputs/20_runs"  # where it writes\nlimit: int = 0  # 0 = none',
+        ["from pathlib import Path\nPath(out_dir).mkdir(parents=True, exist_ok=True)\n"
+         "Path(out_dir, 'done.txt').write_text(str(limit))"])
+    (d / "README.ipynb").write_text("{}")  # not NN_name: never run
+    return d
+
+
+def test_validate_parameters_errors():
+    known = {"repetitions": {}, "model": {}}
+    assert runner.validate_parameters("s", {"repetitions": 2}, known) == {"repetitions": 2}
+    with pytest.raises(runner.RunnerError, match="unknown parameter 'repetitons'.*did you mean 'repetitions'"):
+        runner.validate_parameters("s", {"repetitons": 2}, known)
+    with pytest.raises(runner.RunnerError, match="not a valid parameter name"):
+        runner.validate_parameters("s", {"model; import os": "x"}, {"model; import os": {}})
+    with pytest.raises(runner.RunnerError, match="only JSON values"):
+        runner.validate_parameters("s", {"model": {1, 2}}, known)
+    with pytest.raises(runner.RunnerError, match="only JSON values"):
+        runner.validate_parameters("s", {"model": float("nan")}, known)
+
+
+def test_unknown_parameter_fails_before_anything_runs(tiny_notebooks, tmp_path):
+    out = tmp_path / "out"
+    lines = []
+    rc = runner.run_study(notebooks_dir=tiny_notebooks, out_root=str(out), params={"20_runs": {"limt": 3}},
+                          log=lines.append, progress=False)
+    assert rc == 2
+    assert any("unknown parameter 'limt'" in line and "20_runs" in line for line in lines)
+    assert not (out / "10_fails").exists() and not (out / "20_runs").exists()
+
+
+def test_parameters_with_equals_in_comment_are_known(tiny_notebooks):
+    # papermill's own parser skips "limit: int = 0  # 0 = none"; the runner must still know it
+    assert "limit" in runner.notebook_parameters(tiny_notebooks / "20_runs.ipynb")
+
+
+def test_failing_notebook_named_with_cell_rest_runs_report_renders(tiny_notebooks, tmp_path):
+    out = tmp_path / "out"
+    lines = []
+    rc = runner.run_study(notebooks_dir=tiny_notebooks, out_root=str(out), params={"20_runs": {"limit": 7}},
+                          log=lines.append, progress=False)
+    assert rc == 1
+    failure = [line for line in lines if line.startswith("FAILED 10_fails")]
+    assert failure, lines
+    assert "cell 4" in failure[0] and "ValueError" in failure[0] and "deliberate failure" in failure[0]
+    assert (out / "10_fails" / "10_fails.ipynb").exists()  # kept for inspection
+    # the next notebook still ran, with its out_dir moved under the out root
+    assert (out / "20_runs" / "done.txt").read_text() == "7"
+    status = json.loads((out / "run_status.json").read_text())["notebooks"]
+    assert status["10_fails"]["status"] == "failed" and status["10_fails"]["cell_index"] == 4
+    assert status["20_runs"]["status"] == "ok"
+    index = (out / "report" / "index.html").read_text()
+    assert "10_fails" in index and "failed" in index and "deliberate failure" in index
+    assert (out / "report" / "20_runs.html").exists()
+
+
+def test_main_run_param_syntax_and_only(tiny_notebooks, tmp_path, monkeypatch):
+    assert runner.main_run(["--param", "nodot=3"]) == 2
+    with pytest.raises(runner.RunnerError, match="no notebook matches 99"):
+        runner.discover_notebooks(tiny_notebooks, only=["99"])
+    assert [p.stem for p in runner.discover_notebooks(tiny_notebooks, only=["20"])] == ["20_runs"]
+    assert [p.stem for p in runner.discover_notebooks(tiny_notebooks)] == ["10_fails", "20_runs"]
+
+
+def test_out_root_relocates_output_paths(tiny_notebooks):
+    nbs = runner.discover_notebooks(tiny_notebooks)
+    plans = runner.plan_parameters(nbs, model=None, quick=False, out_root="/tmp/elsewhere")
+    assert plans["20_runs"]["out_dir"] == "/tmp/elsewhere/20_runs"
+    assert runner.plan_parameters(nbs, model=None, quick=False, out_root="outputs") == {"10_fails": {}, "20_runs": {}}
+
+
+def test_quick_json_names_real_parameters_of_real_notebooks():
+    quick = runner.load_quick(REPO / "notebooks" / "quick.json")
+    present = {p.stem: p for p in runner.discover_notebooks(REPO / "notebooks")}
+    assert "85_autotune" in quick and "85_autotune" in present
+    checked = 0
+    for stem, params in quick.items():
+        if stem not in present:
+            continue
+        known = runner.notebook_parameters(present[stem])
+        runner.validate_parameters(stem, params, known)  # raises on an unknown name or a non-JSON value
+        checked += 1
+    assert checked >= 2
+    # and the whole quick plan validates for the notebooks that exist
+    runner.plan_parameters(list(present.values()), model=None, quick=True, out_root="/tmp/quick-out",
+                           quick_params=quick)
+
+
+def test_bad_model_path_is_one_error(tiny_notebooks, tmp_path):
+    lines = []
+    rc = runner.run_study(model=str(tmp_path / "missing.gguf"), notebooks_dir=tiny_notebooks,
+                          out_root=str(tmp_path / "out"), log=lines.append, progress=False)
+    assert rc == 2 and "no such file" in lines[0]

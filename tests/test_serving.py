@@ -1,0 +1,141 @@
+"""kit.serving: the queue server and load generators (against a fake and the real model), M/G/1 maths, P1 verdict."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from kit import serving
+from kit.config import Settings, SettingsError
+from kit.generation import load_prompts
+from kit.measure import Test as KitTest, load_model
+from kit.verdicts import VERDICTS
+
+
+# ---- queueing maths --------------------------------------------------------------------------------------------------
+def test_pollaczek_khinchine_md1():
+    # M/D/1, service 1 s, lambda 0.5/s: Wq = lambda E[S^2] / (2 (1 - rho)) = 0.5 s
+    assert serving.pk_queue_ms(0.5, [1000.0] * 10) == pytest.approx(500.0)
+    # exponential-like spread waits longer than deterministic service at the same mean
+    assert serving.pk_queue_ms(0.5, [200.0, 1800.0]) > 500.0
+    assert serving.pk_queue_ms(1.0, [1000.0]) is None  # rho = 1: no steady state
+    assert serving.pk_queue_ms(0.5, []) is None
+
+
+# ---- the server against a fake model: the queue discipline itself -------------------------------------------------------
+SERVICE_S = 0.03
+
+
+@pytest.fixture
+def fake_chat(monkeypatch):
+    def chat(lm, prompt, **kw):
+        t0 = time.perf_counter()
+        time.sleep(SERVICE_S)
+        return {"text": "x", "finish_reason": "length", "ttft_ms": 5.0, "itl_ms": [1.0, 1.0],
+                "e2e_ms": (time.perf_counter() - t0) * 1e3, "n_prompt_tokens": 10, "n_gen_tokens": 3,
+                "n_chunks": 3, "engine_pp_ms": 1.0, "engine_tg_ms": 1.0}
+
+    monkeypatch.setattr(serving, "stream_chat", chat)
+    return chat
+
+
+def test_closed_loop_serves_one_at_a_time_in_order(fake_chat):
+    prompts = [{"id": "a", "prompt": "A"}, {"id": "b", "prompt": "B"}]
+    with serving.ModelServer(lm=None) as srv:
+        tickets = serving.closed_loop(srv, prompts, clients=4, requests_per_client=3)
+    assert len(tickets) == 12 and all(t.done.is_set() for t in tickets)
+    by_start = sorted(tickets, key=lambda t: t.t_start)
+    for a, b in zip(by_start, by_start[1:]):
+        assert b.t_start >= a.t_end  # never two requests in service at once
+    assert [t.index for t in by_start] == sorted(t.index for t in tickets)  # FIFO
+    recs = [t.record(min(t.t_submit for t in tickets)) for t in tickets]
+    for r in recs:
+        assert r["e2e_ms"] == pytest.approx(r["queue_ms"] + r["service_ms"], abs=0.01)
+        assert r["ttft_ms"] >= r["queue_ms"]
+    # 4 clients, one server: a request waits for about the 3 others ahead of it
+    assert statistics.median(r["queue_ms"] for r in recs) > 1.5 * SERVICE_S * 1e3
+
+
+def test_poisson_overload_builds_a_queue(fake_chat):
+    prompts = [{"id": "a", "prompt": "A"}]
+    with serving.ModelServer(lm=None) as srv:
+        tickets = serving.poisson_arrivals(srv, prompts, rate_rps=10 / SERVICE_S, n_requests=12, seed=1)
+    q = [t.record(tickets[0].t_submit)["queue_ms"] for t in tickets]
+    assert q[0] < SERVICE_S * 1e3  # the first finds an idle server
+    assert q[-1] > 5 * SERVICE_S * 1e3  # arrivals at 10x the service rate pile up
+    row = serving.queue_row([t.record(tickets[0].t_submit) for t in tickets], wall_s=1.0)
+    assert row["queue_p50_ms"] <= row["queue_p95_ms"] <= row["queue_p99_ms"]
+    assert row["n_failed"] == 0 and len(row["samples_queue_ms"]) == 12
+
+
+def test_a_failing_request_is_recorded_and_the_server_goes_on(monkeypatch):
+    calls = []
+
+    def chat(lm, prompt, **kw):
+        calls.append(prompt)
+        if prompt == "bad":
+            raise RuntimeError("boom")
+        return {"ttft_ms": 1.0, "itl_ms": [], "e2e_ms": 1.0, "n_prompt_tokens": 1, "n_gen_tokens": 1,
+                "finish_reason": "stop"}
+
+    monkeypatch.setattr(serving, "stream_chat", chat)
+    with serving.ModelServer(lm=None) as srv:
+        bad, good = srv.submit("bad").wait(5), srv.submit("good").wait(5)
+    assert "boom" in bad.error and good.error is None and calls == ["bad", "good"]
+
+
+# ---- config --------------------------------------------------------------------------------------------------------------
+def test_study_validation():
+    with pytest.raises(SettingsError, match="clients"):
+        serving.ServingStudy(clients=[0])
+    with pytest.raises(SettingsError, match="rhos"):
+        serving.ServingStudy(rhos=[-1])
+    with pytest.raises(SettingsError, match="temperature"):
+        serving.ServingStudy(temperature=-0.5)
+    with pytest.raises(SettingsError, match="nothing to run"):
+        serving.ServingStudy(clients=[], rhos=[])
+    st = serving.ServingStudy()
+    assert [t.params["clients"] for t in st.closed_tests()] == [1, 2, 4, 8]
+    assert [t.params["rho"] for t in st.poisson_tests()] == [0.5, 0.8, 0.95, 1.2]
+
+
+# ---- the real model --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm():
+    m = load_model(Settings(n_ctx=512, temperature=0.0, max_tokens=6))
+    yield m
+    m.close()
+
+
+def test_queue_test_closed_loop_on_the_real_model(lm):
+    t = KitTest(serving.QUEUE_KIND, params={"mode": "closed", "clients": 2, "prompts": load_prompts(n=2)})
+    row = serving.queue_test(lm, t, repetitions=2)
+    assert row["n_requests"] == 4 and row["n_failed"] == 0
+    assert row["clients"] == 2 and row["temperature"] == 0.0 and row["max_tokens"] == 6
+    reqs = row["requests"]
+    assert all(r["n_gen_tokens"] and r["n_gen_tokens"] <= 6 for r in reqs)
+    # with two clients and one model, some request waited for most of another's service
+    assert max(r["queue_ms"] for r in reqs) > 0.3 * statistics.median(r["service_ms"] for r in reqs)
+    assert 0 < row["throughput_rps"] and 0 < row["median_ts"] < 5000
+    with pytest.raises(SettingsError, match="mode"):
+        serving.queue_test(lm, KitTest(serving.QUEUE_KIND, params={"mode": "burst"}), 1)
+
+
+def test_study_rows_carry_p1_metrics(tmp_path):
+    st = serving.ServingStudy(n_ctx=512, n_prompts=2, max_tokens=6, clients=[2], rhos=[2.0], poisson_requests=5,
+                              calibration_requests=1, repetitions=2, out_dir=str(tmp_path / "75_serving_queue"))
+    df = serving.run_serving_study(st, progress=False)
+    assert (df["status"] == "ok").all(), df[["label", "error"]].to_string()
+    cov = serving.metric_coverage(df)
+    assert cov["present"].all(), cov.to_string()
+    filled = dict(zip(cov["metric"], cov["filled_share"]))
+    assert filled["tokens/s"] == filled["TTFT"] == filled["memory"] == filled["queue time"] == 1.0
+    pois = df[df["mode"] == "poisson"].iloc[0]
+    assert pois["service_rate_rps"] > 0 and pois["rho_measured"] > 0.5
+    assert len(pois["calibration_service_ms"]) == 1
+    v = serving.p1_verdict(df)
+    assert v.verdict in VERDICTS and v.ci_low is not None and v.ci_low <= v.effect <= v.ci_high
+    assert "coverage" in v.details
+    across = serving.coverage_across_studies(tmp_path)
+    assert list(across["study"]) == ["75_serving_queue"]

@@ -1,0 +1,218 @@
+"""kit.system: topology, page cache, niceness, competing load, study validation, and the verdict logic."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kit import system
+from kit.config import SettingsError
+from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_topology_and_default_thread_counts():
+    topo = system.cpu_topology()
+    assert 1 <= topo["physical"] <= topo["logical"]
+    assert topo["os_cpu_count"] == os.cpu_count()
+    counts = system.default_thread_counts({"logical": 16, "physical": 8, "affinity": 12, "os_cpu_count": 16})
+    assert counts == [1, 2, 4, 8, 12, 16]
+    assert system.default_thread_counts({"logical": 1, "physical": 1, "affinity": 1}) == [1]
+
+
+def test_proc_memory_reads_this_process():
+    m = system.proc_memory()
+    assert m["proc_rss_mb"] > 1 and m["rss_anon_mb"] > 0
+    assert m["vm_lck_mb"] is not None
+
+
+def _fs_type(path: Path) -> str:
+    best, fs = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mnt, typ = line.split()[:3]
+        if str(path.resolve()).startswith(mnt) and len(mnt) > len(best):
+            best, fs = mnt, typ
+    return fs
+
+
+def test_evict_and_warm_page_cache(tmp_path):
+    f = tmp_path / "blob.bin"
+    f.write_bytes(os.urandom(8 << 20))
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("tmpfs: file pages are the file itself and cannot be evicted")
+    warm = system.warm_page_cache(f)
+    assert warm["residency"] == pytest.approx(1.0, abs=0.01)
+    cold = system.evict_from_page_cache(f)
+    assert cold["residency_before_evict"] == pytest.approx(1.0, abs=0.01)
+    assert cold["residency"] < system.COLD_RESIDENCY_MAX
+    assert system.warm_page_cache(f)["residency"] > 0.99
+
+
+def test_private_model_copy_is_reused(tmp_path):
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"x" * 1000)
+    a = system.private_model_copy(src, tmp_path / "copy")
+    mtime = a.stat().st_mtime_ns
+    b = system.private_model_copy(src, tmp_path / "copy")
+    assert a == b and a.read_bytes() == src.read_bytes() and b.stat().st_mtime_ns == mtime
+
+
+def test_set_process_niceness_reaches_every_thread():
+    # in a child: a worker thread exists before the change, as llama.cpp's do
+    code = ("import threading, time, json, sys\nsys.path.insert(0, %r)\nfrom kit.system import set_process_niceness\n"
+            "ev = threading.Event()\nt = threading.Thread(target=ev.wait); t.start()\n"
+            "r = set_process_niceness(3)\nev.set(); t.join()\nprint(json.dumps(r))") % str(REPO_ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    import json
+
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["n_threads_in_process"] >= 2
+    assert r["nice_applied"] and r["thread_nice"] == [r["nice_before"] + 3]
+
+
+def test_priority_permitted_for_lowering():
+    ok, why = system.priority_permitted(5)
+    assert ok and "no privilege" in why
+    ok, why = system.priority_permitted(-1)
+    assert isinstance(ok, bool) and why
+
+
+def test_competing_load_runs_and_is_killed():
+    with system.CompetingLoad(n_procs=2, nice=5, max_s=30) as load:
+        pids = load.pids
+        assert len(pids) == 2
+        time.sleep(0.3)
+        for pid in pids:
+            assert Path(f"/proc/{pid}").exists()
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            assert int(stat[16]) >= 5  # niced
+    for pid in pids:
+        st = Path(f"/proc/{pid}/stat")
+        assert not st.exists() or st.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def test_competing_load_ends_on_its_own():
+    with system.CompetingLoad(n_procs=1, max_s=0.5) as load:
+        p = load.procs[0]
+        p.wait(timeout=20)
+        assert p.returncode == 0
+
+
+@pytest.mark.parametrize("bad", [
+    {"n_gen": 0}, {"numa_modes": ["numactl"]}, {"numa_modes": ["fast"]}, {"thread_counts": [0]},
+    {"mmap_values": []}, {"mlock_values": [1]}, {"n_ctx": 64, "n_prompt": 64, "n_gen": 8}, {"nice": -30},
+    {"load_procs": -1}, {"repetitions": True},
+])
+def test_study_validation(bad):
+    with pytest.raises(SettingsError):
+        system.SystemStudy(**bad)
+
+
+def test_study_expands_to_configs():
+    s = system.SystemStudy(thread_counts=[2, 1, 2], n_ctx=256, n_prompt=64, n_gen=8)
+    assert s.thread_counts == [1, 2]
+    cfgs = s.thread_configs()
+    assert [(c.n_threads, c.n_threads_batch) for c in cfgs] == [(1, 1), (2, 2)]
+    assert [t.kind for t in s.thread_tests()] == ["tg", "pp"]
+    conds = s.priority_conditions()
+    assert [c["nice"] for c in conds] == [0, 0, -10, 0] and conds[0]["load_nice"] is None
+    loads = s.loading_conditions()
+    assert len(loads) == 2 * 2 * 2
+    assert {(c.use_mmap, c.use_mlock, cache) for c, cache in loads} == {
+        (a, b, c) for a in (True, False) for b in (False, True) for c in ("cold", "warm")}
+    # cold and warm are different trials (different keys), and so are repetitions
+    assert s.load_test("cold", 0) != s.load_test("warm", 0) != s.load_test("cold", 1)
+
+
+def test_niced_bench_in_a_real_trial():
+    from kit.config import Settings
+    from kit.measure import Test
+    from kit.models import resolve_model
+    from kit.sweep import run_trial
+
+    test = Test("kit.system:niced_bench", params={"nice": 4, "inner": "tg", "n_gen": 4})
+    (row,) = run_trial(Settings(n_ctx=64, n_threads=2), [test], 1, str(resolve_model("smollm2-135m")),
+                       timeout_s=300)
+    assert row["status"] == "ok", row.get("error")
+    assert row["nice_applied"] and row["thread_nice_after"] == [row["nice_before"] + 4]
+    assert row["n_threads_in_process"] >= 2 and row["median_ts"] > 0 and row["n_gen"] == 4
+
+
+# ---- verdict logic on synthetic rows ---------------------------------------------------------------------------
+def _study(**topo):
+    s = system.SystemStudy(n_ctx=128, n_prompt=16, n_gen=8)
+    s.topology = {"os_cpu_count": 4, "logical": 4, "physical": 2, "affinity": 4, "smt": True, **topo}
+    return s
+
+
+def _thread_rows(speeds: dict) -> pd.DataFrame:
+    rows = []
+    for (t, kind), xs in speeds.items():
+        rows.append({"part": "threads", "status": "ok", "n_threads": t, "test_kind": kind, "samples_ts": xs})
+    return pd.DataFrame(rows)
+
+
+def test_thread_verdict_compares_cpu_count_with_physical_cores():
+    s = _study()
+    df = _thread_rows({(1, "tg"): [50, 51, 49, 50, 50], (2, "tg"): [100, 101, 99, 100, 100],
+                       (4, "tg"): [80, 81, 79, 80, 80],
+                       (1, "pp"): [100, 101, 99, 100, 100], (2, "pp"): [200, 201, 199, 200, 200],
+                       (4, "pp"): [260, 261, 259, 260, 260]})
+    v = system.thread_verdict(df, s)
+    assert v.claim == "C1" and v.verdict == REFUTED  # all 4 threads slower than 2 physical for generation
+    assert v.details["baseline_threads"] == 2 and v.details["pp"]["verdict"] == SUPPORTED
+    assert "Generation" in v.summary and "Prompt processing" in v.summary
+
+
+def test_thread_verdict_without_smt_uses_the_best_other_count():
+    s = _study(os_cpu_count=2, logical=2, physical=2, smt=False)
+    df = _thread_rows({(1, "tg"): [50, 52, 49, 50, 51], (2, "tg"): [50, 51, 49, 52, 50],
+                       (1, "pp"): [100, 101, 99, 100, 100], (2, "pp"): [190, 191, 189, 190, 190]})
+    v = system.thread_verdict(df, s)
+    assert v.details["baseline_threads"] == 1 and v.verdict == NO_EFFECT
+
+
+def test_numa_verdict_on_one_node(monkeypatch):
+    s = _study()
+    monkeypatch.setattr(system.SystemStudy, "numa_nodes", lambda self: [{"node": 0, "cpus": "0-3"}])
+    v = system.numa_verdict(pd.DataFrame(), s)
+    assert v.verdict == NOT_TESTABLE and "1 NUMA node" in v.reason
+
+
+def _prio_rows(s, applied: bool) -> pd.DataFrame:
+    labels = [c["condition"] for c in s.priority_conditions()]
+    speeds = [[100, 101, 99, 100], [40, 41, 39, 40], [90, 91, 89, 90], [85, 86, 84, 85]]
+    return pd.DataFrame([{"part": "priority", "status": "ok", "condition": lab, "samples_ts": xs,
+                          "nice_applied": applied or i != 2, "nice_error": None if applied else "EPERM",
+                          "load_nice": None} for i, (lab, xs) in enumerate(zip(labels, speeds))])
+
+
+def test_priority_verdict_raised_and_proxy():
+    s = _study()
+    v = system.priority_verdict(_prio_rows(s, True), s)
+    assert v.verdict == SUPPORTED and "nice -10" in v.metric
+    assert v.details["load_slowdown"]["verdict"] == SUPPORTED
+    v = system.priority_verdict(_prio_rows(s, False), s)
+    assert v.verdict == SUPPORTED and "not permitted" in v.reason and "load at nice +10" in v.metric
+
+
+def test_loading_verdicts_need_a_real_cold_load():
+    s = _study()
+    base = {"part": "loading", "status": "ok", "use_mmap": True, "use_mlock": False, "vm_lck_mb": 0.0}
+    rows = [dict(base, cache="cold", cold_ok=False, residency=1.0, load_ms=50.0, first_decode_ms=20.0)] * 3 + \
+           [dict(base, cache="warm", cold_ok=None, residency=1.0, load_ms=50.0, first_decode_ms=20.0)] * 3
+    o2, o3 = system.loading_verdicts(pd.DataFrame(rows), s)
+    assert o2.verdict == NOT_TESTABLE and "swappiness" in o2.reason
+    assert o3.verdict == NOT_TESTABLE and "evict" in o3.reason
+    rows = [dict(base, cache="cold", cold_ok=True, residency=0.0, load_ms=300.0 + i, first_decode_ms=100.0)
+            for i in range(4)] + \
+           [dict(base, cache="warm", cold_ok=None, residency=1.0, load_ms=50.0 + i, first_decode_ms=20.0)
+            for i in range(4)]
+    _, o3 = system.loading_verdicts(pd.DataFrame(rows), s)
+    assert o3.verdict == SUPPORTED and o3.effect < 0.5
