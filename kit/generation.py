@@ -209,10 +209,10 @@ class GenerationStudy:
     n_ctx: int = 2048
     n_threads: int | None = None
     prompts_file: str | None = None
-    n_prompts: int = 4
+    n_prompts: int = 3
     sweep_max_tokens: int = 128
     temperatures: list = field(default_factory=lambda: [0.0, 0.1, 0.5, 1.0])
-    top_ps: list = field(default_factory=lambda: [0.5, 0.9, 1.0])
+    top_ps: list = field(default_factory=lambda: [0.5, 1.0])
     top_ks: list = field(default_factory=lambda: [1, 0])
     repeat_penalties: list = field(default_factory=lambda: [1.1, 1.3])
     caps: list = field(default_factory=lambda: [64, 128, 256, 512])
@@ -362,6 +362,20 @@ def sampling_table(df, part: str | None = "sampling"):
     return pd.DataFrame(rows)
 
 
+MIN_SAMPLES = 3  # fewer samples on a side give a bootstrap "interval" that is just the points: no verdict
+
+
+def too_few(claim: str, n_candidate: int, n_baseline: int, raise_what: str, evidence: Sequence[str] = ()):
+    """A 'not testable here' verdict when either side has fewer than MIN_SAMPLES samples, else None."""
+    from .verdicts import not_testable
+
+    if min(n_candidate, n_baseline) >= MIN_SAMPLES:
+        return None
+    return not_testable(claim, f"too few samples for an interval ({n_candidate} vs {n_baseline}; need "
+                               f"{MIN_SAMPLES} a side): raise {raise_what}", evidence=evidence,
+                        n_candidate=n_candidate, n_baseline=n_baseline)
+
+
 def _row(df, label: str):
     m = df[(df["status"] == "ok") & (df["label"] == label)]
     return None if m.empty else m.iloc[-1]
@@ -375,6 +389,9 @@ def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
     if g is None or d is None:
         return not_testable("S1", "the sampling sweep has no successful 'guide' and 'default' rows to compare",
                             evidence=evidence)
+    short = too_few("S1", len(g["samples_ts"]), len(d["samples_ts"]), "n_prompts or repetitions", evidence)
+    if short:
+        return short
     v = compare("S1", g["samples_ts"], d["samples_ts"], higher_is_better=True, claimed="better",
                 metric="decode tokens/s per request (1000 / mean ITL), guide sampling / llama-cpp-python defaults",
                 equivalence=equivalence, evidence=evidence)
@@ -388,8 +405,8 @@ def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
                  "equivalence": equivalence}
     v.summary = (f"Per-token speed with the guide's sampling is {v.effect:.3f}x the defaults' "
                  f"(95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}; equivalence band +-{equivalence:.0%}): {v.verdict}. "
-                 f"What changes is how many tokens come out: output length {ln:.2f}x "
-                 f"(95 % CI {ln_lo:.2f}-{ln_hi:.2f}), end-to-end latency {e2e:.2f}x ({e_lo:.2f}-{e_hi:.2f}).")
+                 f"Tokens per answer, guide / defaults: {ln:.2f}x (95 % CI {ln_lo:.2f}-{ln_hi:.2f}, capped at "
+                 f"max_tokens={g['max_tokens']}); end-to-end latency {e2e:.2f}x ({e_lo:.2f}-{e_hi:.2f}).")
     return v
 
 
@@ -406,6 +423,9 @@ def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
         return not_testable("S2", f"the max_tokens sweep needs both max_tokens={cap} and unlimited rows "
                                   "(set caps to include it and n_unlimited_prompts >= 1)", evidence=evidence)
     same = capped[capped["prompt_id"].isin(set(unl["prompt_id"]))]
+    short = too_few("S2", len(same), len(unl), "n_unlimited_prompts or cap_repetitions", evidence)
+    if short:
+        return short
     v = compare("S2", same["e2e_ms"].tolist(), unl["e2e_ms"].tolist(), higher_is_better=False, claimed="better",
                 metric=f"end-to-end latency, max_tokens={cap} / unlimited, same prompts and seeds",
                 evidence=evidence)

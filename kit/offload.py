@@ -366,7 +366,9 @@ def layer_table(df):
 def probes_table(search: dict):
     import pandas as pd
 
-    return pd.DataFrame(search.get("probes") or [])
+    return pd.DataFrame(search.get("probes") or [],
+                        columns=None if search.get("probes") else ["n_gpu_layers", "status", "vram_peak_mb", "fits",
+                                                                    "over_limit"])
 
 
 def verdict_gpu_layers(run: GpuLayersRun, evidence: Sequence[str] = ()):
@@ -440,8 +442,10 @@ def plot_gpu_layers(table, title_note: str = ""):
         axes[2].plot(x, t.vram_added_mb.astype(float), marker="s", label="VRAM added")
     axes[2].set(xlabel="n_gpu_layers", ylabel="MiB", title="memory")
     axes[2].legend()
-    if single:
-        for ax in axes:
+    for ax in axes:
+        ax.set_xticks(list(x))
+        ax.set_ylim(bottom=0)
+        if single:
             ax.set_xlim(-1, max(1.0, float(x.max()) + 1) if len(x) else 1)
     if title_note:
         fig.suptitle(title_note)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Settings, SettingsError
-from .generation import SAMPLING_KEYS, load_prompts, study_location
+from .generation import SAMPLING_KEYS, load_prompts, study_location, too_few
 from .measure import Test, stream_chat, tg
 
 PROFILE_KIND = "kit.profiling:profile_test"
@@ -428,6 +428,9 @@ def p2_verdict(df, evidence: Sequence[str] = (), equivalence: float = 0.10):
     if not ratios:
         return not_testable("P2", "the plain profile has no llama_cpp/_internals.py:decode entry: this llama-cpp-python "
                                   "version calls llama_decode from elsewhere", evidence=evidence)
+    short = too_few("P2", len(ratios), len(ratios), "repetitions", evidence)
+    if short:
+        return short
     # paired: one ratio per profiled request, against 1 (the two clocks agree)
     v = compare("P2", ratios, [1.0] * len(ratios), claimed="same", equivalence=equivalence,
                 metric="per request: cProfile self time of llama_cpp _internals.decode / llama.cpp's own decode timer",

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Settings, SettingsError
-from .generation import load_prompts, study_location
+from .generation import load_prompts, study_location, too_few
 from .measure import Test, _pct, stream_chat, summarize
 
 QUEUE_KIND = "kit.serving:queue_test"
@@ -277,6 +277,20 @@ def queue_test(lm, test: Test, repetitions: int) -> dict:
     return row
 
 
+def _by_load(df):
+    """Rows of a DataFrame ordered by load: closed loop by clients, then Poisson by measured rho."""
+    parts = [df[df["mode"] == "closed"].sort_values("clients"), df[df["mode"] == "poisson"].sort_values("rho_measured")]
+    return [(i, r) for p in parts for i, r in p.iterrows()]
+
+
+def _num(x):
+    """numpy scalar or NaN -> a plain float or None (verdict details are JSON)."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if x != x else x
+
+
 def _stat(values: list[float], q: float) -> float | None:
     return round(_pct(values, q), 3) if values else None
 
@@ -448,27 +462,31 @@ def p1_verdict(df, evidence: Sequence[str] = ()):
     missing = cov[~cov["present"]]["metric"].tolist()
     gpu_empty = bool(cov.loc[cov["metric"] == "GPU utilisation", "filled_share"].iloc[0] == 0)
     ok = df[(df["status"] == "ok")]
-    pois = ok[ok["mode"] == "poisson"] if "mode" in ok else ok.iloc[0:0]
-    load_col = "rho_measured"
-    if pois.empty:
-        closed = ok[ok["mode"] == "closed"] if "mode" in ok else ok.iloc[0:0]
-        if closed.empty:
-            return not_testable("P1", "no successful load rows", evidence=evidence)
-        hi = closed.sort_values("clients").iloc[-1]
-        lo = closed.sort_values("clients").iloc[0]
-        where = f"{int(hi['clients'])} closed-loop clients"
+    if ok.empty or "mode" not in ok:
+        return not_testable("P1", "no successful load rows", evidence=evidence)
+    pois = ok[ok["mode"] == "poisson"].sort_values("rho_measured")
+    closed = ok[ok["mode"] == "closed"].sort_values("clients")
+    # the heaviest load: the highest measured rho (open loop), else the most clients; the lightest: one client
+    if not pois.empty:
+        hi = pois.iloc[-1]
+        where = f"rho={hi['rho_measured']:.2f} (Poisson arrivals)"
     else:
-        pois = pois.sort_values(load_col)
-        hi, lo = pois.iloc[-1], pois.iloc[0]
-        where = f"rho={hi[load_col]:.2f} (Poisson arrivals)"
+        hi = closed.iloc[-1]
+        where = f"{int(hi['clients'])} closed-loop clients"
+    lo = closed.iloc[0] if not closed.empty else pois.iloc[0]
     qs, ss = hi["samples_queue_ms"], hi["samples_service_ms"]
     if not qs or not ss or statistics.median(ss) == 0:
         return not_testable("P1", "the highest load level has no served requests", evidence=evidence)
+    short = too_few("P1", len(qs), len(ss), "poisson_requests (or repetitions)", evidence)
+    if short:
+        return short
     ratio, r_lo, r_hi = bootstrap_ratio(qs, ss)
     dec, d_lo, d_hi = bootstrap_ratio(hi["samples_decode_ms_per_token"], lo["samples_decode_ms_per_token"])
     if missing:
         return not_testable("P1", f"the rows lack {', '.join(missing)}: the kit does not record them here",
                             evidence=evidence, coverage=cov.to_dict("records"))
+    by_load = ", ".join(f"rho {r['rho_measured']:.2f}: {r['queue_p50_ms']:.0f} / {r['service_p50_ms']:.0f} ms"
+                        for _, r in pois.iterrows() if r.get("rho_measured") is not None)
     if r_lo > 1:
         verdict = SUPPORTED
     else:
@@ -480,8 +498,9 @@ def p1_verdict(df, evidence: Sequence[str] = ()):
         "(p50/p95/p99)." + gpu_note +
         f" At {where} the median queue time is {statistics.median(qs):.0f} ms against a median service time of "
         f"{statistics.median(ss):.0f} ms: queue/service {ratio:.2f}x (95 % CI {r_lo:.2f}-{r_hi:.2f}), while the "
-        f"per-token decode time is {dec:.2f}x the lightest load's (95 % CI {d_lo:.2f}-{d_hi:.2f}). "
-        + ("Past saturation, latency is mostly waiting, not decoding: a monitor that tracks only tokens/s "
+        f"per-token decode time is {dec:.2f}x that at the lightest load, {lo['label']} (95 % CI {d_lo:.2f}-{d_hi:.2f}). "
+        + (f"Median queue / service time by offered load: {by_load}. " if by_load else "")
+        + ("At this load, latency is mostly waiting, not decoding: a monitor that tracks only tokens/s "
            "misses it." if verdict == SUPPORTED else
            "At the loads run here queue time did not clearly exceed service time; raise rhos or "
            "poisson_requests to see the queue take over.")
@@ -492,8 +511,15 @@ def p1_verdict(df, evidence: Sequence[str] = ()):
         evidence=list(evidence), n_baseline=len(ss), n_candidate=len(qs),
         details={"coverage": cov.to_dict("records"), "gpu_columns_empty": gpu_empty,
                  "decode_ratio_high_vs_low_load": round(dec, 4), "decode_ratio_ci": [round(d_lo, 4), round(d_hi, 4)],
-                 "queue_share_of_e2e_at_high_load": hi.get("queue_share_of_e2e"),
-                 "queue_p50_ms_low_load": lo.get("queue_p50_ms"), "queue_p50_ms_high_load": hi.get("queue_p50_ms")},
+                 "queue_share_of_e2e_at_high_load": _num(hi.get("queue_share_of_e2e")),
+                 "lightest_load": lo["label"], "heaviest_load": hi["label"],
+                 "queue_p50_ms_lightest_load": _num(lo.get("queue_p50_ms")),
+                 "queue_p50_ms_heaviest_load": _num(hi.get("queue_p50_ms")),
+                 "queue_p95_ms_heaviest_load": _num(hi.get("queue_p95_ms")),
+                 "service_p50_ms_heaviest_load": _num(hi.get("service_p50_ms")),
+                 "by_load": [{"label": r["label"], "rho_measured": _num(r.get("rho_measured")),
+                              "queue_p50_ms": _num(r.get("queue_p50_ms")), "service_p50_ms": _num(r.get("service_p50_ms")),
+                              "e2e_p95_ms": _num(r.get("e2e_p95_ms"))} for _, r in _by_load(ok)]},
     )
 
 

@@ -286,6 +286,8 @@ def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
     p = dict(test.params or {})
     n_prompt = int(p.get("n_prompt", 32))
     after_load = {f"{k}_after_load": v for k, v in proc_memory().items()}
+    path = getattr(lm.llm, "model_path", None)
+    after_load["residency_after_load"] = page_cache_residency(path) if path else None
     t0 = time.perf_counter()
     bench_engine(lm, _T("pg", n_prompt=n_prompt, n_gen=1), repetitions=1, warmup=False)
     first_ms = (time.perf_counter() - t0) * 1e3
@@ -480,7 +482,10 @@ def run_loading(study: SystemStudy, progress: bool = True):
     """
     from .results import load_results
 
+    from .models import model_card
+
     copy = private_model_copy(study.card.path, Path(study.out_dir) / "model_copy")
+    model_card(copy)  # hashes the copy now (memoised): the sweep's own check must not re-read, and so re-cache, it
     try:
         for rep in range(study.load_repetitions):
             for s, cache in study.loading_conditions():
@@ -674,6 +679,8 @@ def loading_table(df):
             if col in g:
                 r[col] = round(float(g[col].astype(float).median()), 1)
         r["residency_median"] = round(float(g["residency"].astype(float).median()), 3)
+        if "residency_after_load" in g and g["residency_after_load"].notna().any():
+            r["residency_after_load"] = round(float(g["residency_after_load"].astype(float).median()), 3)
         rows.append(r)
     return pd.DataFrame(rows)
 

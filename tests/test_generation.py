@@ -149,8 +149,8 @@ def test_study_rows_resume_and_carry_the_request_sampling(tmp_path):
     assert len(read_rows(tmp_path / "70_generation" / "results.jsonl")) == n_lines
     table = gen.sampling_table(df)
     assert list(table["label"]) == ["guide", "default", "temperature=0.0"]
-    v1 = gen.s1_verdict(df)
-    assert v1.verdict in VERDICTS and v1.ci_low is not None and "output_tokens_ratio" in v1.details
+    v1 = gen.s1_verdict(df)  # 1 prompt x 2 seeds a side: no interval worth the name
+    assert v1.verdict == NOT_TESTABLE and "too few samples" in v1.reason
     v2 = gen.s2_verdict(df, cap=8)
     assert v2.verdict == NOT_TESTABLE and "unlimited" in v2.reason
     assert not gen.text_examples(df).empty

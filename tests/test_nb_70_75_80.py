@@ -27,7 +27,7 @@ def test_notebook_70_generation(tmp_path):
     df, v = _run("70_generation.ipynb", out, {
         "n_ctx": 256, "n_prompts": 2, "sweep_max_tokens": 12, "temperatures": [0.0], "top_ps": [], "top_ks": [0],
         "repeat_penalties": [], "caps": [8, 24], "s2_cap": 24, "n_cap_prompts": 2, "n_unlimited_prompts": 1,
-        "repetitions": 2, "cap_repetitions": 1,
+        "repetitions": 2, "cap_repetitions": 3,
     }, tmp_path)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["label", "error"]].to_string()
     assert set(df["label"]) == {"guide", "default", "temperature=0.0", "top_k=0", "max_tokens=8", "max_tokens=24",
@@ -63,7 +63,7 @@ def test_notebook_75_serving_queue(tmp_path):
 
 def test_notebook_80_profiling(tmp_path):
     out = tmp_path / "80_profiling"
-    df, v = _run("80_profiling.ipynb", out, {"n_ctx": 512, "max_tokens": 12, "repetitions": 2}, tmp_path)
+    df, v = _run("80_profiling.ipynb", out, {"n_ctx": 512, "max_tokens": 12, "repetitions": 3}, tmp_path)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
     assert set(df["test_kind"]) == {"tg", "kit.profiling:profile_test"}
     assert (out / "request.prof").exists() and (out / "request_native.prof").exists()
