@@ -183,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both tools")
     p.set_defaults(fn=cmd_fidelity)
 
-    p = sub.add_parser("run", help="run every study notebook in order and render the report", add_help=False)
-    p.set_defaults(fn=lambda a: _delegate("kit.runner", "main_run", a.rest))
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p = sub.add_parser("report", help="render executed notebooks and the findings index to HTML", add_help=False)
-    p.set_defaults(fn=lambda a: _delegate("kit.report", "main_report", a.rest))
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    # run and report own their flags (kit.runner / kit.report); listed here for --help
+    sub.add_parser("run", help="run every study notebook in order and render the report (see run --help)")
+    sub.add_parser("report", help="render executed notebooks and the findings index to HTML (see report --help)")
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _DELEGATED:
+        return _delegate(*_DELEGATED[argv[0]], argv[1:])
     args = ap.parse_args(argv)
     from .config import SettingsError
     from .models import ModelFileError
@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ModelFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+_DELEGATED = {"run": ("kit.runner", "main_run"), "report": ("kit.report", "main_report")}
 
 
 def _delegate(module: str, fn: str, rest: list[str]) -> int:

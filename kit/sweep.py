@@ -271,10 +271,14 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
                              timeout_s=timeout_s, log_file=log_file, mem_limit_mb=mem_limit_mb)
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             full = []
+            settings_cols = _settings_columns(plan.settings)
             for (test, key), row in zip(todo, rows):
-                full.append({"study": study, "trial_key": key, "test_time": stamp,
-                             **_provenance(plan.card, env), **_settings_columns(plan.settings),
-                             **(extra or {}), **row})
+                merged = {"study": study, "trial_key": key, "test_time": stamp, **_provenance(plan.card, env),
+                          **settings_cols, **(extra or {})}
+                for k, v in row.items():
+                    # a test's own value never overwrites the configuration it ran under (e.g. a chunk n_ctx)
+                    merged[f"test_{k}" if k in settings_cols and v != settings_cols[k] else k] = v
+                full.append(merged)
             append_rows(results, full)
             bar.set_postfix_str(f"{full[-1]['status']}: {_short(plan.settings)}"[:60])
             bar.update(1)

@@ -183,7 +183,7 @@ def test_s2_verdict_counts_latency_and_truncation():
 
 def test_s1_verdict_same_speed_is_no_effect():
     base = {"status": "ok", "samples_n_gen_tokens": [100, 120, 80, 90], "samples_e2e_ms": [900.0, 1000, 800, 850],
-            "decode_ms_per_token": 8.0, "overhead_ms_per_token": 1.0}
+            "decode_ms_per_token": 8.0, "overhead_ms_per_token": 1.0, "max_tokens": 128}
     df = pd.DataFrame([{**base, "label": "guide", "samples_ts": [120.0, 121, 119, 120.5, 119.5]},
                        {**base, "label": "default", "samples_ts": [120.2, 120.8, 119.2, 120.1, 119.9]}])
     v = gen.s1_verdict(df, equivalence=0.03)

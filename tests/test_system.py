@@ -210,9 +210,10 @@ def test_loading_verdicts_need_a_real_cold_load():
     o2, o3 = system.loading_verdicts(pd.DataFrame(rows), s)
     assert o2.verdict == NOT_TESTABLE and "swappiness" in o2.reason
     assert o3.verdict == NOT_TESTABLE and "evict" in o3.reason
-    rows = [dict(base, cache="cold", cold_ok=True, residency=0.0, load_ms=300.0 + i, first_decode_ms=100.0)
+    rows = [dict(base, cache="cold", cold_ok=True, residency=0.0, load_ms=300.0 + i, first_decode_ms=100.0 + i)
             for i in range(4)] + \
-           [dict(base, cache="warm", cold_ok=None, residency=1.0, load_ms=50.0 + i, first_decode_ms=20.0)
+           [dict(base, cache="warm", cold_ok=None, residency=1.0, load_ms=50.0 + i, first_decode_ms=20.0 + i)
             for i in range(4)]
     _, o3 = system.loading_verdicts(pd.DataFrame(rows), s)
-    assert o3.verdict == SUPPORTED and o3.effect < 0.5
+    assert o3.verdict == SUPPORTED and o3.effect < 0.5 and "at most" in o3.summary
+    assert o3.details["first_decode"]["verdict"] == SUPPORTED
