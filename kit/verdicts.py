@@ -93,14 +93,20 @@ def bootstrap_ratio(candidate: Sequence[float], baseline: Sequence[float], n_boo
 
 def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool = True,
             claimed: str = "better", metric: str = "", equivalence: float = 0.0, evidence: Sequence[str] = (),
-            summary: str = "", seed: int = 0) -> Verdict:
+            summary: str = "", seed: int = 0, min_samples: int = 3) -> Verdict:
     """Verdict on "candidate is <claimed> than baseline" from raw samples.
 
     claimed: "better" (the guide says the change helps), "worse" (it says the change costs), or "same".
     equivalence: a band around 1 (e.g. 0.02 = +-2 %) inside which a whole interval counts as no effect.
+    Fewer than `min_samples` on either side gives "not testable here": a bootstrap of one or two values
+    has no honest interval.
     """
     if claimed not in ("better", "worse", "same"):
         raise ValueError("claimed must be 'better', 'worse' or 'same'")
+    if min(len(candidate), len(baseline)) < min_samples:
+        return not_testable(claim, f"too few samples for an interval ({len(candidate)} vs {len(baseline)}; "
+                                   f"at least {min_samples} each): rerun with more repetitions",
+                            evidence=evidence)
     point, lo, hi = bootstrap_ratio(candidate, baseline, seed=seed)
     up = lo > 1 + equivalence          # interval entirely above the band
     down = hi < 1 - equivalence        # entirely below

@@ -59,3 +59,8 @@ def test_schema_round_trip_and_validation(tmp_path):
         Verdict("Z9", SUPPORTED)
     with pytest.raises(ValueError, match="needs a reason"):
         Verdict("G1", NOT_TESTABLE)
+
+
+def test_too_few_samples_is_not_a_verdict():
+    v = compare("G2", [120.0, 121.0], [100.0, 100.5])
+    assert v.verdict == NOT_TESTABLE and "too few samples" in v.reason
