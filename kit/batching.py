@@ -422,13 +422,14 @@ def guarded_compare(claim: str, candidate: Sequence[float], baseline: Sequence[f
     than MIN_SAMPLES samples: one sample each yields a zero-width interval, i.e. a point estimate in disguise."""
     from .verdicts import compare, not_testable
 
-    v = compare(claim, candidate, baseline, **kw)
     if min(len(candidate), len(baseline)) >= MIN_SAMPLES:
-        return v
+        return compare(claim, candidate, baseline, **kw)
+    mb = statistics.median(baseline) if baseline else 0
+    point = round(statistics.median(candidate) / mb, 4) if candidate and mb else None
     nt = not_testable(claim, f"not testable here: only {min(len(candidate), len(baseline))} sample(s) per side; "
                              f"an interval needs repetitions >= {MIN_SAMPLES}",
-                      evidence=kw.get("evidence", ()), point_ratio=v.effect)
-    nt.metric, nt.n_candidate, nt.n_baseline = v.metric, v.n_candidate, v.n_baseline
+                      evidence=kw.get("evidence", ()), point_ratio=point)
+    nt.metric, nt.n_candidate, nt.n_baseline = kw.get("metric", ""), len(candidate), len(baseline)
     return nt
 
 

@@ -470,11 +470,13 @@ def spearman(x, y) -> float:
 def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
     """Q1: does tg speed fall along the guide's order Q2_K > Q3_K_M > Q4_0 > Q4_K_M > Q5_K_M > Q6_K?
 
-    Statistic: Spearman rank correlation between the guide's position (0 = fastest) and the measured median tg
-    t/s, sign-flipped so +1 means "exactly the guide's order". Interval: bootstrap over the raw tg samples of
-    every type (resample within type, recompute the medians and rho). Supported when the whole 95 % interval is
-    above 0, refuted when it is below 0, no measurable effect otherwise. Adjacent pairs are compared with
-    kit.verdicts.compare and reported in `details` (an order with ties inside the noise is not refuted by them).
+    The claim is an order, so it is judged on adjacent pairs in the guide's order (those measured), each with
+    kit.verdicts.compare on the raw tg samples (ratio of medians, bootstrap 95 % interval): refuted when any pair
+    is significantly the other way round, supported when every pair is significantly in the guide's direction,
+    no measurable effect otherwise (no reversal, but some pairs within noise). A rank correlation alone would call
+    a half-scrambled order "supported" whenever it leans the right way; it is reported as the effect instead:
+    Spearman rho between the guide's position and the measured median tg (+1 = exactly the guide's order), with a
+    bootstrap interval over the raw samples of every type.
     """
     import random
 
@@ -499,7 +501,6 @@ def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
             boots.append(r)
     boots.sort()
     lo, hi = boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]
-    verdict = SUPPORTED if lo > 0 else REFUTED if hi < 0 else NO_EFFECT
     pairs = []
     for faster, slower in zip(present, present[1:]):
         v = compare("Q1", samples[faster], samples[slower], claimed="better", metric=f"tg t/s {faster} / {slower}")
@@ -508,6 +509,7 @@ def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
     measured = [q for _, q in sorted(zip(med, present), reverse=True)]
     n_ok = sum(p["verdict"] == SUPPORTED for p in pairs)
     n_bad = sum(p["verdict"] == REFUTED for p in pairs)
+    verdict = REFUTED if n_bad else SUPPORTED if n_ok == len(pairs) else NO_EFFECT
     summary = (f"Measured tg order (fastest first): {' > '.join(measured)}; guide: {' > '.join(present)}. "
                f"Rank agreement rho = {rho:.2f} (95 % CI {lo:.2f} to {hi:.2f}); of {len(pairs)} adjacent pairs "
                f"{n_ok} are faster as the guide says, {n_bad} significantly the other way, "
