@@ -12,8 +12,9 @@ detokenize. The per-token cost is the mean inter-token latency (ITL) between str
 llama.cpp's own decode time (``llama_perf_context``) is kept beside it, so the difference is what sampling
 and the Python around it cost per token.
 
-Row columns written by ``sampling_test`` override the trial's Settings columns of the same name
-(temperature, top_p, top_k, repeat_penalty, max_tokens): a row always shows the values its requests used.
+The trial's Settings columns (temperature, top_p, top_k, repeat_penalty, max_tokens) keep the configuration the
+model was loaded under; where a test's requests used other values, `kit.sweep` stores them as ``test_<name>``.
+`request_sampling_view(df)` gives the values the requests used, and every analysis here reads through it.
 """
 from __future__ import annotations
 
@@ -323,11 +324,23 @@ def run_generation_study(study: GenerationStudy, progress: bool = True):
 
 
 # ---- analysis -------------------------------------------------------------------------------------------------------
+def request_sampling_view(df):
+    """A copy of the rows whose sampling columns hold what the requests used (``test_<name>`` where the sweep kept
+    the trial's configuration under the plain name)."""
+    out = df.copy()
+    for k in SAMPLING_KEYS + ("seed",):
+        t = f"test_{k}"
+        if t in out.columns:
+            out[k] = out[t].where(out[t].notna(), out[k]) if k in out.columns else out[t]
+    return out
+
+
 def requests_frame(df):
     """One row per request (the `requests` column exploded), with the row's label, part and sampling."""
     import pandas as pd
 
     recs = []
+    df = request_sampling_view(df)
     ok = df[df["status"] == "ok"] if "status" in df else df
     for _, row in ok.iterrows():
         for r in row.get("requests") or []:
@@ -344,6 +357,7 @@ def sampling_table(df, part: str | None = "sampling"):
     from .verdicts import bootstrap_ratio
 
     rows = []
+    df = request_sampling_view(df)
     ok = df[(df["status"] == "ok") & ((df["part"] == part) if part else True)]
     for _, r in ok.iterrows():
         per_tok = r["samples_decode_ms_per_token"]
@@ -377,6 +391,7 @@ def too_few(claim: str, n_candidate: int, n_baseline: int, raise_what: str, evid
 
 
 def _row(df, label: str):
+    df = request_sampling_view(df)
     m = df[(df["status"] == "ok") & (df["label"] == label)]
     return None if m.empty else m.iloc[-1]
 

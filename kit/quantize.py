@@ -559,9 +559,16 @@ def recommendation_verdict(table, evidence=()):
     summary = (f"tg-vs-KLD Pareto front: {', '.join(front)}. " + "; ".join(parts) +
                f". Size-vs-KLD front: {', '.join(size_front)}.")
     share = len([q for q in present if q in front]) / len(present)
+    from .verdicts import UNSTABLE_CV, cv
+
+    noisy = [q for q, s in zip(t["quant_type"], t["tg_samples"])
+             if isinstance(s, list) and (cv(s) or 0) >= UNSTABLE_CV]
     return Verdict(claim="Q2", verdict=verdict, summary=summary, effect=round(share, 4),
                    metric="share of the guide's recommended types on the tg-vs-KLD Pareto front",
                    evidence=list(evidence), n_candidate=len(present), n_baseline=len(t),
+                   unstable=bool(noisy),
+                   reason=(f"unstable tg samples (CV >= 10 %) for {', '.join(noisy)}: the speed axis of the front "
+                           f"may move on a quieter machine") if noisy else "",
                    details={"front_tg_kld": front, "front_size_kld": size_front,
                             "clear_dominators": dominated, "missing": [q for q in recommended if q not in present]})
 
@@ -576,7 +583,8 @@ def pareto_plot(table, out_dir: str | os.PathLike, name: str = "pareto"):
     t = table.dropna(subset=["tg_ts", "kld_mean"]).copy()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     # KLD of the reference is 0: a log axis needs a floor
-    floor = max(1e-6, float(t.loc[t["kld_mean"] > 0, "kld_mean"].min()) / 3) if (t["kld_mean"] > 0).any() else 1e-6
+    others = t.loc[(t["quant_type"] != REFERENCE_TYPE) & (t["kld_mean"] > 0), "kld_mean"]
+    floor = float(others.min()) / 5 if len(others) else 1e-6
     t["kld_plot"] = t["kld_mean"].clip(lower=floor)
     for ax, (x, hib, xlabel) in zip(axes, (("tg_ts", True, "tg t/s (median, 95 % CI)"),
                                           ("size_mib", False, "file size (MiB)"))):
@@ -588,10 +596,11 @@ def pareto_plot(table, out_dir: str | os.PathLike, name: str = "pareto"):
         ax.errorbar(t[x], t["kld_plot"], xerr=xerr, yerr=yerr, fmt="o", color="0.5", ecolor="0.7", capsize=2)
         f = t[t["quant_type"].isin(front)].sort_values(x)
         ax.plot(f[x], f["kld_plot"], "-o", color="C3", label="Pareto front")
-        for _, r in t.iterrows():
+        offsets = [(4, 4), (4, -12), (-30, 8), (6, -4)]  # cycled along x, so neighbours' labels do not stack
+        for i, (_, r) in enumerate(t.sort_values(x).iterrows()):
             on = r["quant_type"] in front
             label = r["quant_type"] + (" (reference)" if r["quant_type"] == REFERENCE_TYPE else "")
-            ax.annotate(label, (r[x], r["kld_plot"]), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(label, (r[x], r["kld_plot"]), textcoords="offset points", xytext=offsets[i % len(offsets)],
                         fontsize=9, fontweight="bold" if on else "normal", color="C3" if on else "0.3")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)

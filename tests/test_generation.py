@@ -138,10 +138,15 @@ def test_study_rows_resume_and_carry_the_request_sampling(tmp_path):
     df = gen.run_generation_study(st, progress=False)
     assert (df["status"] == "ok").all(), df[["label", "error"]].to_string()
     assert set(df["label"]) == {"guide", "default", "temperature=0.0", "max_tokens=8"}
-    # the row shows the sampling its requests used, not the trial's Settings defaults
-    by = df.set_index("label")
+    # the trial's configuration stays in the plain columns; what the requests used is test_<name>
+    raw = df.set_index("label")
+    assert (df["temperature"] == Settings().temperature).all()
+    assert raw.loc["guide", "test_temperature"] == 0.1 and raw.loc["guide", "test_repeat_penalty"] == 1.1
+    by = gen.request_sampling_view(df).set_index("label")
     assert by.loc["guide", "temperature"] == 0.1 and by.loc["guide", "repeat_penalty"] == 1.1
     assert by.loc["default", "temperature"] == Settings().temperature
+    assert by.loc["max_tokens=8", "max_tokens"] == 8 and by.loc["max_tokens=8", "temperature"] == 0.1
+    assert set(gen.requests_frame(df).query("label == 'guide'")["temperature"]) == {0.1}
     assert by.loc["temperature=0.0", "deterministic_share"] == 1.0
     assert (df["rss_peak_mb"] > 0).all() and "gpu_util_pct" in df
     n_lines = len(read_rows(tmp_path / "70_generation" / "results.jsonl"))

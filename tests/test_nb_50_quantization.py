@@ -98,6 +98,8 @@ def test_q1_order_verdicts():
     reversed_ = _table([(q, 100 + 20 * i, 0.01, 100) for i, q in enumerate(guide)])
     v = qz.speed_order_verdict(reversed_)
     assert v.verdict == REFUTED and v.ci_high < 0
+    flat = qz.speed_order_verdict(_table([(q, 100, 0.01, 100) for q in guide]))
+    assert flat.verdict == NO_EFFECT  # no pair reversed, none separated
     assert qz.speed_order_verdict(_table([("Q4_0", 1, 0.1, 1)])).verdict == NOT_TESTABLE
 
 
