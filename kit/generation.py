@@ -363,7 +363,7 @@ def sampling_table(df, part: str | None = "sampling"):
         per_tok = r["samples_decode_ms_per_token"]
         med, lo, hi = bootstrap_ratio(per_tok, [1.0]) if per_tok else (None, None, None)
         rows.append({
-            "label": r["label"], "temperature": r["temperature"], "top_p": r["top_p"], "top_k": r["top_k"],
+            "label": r["label"], "temperature": r["temperature"], "top_p": r["top_p"], "top_k": _int_or_none(r["top_k"]),
             "repeat_penalty": r["repeat_penalty"], "max_tokens": r["max_tokens_label"],
             "ms/token (ITL)": round(med, 3) if med is not None else None,
             "ms/token 95% CI": f"[{lo:.3f}, {hi:.3f}]" if med is not None else "",
@@ -388,6 +388,10 @@ def too_few(claim: str, n_candidate: int, n_baseline: int, raise_what: str, evid
     return not_testable(claim, f"too few samples for an interval ({n_candidate} vs {n_baseline}; need "
                                f"{MIN_SAMPLES} a side): raise {raise_what}", evidence=evidence,
                         n_candidate=n_candidate, n_baseline=n_baseline)
+
+
+def _int_or_none(x):
+    return None if x is None or x != x else int(x)
 
 
 def _row(df, label: str):
@@ -421,7 +425,7 @@ def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
     v.summary = (f"Per-token speed with the guide's sampling is {v.effect:.3f}x the defaults' "
                  f"(95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}; equivalence band +-{equivalence:.0%}): {v.verdict}. "
                  f"Tokens per answer, guide / defaults: {ln:.2f}x (95 % CI {ln_lo:.2f}-{ln_hi:.2f}, capped at "
-                 f"max_tokens={g['max_tokens']}); end-to-end latency {e2e:.2f}x ({e_lo:.2f}-{e_hi:.2f}).")
+                 f"max_tokens={_int_or_none(g['max_tokens'])}); end-to-end latency {e2e:.2f}x ({e_lo:.2f}-{e_hi:.2f}).")
     return v
 
 
