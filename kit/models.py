@@ -79,13 +79,92 @@ def check_gguf(path: str | os.PathLike) -> None:
         )
 
 
-def _reader(p: Path):
-    import gguf  # deferred: pulls numpy
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    try:
-        return gguf.GGUFReader(str(p), "r")
-    except Exception as exc:  # the reader raises many types on a damaged header
-        raise ModelFileError(f"{p}: damaged or truncated GGUF ({type(exc).__name__}: {exc})") from None
+
+def read_gguf_header(path: str | os.PathLike) -> dict:
+    """Metadata and tensor table of a GGUF file, read with struct from the header alone.
+
+    gguf.GGUFReader builds numpy views of every metadata value (a 49k-token vocabulary takes seconds, tens
+    of seconds on a busy machine); this reads scalars and strings, skips arrays (keeping their length), and
+    computes where each tensor's data lies, in milliseconds. A short read means a truncated header.
+    """
+    import gguf
+
+    with open(path, "rb") as fh:
+        data = fh.read(1 << 20)
+        pos = 0
+
+        def need(n: int) -> None:
+            nonlocal data, pos
+            if pos + n > len(data):
+                more = fh.read(max(n, 1 << 20))
+                data = data[pos:] + more
+                pos = 0
+                if n > len(data):
+                    raise EOFError("header ends early")
+
+        def unpack(fmt: str):
+            nonlocal pos
+            size = struct.calcsize(fmt)
+            need(size)
+            v = struct.unpack_from(fmt, data, pos)[0]
+            pos += size
+            return v
+
+        def string() -> str:
+            nonlocal pos
+            n = unpack("<Q")
+            need(n)
+            v = data[pos:pos + n].decode("utf-8", "replace")
+            pos += n
+            return v
+
+        def value(vtype: int):
+            nonlocal pos
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                itype, count = unpack("<I"), unpack("<Q")
+                if itype in _SCALAR:
+                    nbytes = struct.calcsize(_SCALAR[itype]) * count
+                    if count <= 16:  # small arrays (per-layer head counts) are worth keeping
+                        return [unpack(_SCALAR[itype]) for _ in range(count)]
+                    need(nbytes)
+                    pos += nbytes
+                else:
+                    for _ in range(count):
+                        value(itype)
+                return ("array", itype, count)
+            if vtype not in _SCALAR:
+                raise ValueError(f"unknown metadata type {vtype}")
+            return unpack(_SCALAR[vtype])
+
+        magic, version = data[:4], struct.unpack_from("<I", data, 4)[0] if len(data) >= 8 else None
+        if magic != GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+        pos = 8
+        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+        kv = {}
+        for _ in range(n_kv):
+            key = string()
+            kv[key] = value(unpack("<I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            shape = tuple(unpack("<Q") for _ in range(unpack("<I")))
+            ttype, offset = unpack("<I"), unpack("<Q")
+            n_el = 1
+            for d in shape:
+                n_el *= d
+            block, tsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            tensors.append({"name": name, "shape": shape, "type": ttype, "offset": offset,
+                            "n_elements": n_el, "n_bytes": n_el // block * tsize})
+        header_end = fh.tell() - (len(data) - pos)
+    align = int(kv.get("general.alignment", 32))
+    data_start = (header_end + align - 1) // align * align
+    return {"version": version, "kv": kv, "tensors": tensors, "data_start": data_start,
+            "tensor_data_end": max((data_start + t["offset"] + t["n_bytes"] for t in tensors), default=data_start)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,17 +235,6 @@ KV_TYPE_BYTES = {
 }
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    try:
-        return f.contents()
-    except Exception:  # older gguf versions: fall back to the raw last part
-        v = f.parts[f.data[0]]
-        return v.tobytes().decode() if v.dtype.kind == "u" and v.dtype.itemsize == 1 else v[0].item()
-
-
 def model_card(model: str | os.PathLike) -> ModelCard:
     """Everything a study needs to know about a GGUF, from its metadata (nothing is loaded into llama.cpp)."""
     path = resolve_model(model)
@@ -177,30 +245,40 @@ def model_card(model: str | os.PathLike) -> ModelCard:
 
 @functools.lru_cache(maxsize=32)
 def _parsed(path: str, size: int, mtime_ns: int) -> dict:
-    """Parse a GGUF header once per file version (the gguf reader walks every vocabulary entry in Python)."""
+    """Parse a GGUF header once per file version."""
     import gguf
 
-    r = _reader(Path(path))
-    arch = str(_field(r, "general.architecture", "unknown"))
-    ftype_raw = _field(r, "general.file_type")
+    try:
+        h = read_gguf_header(path)
+    except Exception as exc:  # a damaged header raises many types
+        raise ModelFileError(f"{path}: damaged or truncated GGUF ({type(exc).__name__}: {exc})") from None
+    kv = h["kv"]
+
+    def get(key, default=None):
+        v = kv.get(key, default)
+        return default if isinstance(v, tuple) else v
+
+    def first(v):
+        return v[0] if isinstance(v, list) else v
+
+    arch = str(get("general.architecture", "unknown"))
+    ftype_raw = get("general.file_type")
     try:
         ftype = gguf.LlamaFileType(int(ftype_raw)).name.replace("MOSTLY_", "") if ftype_raw is not None else "unknown"
     except ValueError:
         ftype = f"type{ftype_raw}"
-    n_embd = int(_field(r, f"{arch}.embedding_length", 0))
-    n_head = _field(r, f"{arch}.attention.head_count", 0)
-    n_head = int(n_head[0] if isinstance(n_head, list) else n_head)
-    n_head_kv = _field(r, f"{arch}.attention.head_count_kv", n_head)
-    n_head_kv = int(n_head_kv[0] if isinstance(n_head_kv, list) else n_head_kv)
-    head_dim = int(_field(r, f"{arch}.attention.key_length", n_embd // max(n_head, 1)))
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    n_vocab = int(_field(r, f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0))
-    rope = _field(r, f"{arch}.rope.freq_base")
+    n_embd = int(get(f"{arch}.embedding_length", 0))
+    n_head = int(first(get(f"{arch}.attention.head_count", 0)))
+    n_head_kv = int(first(get(f"{arch}.attention.head_count_kv", n_head)))
+    head_dim = int(get(f"{arch}.attention.key_length", n_embd // max(n_head, 1)))
+    tokens = kv.get("tokenizer.ggml.tokens")
+    n_vocab = int(get(f"{arch}.vocab_size", tokens[2] if isinstance(tokens, tuple) else 0))
+    rope = get(f"{arch}.rope.freq_base")
     card = dict(
-        name=str(_field(r, "general.name", Path(path).stem)),
+        name=str(get("general.name", Path(path).stem)),
         architecture=arch,
-        n_layers=int(_field(r, f"{arch}.block_count", 0)),
-        n_ctx_train=int(_field(r, f"{arch}.context_length", 0)),
+        n_layers=int(get(f"{arch}.block_count", 0)),
+        n_ctx_train=int(get(f"{arch}.context_length", 0)),
         rope_freq_base=float(rope) if rope is not None else None,
         n_embd=n_embd,
         n_head=n_head,
@@ -208,8 +286,7 @@ def _parsed(path: str, size: int, mtime_ns: int) -> dict:
         head_dim=head_dim,
         n_vocab=n_vocab,
         file_type=ftype,
-        n_params=int(sum(int(t.n_elements) for t in r.tensors)),
-        has_chat_template="tokenizer.chat_template" in r.fields,
+        n_params=int(sum(t["n_elements"] for t in h["tensors"])),
+        has_chat_template="tokenizer.chat_template" in kv,
     )
-    end = max((int(t.data_offset) + int(t.n_bytes) for t in r.tensors), default=0)
-    return {"card": card, "tensor_data_end": end}
+    return {"card": card, "tensor_data_end": h["tensor_data_end"]}

@@ -165,69 +165,10 @@ def parse_fallbacks(log_text: str) -> dict:
 
 
 def _gguf_tensor_infos(path: str | os.PathLike) -> list[tuple[str, tuple, int, int]]:
-    """(name, shape, ggml type id, n_elements) of every tensor, reading only the GGUF header.
+    """(name, shape, ggml type id, n_elements) of every tensor, from the header alone (kit.models)."""
+    from .models import read_gguf_header
 
-    gguf.GGUFReader builds numpy views of every metadata value (a 49152-token vocabulary: tens of seconds);
-    here the metadata is skipped with struct, which takes milliseconds.
-    """
-    import struct
-
-    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-    with open(path, "rb") as fh:
-        head = fh.read(24)
-        if head[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file")
-        _, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-        buf = fh.read(1 << 20)
-        pos = 0
-
-        def need(n: int) -> None:
-            nonlocal buf, pos
-            if pos + n > len(buf):
-                buf = buf[pos:] + fh.read(max(n, 1 << 20))
-                pos = 0
-
-        def u32() -> int:
-            nonlocal pos
-            need(4); v = struct.unpack_from("<I", buf, pos)[0]; pos += 4; return v
-
-        def u64() -> int:
-            nonlocal pos
-            need(8); v = struct.unpack_from("<Q", buf, pos)[0]; pos += 8; return v
-
-        def string() -> bytes:
-            nonlocal pos
-            n = u64(); need(n); v = buf[pos:pos + n]; pos += n; return v
-
-        def skip_value(vtype: int) -> None:
-            nonlocal pos
-            if vtype == 8:
-                n = u64(); need(n); pos += n
-            elif vtype == 9:
-                itype, count = u32(), u64()
-                if itype in scalar:
-                    n = scalar[itype] * count; need(n); pos += n
-                else:
-                    for _ in range(count):
-                        skip_value(itype)
-            else:
-                need(scalar[vtype]); pos += scalar[vtype]
-
-        for _ in range(n_kv):
-            string()
-            skip_value(u32())
-        out = []
-        for _ in range(n_tensors):
-            name = string().decode("utf-8", "replace")
-            n_dims = u32()
-            shape = tuple(u64() for _ in range(n_dims))
-            ttype = u32()
-            u64()  # offset
-            n_el = 1
-            for d in shape:
-                n_el *= d
-            out.append((name, shape, ttype, n_el))
-    return out
+    return [(t["name"], t["shape"], t["type"], t["n_elements"]) for t in read_gguf_header(path)["tensors"]]
 
 
 def tensor_types(path: str | os.PathLike) -> dict:
