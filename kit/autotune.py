@@ -846,12 +846,9 @@ MIN_SAMPLES = 3  # fewer samples on either side give no interval worth a verdict
 
 
 def _too_few(claim: str, what: str, a: Sequence, b: Sequence, evidence: Sequence[str]):
-    from .verdicts import not_testable
+    from .verdicts import too_few
 
-    if len(a) >= MIN_SAMPLES and len(b) >= MIN_SAMPLES:
-        return None
-    return not_testable(claim, f"{what}: only {len(a)} and {len(b)} samples, too few for an interval "
-                               f"(at least {MIN_SAMPLES} each): raise the repetitions", evidence=evidence)
+    return too_few(claim, len(a), len(b), f"the repetitions ({what})", evidence, MIN_SAMPLES)
 
 
 def _req_samples(m: dict, col: str) -> list[float]:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .verdicts import compare, evidence_path, median_ci  # noqa: F401 - evidence_path is used by the notebooks
 from .config import Settings, SettingsError
 from .measure import DEFAULT_REPETITIONS, Test, pp, tg
 
@@ -121,27 +122,7 @@ def depth_test(mode: str, n: int, depth: int, cached: bool = True) -> Test:
     return Test(kind, n_prompt=n, n_depth=depth) if mode == "pp" else Test(kind, n_gen=n, n_depth=depth)
 
 
-def evidence_path(path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
-    """A figure or file path as verdict evidence: relative to the outputs root (the study folder's parent)."""
-    return os.path.relpath(Path(path).resolve(), Path(out_dir).resolve().parent)
-
-
 # ---- statistics shared by the tables ---------------------------------------------------------------------------
-def median_ci(samples: Sequence[float], confidence: float = 0.95, n_boot: int = 2000,
-              seed: int = 0) -> tuple[float | None, float | None, float | None]:
-    """Median and its percentile-bootstrap interval. One sample: the interval is that sample (no spread known)."""
-    xs = [float(x) for x in samples if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not xs:
-        return None, None, None
-    med = statistics.median(xs)
-    if len(xs) == 1:
-        return med, med, med
-    rng = random.Random(seed)
-    boots = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
-    alpha = (1 - confidence) / 2
-    return med, boots[int(alpha * (n_boot - 1))], boots[int((1 - alpha) * (n_boot - 1))]
-
-
 def _as_list(v) -> list:
     if v is None:
         return []
@@ -417,22 +398,6 @@ def _samples(df, **match) -> list[float]:
 MIN_SAMPLES = 3  # fewer timed samples per side give a degenerate bootstrap interval: no verdict from that
 
 
-def guarded_compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], **kw):
-    """kit.verdicts.compare, but "not testable here" (with the ratio kept in details) when either side has fewer
-    than MIN_SAMPLES samples: one sample each yields a zero-width interval, i.e. a point estimate in disguise."""
-    from .verdicts import compare, not_testable
-
-    if min(len(candidate), len(baseline)) >= MIN_SAMPLES:
-        return compare(claim, candidate, baseline, **kw)
-    mb = statistics.median(baseline) if baseline else 0
-    point = round(statistics.median(candidate) / mb, 4) if candidate and mb else None
-    nt = not_testable(claim, f"not testable here: only {min(len(candidate), len(baseline))} sample(s) per side; "
-                             f"an interval needs repetitions >= {MIN_SAMPLES}",
-                      evidence=kw.get("evidence", ()), point_ratio=point)
-    nt.metric, nt.n_candidate, nt.n_baseline = kw.get("metric", ""), len(candidate), len(baseline)
-    return nt
-
-
 def _ratio(v) -> float | None:
     return v.effect if v.effect is not None else (v.details or {}).get("point_ratio")
 
@@ -471,7 +436,7 @@ def verdict_batch(df, study: BatchFlashStudy, evidence: Sequence[str] = (), gpu_
         base = _samples(df, n_prompt=n, n_batch=bb, n_ubatch=bu, test_kind="pp")
         if not cand or not base:
             continue
-        v = guarded_compare(CLAIM_BATCH, cand, base,
+        v = compare(CLAIM_BATCH, cand, base,
                             metric=f"pp{n} t/s ratio, n_batch/n_ubatch {gb}/{gu} over {bb}/{bu}", evidence=evidence)
         plans = table[(table.n_prompt == n) & (((table.n_batch == gb) & (table.n_ubatch == gu)) |
                                                ((table.n_batch == bb) & (table.n_ubatch == bu)))]
@@ -535,7 +500,7 @@ def flash_comparisons(df, evidence: Sequence[str] = ()):
             off = _samples(sel, flash_attn=False)
             if not on or not off:
                 continue
-            v = guarded_compare(CLAIM_FLASH, on, off, evidence=evidence,
+            v = compare(CLAIM_FLASH, on, off, evidence=evidence,
                                 metric=f"{mode} t/s ratio, flash_attn on / off, depth {int(depth)}")
             v.details = {**(v.details or {}), "test": mode, "n_depth": int(depth)}
             out.append(v)

@@ -11,17 +11,15 @@ Parts of one study (`ContextStudy`), each a sweep through `kit.sweep.run_sweep` 
   so every type runs with flash_attn=True and f16 runs both with and without it: the fair baseline is f16 + FA.
 - rope: the guide's rope_freq_base override against the model's own value: perplexity and KL divergence.
 
-Quality verdicts use a paired bootstrap over perplexity chunks (the same text for both), see `paired_ppl_ratio`.
+Quality verdicts use a paired bootstrap over perplexity chunks (the same text for both), see `kit.verdicts.paired_log_ratio`.
 """
 from __future__ import annotations
 
-import math
-import random
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import KV_CACHE_TYPES, UNQUANTIZED_KV, Settings, SettingsError
+from .verdicts import median_ci, paired_log_ratio
+from .config import KV_CACHE_TYPES, Settings, SettingsError
 from .measure import Test, pp, tg
 
 GUIDE_N_CTX = (2048, 4096, 8192, 16384)
@@ -29,41 +27,12 @@ GUIDE_MODEL_PROPERTIES = {"n_ctx_train": 131072, "rope_freq_base": 10000.0}
 
 
 # ---- small statistics used by the context and system studies ------------------------------------------------------
-def median_ci(samples, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0):
-    """Median and a percentile-bootstrap interval: (median, low, high); low/high None for fewer than 2 samples."""
-    xs = [float(x) for x in samples if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not xs:
-        return None, None, None
-    med = statistics.median(xs)
-    if len(xs) < 2:
-        return round(med, 4), None, None
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
-    a = (1 - confidence) / 2
-    return round(med, 4), round(meds[int(a * (n_boot - 1))], 4), round(meds[int((1 - a) * (n_boot - 1))], 4)
-
-
-def paired_ppl_ratio(candidate_chunk_nll, baseline_chunk_nll, n_boot: int = 4000, confidence: float = 0.95,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """PPL ratio candidate / baseline = exp(mean paired NLL difference over chunks), with a bootstrap interval that
-    resamples chunks (pairs stay together: both runs scored the same tokens)."""
-    c, b = list(candidate_chunk_nll), list(baseline_chunk_nll)
-    if len(c) != len(b) or not c:
-        raise ValueError(f"paired chunks needed: {len(c)} vs {len(b)}")
-    d = [x - y for x, y in zip(c, b)]
-    point = math.exp(statistics.fmean(d))
-    rng = random.Random(seed)
-    boots = sorted(math.exp(statistics.fmean(rng.choices(d, k=len(d)))) for _ in range(n_boot))
-    a = (1 - confidence) / 2
-    return point, boots[int(a * (n_boot - 1))], boots[int((1 - a) * (n_boot - 1))]
-
-
 def ppl_verdict(claim: str, candidate_chunk_nll, baseline_chunk_nll, claimed: str = "same", metric: str = "",
                 evidence=(), summary: str = ""):
     """A kit.verdicts.Verdict on perplexity (lower is better) from paired chunks: supported / refuted / no effect."""
     from .verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict
 
-    point, lo, hi = paired_ppl_ratio(candidate_chunk_nll, baseline_chunk_nll)
+    point, lo, hi = paired_log_ratio(candidate_chunk_nll, baseline_chunk_nll)
     worse, better = lo > 1, hi < 1
     if claimed == "same":
         verdict = REFUTED if (worse or better) else NO_EFFECT
@@ -431,7 +400,7 @@ def kv_table(df, study: ContextStudy):
                      top1_agree_pct=x["top1_agree_pct"],
                      ln_ppl_ratio=x["ln_ppl_ratio"], ln_ppl_ratio_stderr=x["ln_ppl_ratio_stderr"])
             if ref_nll is not None:
-                pt, lo, hi = paired_ppl_ratio(x["chunk_nll"], ref_nll)
+                pt, lo, hi = paired_log_ratio(x["chunk_nll"], ref_nll)
                 r.update(ppl_ratio_vs_f16fa=round(pt, 4), ppl_ratio_ci=_fmt_ci(lo, hi, 4))
         rows.append(r)
     t = pd.DataFrame(rows)
@@ -459,7 +428,7 @@ def rope_table(df, study: ContextStudy):
         r = {"rope_freq_base": x["rope_freq_base"], "source": "override", "ppl": x["ppl"],
              "ppl_stderr": x["ppl_stderr"], "kld_mean": x["kld_mean"], "top1_agree_pct": x["top1_agree_pct"]}
         if not ref.empty:
-            pt, lo, hi = paired_ppl_ratio(x["chunk_nll"], ref.iloc[0]["chunk_nll"])
+            pt, lo, hi = paired_log_ratio(x["chunk_nll"], ref.iloc[0]["chunk_nll"])
             r.update(ppl_ratio=round(pt, 4), ppl_ratio_ci=_fmt_ci(lo, hi, 4))
         rows.append(r)
     return pd.DataFrame(rows)
@@ -512,9 +481,9 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
     if v.verdict == NO_EFFECT and ttft.verdict == NO_EFFECT:
         tail = ("Allocating less context did not measurably change speed at the same prompt"
                 + ("; the context actually used did, so a smaller n_ctx helps only through the shorter prompts it "
-                   "forces" if used.get("verdict") == SUPPORTED else "") + f". What it saves is memory.")
+                   "forces" if used.get("verdict") == SUPPORTED else "") + ". What it saves is memory.")
     elif v.verdict == SUPPORTED:
-        tail = f"Here the smaller allocation was measurably faster at the same prompt, and it saves memory."
+        tail = "Here the smaller allocation was measurably faster at the same prompt, and it saves memory."
     else:
         tail = "Here the smaller allocation was measurably slower at the same prompt" + \
             (" (samples unstable: repeat on a quieter machine)" if v.unstable or ttft.unstable else "") + "."

@@ -114,7 +114,7 @@ def run_fidelity(model: str = "smollm2-135m", n_prompt: int = 512, n_gen: int = 
 
 
 def format_result(res: dict) -> str:
-    lines = [f"| test | llama-bench t/s | kit t/s | kit / llama-bench (95 % CI) | CV lb / kit | target |",
+    lines = ["| test | llama-bench t/s | kit t/s | kit / llama-bench (95 % CI) | CV lb / kit | target |",
              "|---|---:|---:|---|---|---|"]
     for kind, t in res["tests"].items():
         n = res["n_prompt"] if kind == "pp" else res["n_gen"]

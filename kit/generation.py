@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .verdicts import evidence_path, too_few  # noqa: F401 - evidence_path is used by the notebooks
 from .config import Settings, SettingsError
 from .measure import Test, _pct, stream_chat, summarize
 
@@ -296,11 +296,6 @@ class GenerationStudy:
         return tests
 
 
-def evidence_path(path: str | Path, out_dir: str | Path) -> str:
-    """A figure or file as verdict evidence: relative to the outputs root (the study folder's parent)."""
-    return os.path.relpath(Path(path).resolve(), Path(out_dir).resolve().parent)
-
-
 def study_location(out_dir: str | Path) -> tuple[str, Path]:
     """out_dir 'outputs/70_generation' -> (study name, out_root) for kit.sweep.run_sweep."""
     p = Path(out_dir)
@@ -377,17 +372,6 @@ def sampling_table(df, part: str | None = "sampling"):
 
 
 MIN_SAMPLES = 3  # fewer samples on a side give a bootstrap "interval" that is just the points: no verdict
-
-
-def too_few(claim: str, n_candidate: int, n_baseline: int, raise_what: str, evidence: Sequence[str] = ()):
-    """A 'not testable here' verdict when either side has fewer than MIN_SAMPLES samples, else None."""
-    from .verdicts import not_testable
-
-    if min(n_candidate, n_baseline) >= MIN_SAMPLES:
-        return None
-    return not_testable(claim, f"too few samples for an interval ({n_candidate} vs {n_baseline}; need "
-                               f"{MIN_SAMPLES} a side): raise {raise_what}", evidence=evidence,
-                        n_candidate=n_candidate, n_baseline=n_baseline)
 
 
 def _int_or_none(x):

@@ -335,7 +335,8 @@ def layer_table(df):
     """Per n_gpu_layers: pp and tg t/s (median, 95 % CI), TTFT (= pp time of the prompt), VRAM added, RSS, load."""
     import pandas as pd
 
-    from .batching import _as_list, median_ci
+    from .batching import _as_list
+    from .verdicts import median_ci
 
     cols = ["n_gpu_layers", "status", "pp_ts", "pp_ts_lo", "pp_ts_hi", "tg_ts", "tg_ts_lo", "tg_ts_hi",
             "ttft_ms", "ttft_ms_lo", "ttft_ms_hi", "vram_added_mb", "rss_peak_mb", "load_ms", "error"]
@@ -375,7 +376,8 @@ def verdict_gpu_layers(run: GpuLayersRun, evidence: Sequence[str] = ()):
     """G1. Not testable without offload (the CPU baseline goes in `details`). With a GPU: tg t/s at the largest
     swept layer count that ran within the VRAM limit against the guide's 30 layers (or against 0 layers when
     30 is not below it); pp in `details`."""
-    from .batching import _fmt, _ratio, guarded_compare
+    from .batching import _fmt, _ratio
+    from .verdicts import compare
     from .verdicts import not_testable
 
     table = layer_table(run.rows)
@@ -405,9 +407,9 @@ def verdict_gpu_layers(run: GpuLayersRun, evidence: Sequence[str] = ()):
         r = rows[(rows.n_gpu_layers == k) & (rows.test_kind == kind)]
         return [float(x) for s in r["samples_ts"] for x in _as_list(s)]
 
-    v = guarded_compare(CLAIM, samples(cand_k, "tg"), samples(base_k, "tg"), evidence=evidence,
+    v = compare(CLAIM, samples(cand_k, "tg"), samples(base_k, "tg"), evidence=evidence,
                         metric=f"tg t/s ratio, n_gpu_layers {cand_k} (largest that fits) over {base_k}")
-    vp = guarded_compare(CLAIM, samples(cand_k, "pp"), samples(base_k, "pp"), metric="pp")
+    vp = compare(CLAIM, samples(cand_k, "pp"), samples(base_k, "pp"), metric="pp")
     v.summary = (f"{cand_k} layers (the most that fit: {run.search.get('reason')}) against {base_k}: tg "
                  f"{_fmt(v.verdict, _ratio(v), v.ci_low, v.ci_high)}; pp {_fmt(vp.verdict, _ratio(vp), vp.ci_low, vp.ci_high)}.")
     v.details = {**(v.details or {}), "best_n_gpu_layers": best, "candidate_layers": cand_k, "baseline_layers": base_k,
@@ -544,7 +546,8 @@ def run_environment_report(study: EnvironmentStudy, out_dir: str | os.PathLike, 
                            nvml: Any = None) -> EnvironmentReport:
     """Capture the environment fresh, write environment.json and model_card.json under out_dir, measure pp/tg
     once (kit.sweep), and add the decode roofline (read bandwidth / weight bytes per token) to environment.json."""
-    from .batching import _as_list, median_ci, planned_rows
+    from .batching import _as_list, planned_rows
+    from .verdicts import median_ci
     from .environment import capture_environment, decode_roofline, memory_bandwidth_gbs
     from .models import model_card
     from .sweep import run_sweep

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Settings, SettingsError
-from .generation import SAMPLING_KEYS, load_prompts, study_location, too_few
+from .generation import SAMPLING_KEYS, load_prompts, study_location
+from .verdicts import too_few
 from .measure import Test, stream_chat, tg
 
 PROFILE_KIND = "kit.profiling:profile_test"

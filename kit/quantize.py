@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .verdicts import median_ci
 from .config import SettingsError
 
 # llama_ftype values (llama.h)
@@ -303,17 +304,6 @@ def run_study(cfg: QuantStudy, progress: bool = True):
     return ladder, df
 
 
-def _bootstrap_median_ci(samples, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    import random
-
-    xs = [float(x) for x in samples]
-    if len(xs) < 2:
-        return (xs[0], xs[0]) if xs else (float("nan"), float("nan"))
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
-    return meds[int(0.025 * (n_boot - 1))], meds[int(0.975 * (n_boot - 1))]
-
-
 def study_table(ladder: list[dict], df):
     """One row per type: size, bpw, fallbacks, load, pp/tg medians with 95 % CIs, peak RSS, PPL, KLD, top-1."""
     import pandas as pd
@@ -335,7 +325,7 @@ def study_table(ladder: list[dict], df):
             t = ok[ok["test_kind"] == kind] if not ok.empty else ok
             if not t.empty:
                 s = list(t.iloc[-1]["samples_ts"])
-                lo, hi = _bootstrap_median_ci(s)
+                _, lo, hi = median_ci(s)
                 r[f"{name}_ts"] = round(statistics.median(s), 2)
                 r[f"{name}_ci_low"], r[f"{name}_ci_high"] = round(lo, 2), round(hi, 2)
                 r[f"{name}_samples"] = s
@@ -421,7 +411,7 @@ def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
     """
     import random
 
-    from .verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, Verdict, compare, not_testable
+    from .verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict, compare, not_testable
 
     t = table.set_index("quant_type")
     present = [q for q in GUIDE_SPEED_ORDER if q in t.index and t.loc[q].get("tg_samples") is not None

@@ -999,7 +999,7 @@ def run_rag_study(cfg: RagStudyConfig, progress: bool = True) -> RagStudyResult:
     # answers: the bundled LLM on the first n dev questions, every answer_k x answer_budget; identical prompts
     # (a budget that does not bind, or k beyond what the budget holds) are measured once and shared
     from .config import Settings
-    from .measure import load_model, stream_chat
+    from .measure import load_model
 
     ans_q = dev[:cfg.n_answer_questions]
     conc_q = dev[:cfg.n_concurrency_queries]
@@ -1186,22 +1186,21 @@ def load_rag_results(out_dir: str | os.PathLike) -> RagStudyResult:
 
 
 # ---- tables ------------------------------------------------------------------------------------------------------------------
-def _median_ci(xs: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    xs = [float(x) for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not xs:
-        return (float("nan"),) * 3
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
-    return statistics.median(xs), meds[int(0.025 * (n_boot - 1))], meds[int(0.975 * (n_boot - 1))]
+def _nan(triple: tuple) -> tuple:
+    """kit.verdicts' None (no value / no interval) as NaN, for numeric DataFrame columns."""
+    return tuple(float("nan") if x is None else x for x in triple)
 
 
-def _mean_ci(xs: Sequence[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    xs = [float(x) for x in xs]
-    if not xs:
-        return (float("nan"),) * 3
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
-    return statistics.fmean(xs), means[int(0.025 * (n_boot - 1))], means[int(0.975 * (n_boot - 1))]
+def _median_ci(xs: Sequence[float]) -> tuple[float, float, float]:
+    from .verdicts import median_ci
+
+    return _nan(median_ci(xs))
+
+
+def _mean_ci(xs: Sequence[float]) -> tuple[float, float, float]:
+    from .verdicts import mean_ci
+
+    return _nan(mean_ci(xs))
 
 
 def retrieval_table(result: RagStudyResult, split: str = "dev"):

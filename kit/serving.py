@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Settings, SettingsError
-from .generation import load_prompts, study_location, too_few
+from .generation import load_prompts, study_location
+from .verdicts import too_few
 from .measure import Test, _pct, stream_chat, summarize
 
 QUEUE_KIND = "kit.serving:queue_test"

@@ -534,7 +534,7 @@ def thread_table(df, study: SystemStudy):
     """Median t/s with its 95 % interval per thread count, for tg (n_threads) and pp (n_threads_batch)."""
     import pandas as pd
 
-    from .context import median_ci
+    from .verdicts import median_ci
 
     rows = []
     d = _ok(df, "threads")
@@ -608,7 +608,7 @@ def numa_verdict(df, study: SystemStudy, evidence=()):
 def priority_table(df):
     import pandas as pd
 
-    from .context import median_ci
+    from .verdicts import median_ci
 
     d = _ok(df, "priority")
     rows = []
@@ -662,7 +662,7 @@ def loading_table(df):
     """Per use_mmap x use_mlock x cache: load_ms, first_decode_ms, load + first, memory, residency (medians + CI)."""
     import pandas as pd
 
-    from .context import median_ci
+    from .verdicts import median_ci
 
     d = _ok(df, "loading")
     rows = []

@@ -9,6 +9,7 @@ A verdict is a claim about the world, so it follows the interval, not the point 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import statistics
@@ -67,6 +68,62 @@ def cv(samples: Sequence[float]) -> float | None:
     return statistics.stdev(xs) / abs(statistics.fmean(xs))
 
 
+def bootstrap_ci(samples: Sequence[float], stat=statistics.median, confidence: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> tuple[float | None, float | None, float | None]:
+    """(statistic, low, high) with a percentile bootstrap interval. Missing values (None, NaN) are dropped;
+    no sample gives (None, None, None); one sample gives the value with no interval (None, None)."""
+    xs = [float(x) for x in samples if x is not None and x == x]
+    if not xs:
+        return None, None, None
+    point = stat(xs)
+    if len(xs) < 2:
+        return point, None, None
+    rng = random.Random(seed)
+    boots = sorted(stat(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
+    alpha = (1 - confidence) / 2
+    return point, boots[int(alpha * (n_boot - 1))], boots[int((1 - alpha) * (n_boot - 1))]
+
+
+def median_ci(samples: Sequence[float], **kw) -> tuple[float | None, float | None, float | None]:
+    """Median and its 95 % bootstrap interval: what every table of timings shows."""
+    return bootstrap_ci(samples, statistics.median, **kw)
+
+
+def mean_ci(samples: Sequence[float], **kw) -> tuple[float | None, float | None, float | None]:
+    return bootstrap_ci(samples, statistics.fmean, **kw)
+
+
+def paired_log_ratio(candidate_logs: Sequence[float], baseline_logs: Sequence[float], n_boot: int = 4000,
+                     confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """exp(mean paired difference) of per-item logs (e.g. per-chunk NLL -> a perplexity ratio), with a bootstrap
+    that resamples pairs together: both runs scored the same items, so the pairing removes item difficulty."""
+    c, b = list(candidate_logs), list(baseline_logs)
+    if len(c) != len(b) or not c:
+        raise ValueError(f"paired items needed: {len(c)} vs {len(b)}")
+    d = [x - y for x, y in zip(c, b)]
+    point = math.exp(statistics.fmean(d))
+    rng = random.Random(seed)
+    boots = sorted(math.exp(statistics.fmean(rng.choices(d, k=len(d)))) for _ in range(n_boot))
+    a = (1 - confidence) / 2
+    return point, boots[int(a * (n_boot - 1))], boots[int((1 - a) * (n_boot - 1))]
+
+
+def too_few(claim: str, n_candidate: int, n_baseline: int, hint: str = "repetitions", evidence: Sequence[str] = (),
+            min_samples: int = 3, **details) -> "Verdict | None":
+    """'not testable here' when either side has fewer than min_samples values (a bootstrap of one or two values
+    has no honest interval), else None."""
+    if min(n_candidate, n_baseline) >= min_samples:
+        return None
+    return not_testable(claim, f"too few samples for an interval ({n_candidate} vs {n_baseline}; at least "
+                               f"{min_samples} each): raise {hint}", evidence=evidence,
+                        n_candidate=n_candidate, n_baseline=n_baseline, **details)
+
+
+def evidence_path(path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
+    """A figure or file as verdict evidence: relative to the outputs root (the study folder's parent)."""
+    return os.path.relpath(Path(path).resolve(), Path(out_dir).resolve().parent)
+
+
 def bootstrap_ratio(candidate: Sequence[float], baseline: Sequence[float], n_boot: int = 4000,
                     confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Ratio of medians (candidate / baseline) and its percentile bootstrap interval (independent resamples)."""
@@ -103,10 +160,11 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
     """
     if claimed not in ("better", "worse", "same"):
         raise ValueError("claimed must be 'better', 'worse' or 'same'")
-    if min(len(candidate), len(baseline)) < min_samples:
-        return not_testable(claim, f"too few samples for an interval ({len(candidate)} vs {len(baseline)}; "
-                                   f"at least {min_samples} each): rerun with more repetitions",
-                            evidence=evidence)
+    few = too_few(claim, len(candidate), len(baseline), "the repetitions", evidence, min_samples,
+                  point_ratio=_point_ratio(candidate, baseline))
+    if few is not None:
+        few.metric = metric
+        return few
     point, lo, hi = bootstrap_ratio(candidate, baseline, seed=seed)
     up = lo > 1 + equivalence          # interval entirely above the band
     down = hi < 1 - equivalence        # entirely below
@@ -130,6 +188,12 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
                    ci_low=round(lo, 4), ci_high=round(hi, 4), metric=metric, evidence=list(evidence),
                    unstable=unstable, n_baseline=len(baseline), n_candidate=len(candidate),
                    reason="unstable samples (CV >= 10 %): repeat on a quieter machine" if unstable else "")
+
+
+def _point_ratio(candidate: Sequence[float], baseline: Sequence[float]) -> float | None:
+    if not candidate or not baseline or statistics.median(baseline) == 0:
+        return None
+    return round(statistics.median(candidate) / statistics.median(baseline), 4)
 
 
 def not_testable(claim: str, reason: str, evidence: Sequence[str] = (), **details) -> Verdict:

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from kit import context
+from kit.verdicts import paired_log_ratio
 from kit.config import SettingsError
 from kit.models import model_card
 from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED
@@ -21,14 +22,14 @@ def test_median_ci():
 
 def test_paired_ppl_ratio():
     base = [2.0, 2.5, 1.8, 2.2, 2.9, 2.1]
-    assert context.paired_ppl_ratio(base, base) == (1.0, 1.0, 1.0)
-    pt, lo, hi = context.paired_ppl_ratio([x + 0.1 for x in base], base)
+    assert paired_log_ratio(base, base) == (1.0, 1.0, 1.0)
+    pt, lo, hi = paired_log_ratio([x + 0.1 for x in base], base)
     assert pt == pytest.approx(math.exp(0.1)) and lo == pytest.approx(math.exp(0.1))
     # pairing removes the chunk-to-chunk spread: a small consistent shift is still detected
-    pt, lo, hi = context.paired_ppl_ratio([x + 0.01 + 0.002 * i for i, x in enumerate(base)], base)
+    pt, lo, hi = paired_log_ratio([x + 0.01 + 0.002 * i for i, x in enumerate(base)], base)
     assert lo > 1
     with pytest.raises(ValueError):
-        context.paired_ppl_ratio([1.0], [1.0, 2.0])
+        paired_log_ratio([1.0], [1.0, 2.0])
 
 
 def test_ppl_verdict_directions():

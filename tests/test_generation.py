@@ -8,7 +8,7 @@ from kit import generation as gen
 from kit.config import Settings, SettingsError
 from kit.measure import Test as KitTest, load_model
 from kit.results import read_rows
-from kit.verdicts import NOT_TESTABLE, VERDICTS
+from kit.verdicts import NOT_TESTABLE
 
 
 # ---- prompts and text ---------------------------------------------------------------------------------------------

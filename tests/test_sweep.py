@@ -1,6 +1,5 @@
 """Sweeps on the real model: columns and values, crashes and hangs isolated, kill-and-resume without loss."""
 import json
-import os
 import subprocess
 import sys
 import time
