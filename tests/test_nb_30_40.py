@@ -14,21 +14,19 @@ from kit.verdicts import NOT_TESTABLE, VERDICTS  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(name: str, out_dir: Path, params: dict, tmp_path: Path):
-    pm.execute_notebook(str(REPO_ROOT / "notebooks" / name), str(tmp_path / name), cwd=str(REPO_ROOT),
-                        kernel_name="python3", parameters={**params, "out_dir": str(out_dir)}, progress_bar=False)
-    verdicts = {v["claim"]: v for v in json.loads((out_dir / "verdicts.json").read_text())["verdicts"]}
-    return load_results(out_dir), verdicts
+def _verdicts(out_dir: Path) -> dict:
+    return {v["claim"]: v for v in json.loads((out_dir / "verdicts.json").read_text())["verdicts"]}
 
 
-def test_notebook_30_context_kv(tmp_path):
+def test_notebook_30_context_kv(tmp_path, run_notebook):
     out = tmp_path / "30_context_kv"
-    df, v = _run("30_context_kv.ipynb", out, {
+    run_notebook("30_context_kv", {
         "repetitions": 2, "n_ctx_values": [256, 512, 16384], "prompt_tokens": 32, "n_gen": 8,
         "fill_fraction": 0.5, "fill_max_n_ctx": 256, "fill_repetitions": 1, "depths": [0, 128],
         "depth_repetitions": 2, "kv_types": ["f16", "q4_0"], "kv_n_ctx": 256, "kv_depth": 64,
         "ppl_n_ctx": 64, "ppl_chunks": 3,
-    }, tmp_path)
+    }, out)
+    df, v = load_results(out), _verdicts(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
     assert set(df["part"]) == {"allocated", "fill", "depth", "kv", "rope"}
     # 16384 > n_ctx_train (8192): not run, and said so
@@ -51,12 +49,13 @@ def test_notebook_30_context_kv(tmp_path):
     assert list((out / "figures").glob("*.png"))
 
 
-def test_notebook_40_threads_system(tmp_path):
+def test_notebook_40_threads_system(tmp_path, run_notebook):
     out = tmp_path / "40_threads_system"
-    df, v = _run("40_threads_system.ipynb", out, {
+    run_notebook("40_threads_system", {
         "repetitions": 2, "n_ctx": 128, "n_gen": 8, "n_prompt": 32, "load_repetitions": 2,
         "mmap_values": [True, False], "mlock_values": [False], "first_prompt": 8,
-    }, tmp_path)
+    }, out)
+    df, v = load_results(out), _verdicts(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
     from kit.environment import numa_nodes
     from kit.system import cpu_topology

@@ -15,20 +15,18 @@ from kit.verdicts import VERDICTS  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(name: str, out_dir: Path, params: dict, tmp_path: Path):
-    pm.execute_notebook(str(REPO_ROOT / "notebooks" / name), str(tmp_path / name), cwd=str(REPO_ROOT),
-                        kernel_name="python3", parameters={**params, "out_dir": str(out_dir)}, progress_bar=False)
-    verdicts = {v["claim"]: v for v in json.loads((out_dir / "verdicts.json").read_text())["verdicts"]}
-    return load_results(out_dir), verdicts
+def _verdicts(out_dir: Path) -> dict:
+    return {v["claim"]: v for v in json.loads((out_dir / "verdicts.json").read_text())["verdicts"]}
 
 
-def test_notebook_70_generation(tmp_path):
+def test_notebook_70_generation(tmp_path, run_notebook):
     out = tmp_path / "70_generation"
-    df, v = _run("70_generation.ipynb", out, {
+    run_notebook("70_generation", {
         "n_ctx": 256, "n_prompts": 2, "sweep_max_tokens": 12, "temperatures": [0.0], "top_ps": [], "top_ks": [0],
         "repeat_penalties": [], "caps": [8, 24], "s2_cap": 24, "n_cap_prompts": 2, "n_unlimited_prompts": 1,
         "repetitions": 2, "cap_repetitions": 3,
-    }, tmp_path)
+    }, out)
+    df, v = load_results(out), _verdicts(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["label", "error"]].to_string()
     assert set(df["label"]) == {"guide", "default", "temperature=0.0", "top_k=0", "max_tokens=8", "max_tokens=24",
                                 "max_tokens=unlimited"}
@@ -44,12 +42,13 @@ def test_notebook_70_generation(tmp_path):
     assert len(list((out / "figures").glob("*.png"))) == 2
 
 
-def test_notebook_75_serving_queue(tmp_path):
+def test_notebook_75_serving_queue(tmp_path, run_notebook):
     out = tmp_path / "75_serving_queue"
-    df, v = _run("75_serving_queue.ipynb", out, {
+    run_notebook("75_serving_queue", {
         "n_ctx": 512, "n_prompts": 2, "max_tokens": 6, "clients": [1, 3], "rhos": [2.0], "poisson_requests": 6,
         "calibration_requests": 1, "repetitions": 2,
-    }, tmp_path)
+    }, out)
+    df, v = load_results(out), _verdicts(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["label", "error"]].to_string()
     closed = df[df["mode"] == "closed"].set_index("clients")
     assert closed.loc[1, "n_requests"] == 2 and closed.loc[3, "n_requests"] == 6
@@ -61,9 +60,10 @@ def test_notebook_75_serving_queue(tmp_path):
     assert list((out / "figures").glob("*.png"))
 
 
-def test_notebook_80_profiling(tmp_path):
+def test_notebook_80_profiling(tmp_path, run_notebook):
     out = tmp_path / "80_profiling"
-    df, v = _run("80_profiling.ipynb", out, {"n_ctx": 512, "max_tokens": 12, "repetitions": 3}, tmp_path)
+    run_notebook("80_profiling", {"n_ctx": 512, "max_tokens": 12, "repetitions": 3}, out)
+    df, v = load_results(out), _verdicts(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
     assert set(df["test_kind"]) == {"tg", "kit.profiling:profile_test"}
     assert (out / "request.prof").exists() and (out / "request_native.prof").exists()
