@@ -457,8 +457,7 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
     kv_saved = (study.card.kv_cache_bytes(large) - study.card.kv_cache_bytes(small)) / 2**20
     v.details.update(ttft=ttft.to_dict(), kv_mib_saved=round(kv_saved, 1), n_ctx_small=small, n_ctx_large=large)
     words = [f"Allocating n_ctx={small} instead of {large} with the same prompt: tg {v.verdict} "
-             f"(ratio {v.effect:.3f}, 95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}), TTFT {ttft.verdict} "
-             f"(ratio {ttft.effect:.3f}, CI {ttft.ci_low:.3f}-{ttft.ci_high:.3f}); it saves {kv_saved:.0f} MiB of "
+             f"({v.effect_text()}), TTFT {ttft.verdict} ({ttft.effect_text()}); it saves {kv_saved:.0f} MiB of "
              f"f16 KV cache."]
     dd = _ok(df, "depth")
     if not dd.empty:
@@ -473,8 +472,7 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
                 u = compare("M1", _samples(a), _samples(b), claimed="worse",
                             metric=f"{kind} t/s at depth {hi_d} / depth {lo_d} (n_ctx {study.depth_ctx})")
                 v.details[f"used_{kind}"] = u.to_dict()
-                words.append(f"Using the context costs: {kind} at depth {hi_d} runs at {u.effect:.2f}x its speed at "
-                             f"depth {lo_d} (CI {u.ci_low:.2f}-{u.ci_high:.2f}).")
+                words.append(f"Using the context: {kind} at depth {hi_d} against depth {lo_d}: {u.effect_text(2)}.")
     from .verdicts import NO_EFFECT, SUPPORTED
 
     used = v.details.get("used_tg", {})

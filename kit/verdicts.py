@@ -55,6 +55,12 @@ class Verdict:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def effect_text(self, digits: int = 3) -> str:
+        """'ratio 1.234, 95 % CI 1.100-1.350', or why there is no effect to state."""
+        if self.effect is None or self.ci_low is None:
+            return f"no interval: {self.reason or self.verdict}"
+        return f"ratio {self.effect:.{digits}f}, 95 % CI {self.ci_low:.{digits}f}-{self.ci_high:.{digits}f}"
+
     def __str__(self) -> str:
         ci = f" [{self.ci_low:.3g}, {self.ci_high:.3g}]" if self.ci_low is not None else ""
         eff = f" effect {self.effect:.3g}{ci}" if self.effect is not None else ""

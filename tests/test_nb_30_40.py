@@ -21,7 +21,7 @@ def _verdicts(out_dir: Path) -> dict:
 def test_notebook_30_context_kv(tmp_path, run_notebook):
     out = tmp_path / "30_context_kv"
     run_notebook("30_context_kv", {
-        "repetitions": 2, "n_ctx_values": [256, 512, 16384], "prompt_tokens": 32, "n_gen": 8,
+        "repetitions": 3, "n_ctx_values": [256, 512, 16384], "prompt_tokens": 32, "n_gen": 8,
         "fill_fraction": 0.5, "fill_max_n_ctx": 256, "fill_repetitions": 1, "depths": [0, 128],
         "depth_repetitions": 2, "kv_types": ["f16", "q4_0"], "kv_n_ctx": 256, "kv_depth": 64,
         "ppl_n_ctx": 64, "ppl_chunks": 3,
@@ -52,7 +52,7 @@ def test_notebook_30_context_kv(tmp_path, run_notebook):
 def test_notebook_40_threads_system(tmp_path, run_notebook):
     out = tmp_path / "40_threads_system"
     run_notebook("40_threads_system", {
-        "repetitions": 2, "n_ctx": 128, "n_gen": 8, "n_prompt": 32, "load_repetitions": 2,
+        "repetitions": 3, "n_ctx": 128, "n_gen": 8, "n_prompt": 32, "load_repetitions": 3,
         "mmap_values": [True, False], "mlock_values": [False], "first_prompt": 8,
     }, out)
     df, v = load_results(out), _verdicts(out)
@@ -67,7 +67,7 @@ def test_notebook_40_threads_system(tmp_path, run_notebook):
     assert set(threads["test_kind"]) == {"tg", "pp"}
     assert len(df[df["part"] == "priority"]) == 4
     loading = df[df["part"] == "loading"]
-    assert len(loading) == 2 * 2 * 2  # reps x mmap x cache
+    assert len(loading) == 3 * 2 * 2  # reps x mmap x cache
     assert (loading["load_ms"] > 0).all() and (loading["first_decode_ms"] > 0).all()
     cold = loading[loading["cache"] == "cold"]
     warm = loading[loading["cache"] == "warm"]
