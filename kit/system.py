@@ -410,7 +410,10 @@ class SystemStudy:
         ]
 
     def priority_test(self, cond: dict) -> Test:
-        return Test("kit.system:niced_bench", params={"nice": cond["nice"], "inner": "tg", "n_gen": self.n_gen,
+        # short on purpose: with every core busy, llama.cpp's threads wait on each other at every barrier and a
+        # decode can be 10-100x slower, so n_gen tokens x repetitions could run for many minutes per condition
+        n_gen = min(self.n_gen, PRIORITY_MAX_GEN)
+        return Test("kit.system:niced_bench", params={"nice": cond["nice"], "inner": "tg", "n_gen": n_gen,
                                                      "condition": cond["condition"]})
 
     # -- loading
