@@ -298,6 +298,9 @@ def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
 
 
 # ---- the study ------------------------------------------------------------------------------------------------
+PRIORITY_MAX_GEN = 16  # tokens per timed run in the priority part (see SystemStudy.priority_test)
+
+
 @dataclass
 class SystemStudy:
     """Threads (C1), NUMA (C2), priority under load (O1), loading (O2, O3). Validated on construction."""
