@@ -535,11 +535,16 @@ class EnvironmentReport:
                                        f"{' (tied embeddings: output reads token_embd)' if r['tied_embeddings'] else ''}"),
             ("RAM read bandwidth", f"{r['mem_read_gbs']} GB/s (one thread, numpy sum of {r['buffer_mb']} MiB)"),
             ("decode roofline", f"{r['tg_upper_bound_ts']:.1f} t/s upper bound"),
-            ("measured tg", f"{r['tg_measured_ts']:.1f} t/s (95 % CI {r['tg_ci'][0]:.1f}-{r['tg_ci'][1]:.1f}), "
+            ("measured tg", f"{r['tg_measured_ts']:.1f} t/s ({ci_text(r['tg_ci'])}), "
                             f"{r['tg_fraction_of_bound'] * 100:.0f} % of the bound" if r.get("tg_measured_ts") else "failed"),
             ("measured pp", f"{r['pp_measured_ts']:.1f} t/s" if r.get("pp_measured_ts") else "failed"),
         ]
         return pd.DataFrame(items, columns=["item", "value"])
+
+
+def ci_text(ci) -> str:
+    lo, hi = ci if ci else (None, None)
+    return "no interval: one sample" if lo is None else f"95 % CI {lo:.1f}-{hi:.1f}"
 
 
 def run_environment_report(study: EnvironmentStudy, out_dir: str | os.PathLike, progress: bool = True,
@@ -605,8 +610,8 @@ def plot_roofline(report: EnvironmentReport):
     ax.bar(["roofline bound\n(read BW / bytes per token)"], [r["tg_upper_bound_ts"]], color="#bbbbbb")
     if r.get("tg_measured_ts"):
         lo, hi = r["tg_ci"]
-        ax.bar([f"measured tg{r['n_gen']}"], [r["tg_measured_ts"]],
-               yerr=[[r["tg_measured_ts"] - lo], [hi - r["tg_measured_ts"]]], capsize=5, color="#4c72b0")
+        err = None if lo is None else [[r["tg_measured_ts"] - lo], [hi - r["tg_measured_ts"]]]
+        ax.bar([f"measured tg{r['n_gen']}"], [r["tg_measured_ts"]], yerr=err, capsize=5, color="#4c72b0")
     ax.set_ylabel("tokens/s")
     ax.set_title(f"decode roofline: {r['read_per_token_bytes'] / 2**20:.0f} MiB/token at {r['mem_read_gbs']} GB/s")
     fig.tight_layout()

@@ -37,7 +37,7 @@ def _run(name: str, tmp_path: Path, **params) -> tuple[Path, str]:
 
 
 def test_notebook_00_environment(tmp_path: Path) -> None:
-    out, text = _run("00_environment", tmp_path, repetitions=1, n_prompt=32, n_gen=8, n_ctx=256, bandwidth_mb=64)
+    out, text = _run("00_environment", tmp_path, repetitions=3, n_prompt=32, n_gen=8, n_ctx=256, bandwidth_mb=64)
     env = json.loads((out / "environment.json").read_text())
     card = json.loads((out / "model_card.json").read_text())
     assert card["n_layers"] == 30 and card["n_ctx_train"] == 8192 and len(card["sha256"]) == 64
