@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .verdicts import median_ci, paired_log_ratio
+from .results import ok_rows as _ok, pooled_samples as _samples
 from .config import KV_CACHE_TYPES, Settings, SettingsError
 from .measure import Test, pp, tg
 
@@ -280,20 +281,6 @@ def run_context_study(study: ContextStudy, parts: tuple = ("allocated", "fill", 
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------
-def _ok(df, part: str):
-    if df.empty or "part" not in df:
-        return df.iloc[0:0]
-    return df[(df["part"] == part) & (df["status"] == "ok")]
-
-
-def _samples(rows, col: str = "samples_ts") -> list[float]:
-    out: list[float] = []
-    if col not in rows:
-        return out
-    for v in rows[col]:
-        if isinstance(v, list):
-            out.extend(float(x) for x in v)
-    return out
 
 
 def _ttft_ms(rows) -> list[float]:

@@ -76,3 +76,21 @@ def load_results(path: str | os.PathLike, status: str | None = None):
     if status is not None and not df.empty:
         df = df[df["status"] == status].reset_index(drop=True)
     return df
+
+
+def ok_rows(df, part: str):
+    """The successful rows of one part of a study (rows carry a `part` column)."""
+    if df.empty or "part" not in df:
+        return df.iloc[0:0]
+    return df[(df["part"] == part) & (df["status"] == "ok")]
+
+
+def pooled_samples(rows, col: str = "samples_ts") -> list[float]:
+    """Every raw sample of a list column, over all the given rows."""
+    out: list[float] = []
+    if col not in rows:
+        return out
+    for v in rows[col]:
+        if isinstance(v, list):
+            out.extend(float(x) for x in v)
+    return out

@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .results import ok_rows as _ok, pooled_samples as _samples
 from .config import NUMA_STRATEGIES, Settings, SettingsError
 from .measure import Test
 
@@ -520,20 +521,6 @@ def run_system_study(study: SystemStudy, parts: tuple = ("threads", "numa", "pri
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------
-def _ok(df, part: str):
-    if df.empty or "part" not in df:
-        return df.iloc[0:0]
-    return df[(df["part"] == part) & (df["status"] == "ok")]
-
-
-def _samples(rows, col: str = "samples_ts") -> list[float]:
-    out: list[float] = []
-    if col not in rows:
-        return out
-    for v in rows[col]:
-        if isinstance(v, list):
-            out.extend(float(x) for x in v)
-    return out
 
 
 def thread_table(df, study: SystemStudy):
