@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .verdicts import median_ci, paired_log_ratio
 from .results import ok_rows as _ok, pooled_samples as _samples
+from .sweep import StudyLocation
 from .config import KV_CACHE_TYPES, Settings, SettingsError
 from .measure import Test, pp, tg
 
@@ -50,7 +51,7 @@ def ppl_verdict(claim: str, candidate_chunk_nll, baseline_chunk_nll, claimed: st
 
 # ---- the study --------------------------------------------------------------------------------------------------
 @dataclass
-class ContextStudy:
+class ContextStudy(StudyLocation):
     """n_ctx (M1) and KV cache / RoPE (M2). Validated on construction; the model card is read here."""
 
     model: str = "smollm2-135m"
@@ -128,13 +129,6 @@ class ContextStudy:
             self.settings(n_ctx=n)
 
     # -- paths
-    @property
-    def study(self) -> str:
-        return Path(self.out_dir).name
-
-    @property
-    def out_root(self) -> str:
-        return str(Path(self.out_dir).parent)
 
     def reference_path(self) -> Path:
         from .quality import reference_path

@@ -63,6 +63,20 @@ class _Grid(list):
     skipped: list
 
 
+class StudyLocation:
+    """For a study config with an `out_dir` (outputs/<study>): the sweep's study name and output root."""
+
+    out_dir: str
+
+    @property
+    def study(self) -> str:
+        return Path(self.out_dir).name
+
+    @property
+    def out_root(self) -> str:
+        return str(Path(self.out_dir).parent)
+
+
 # ---- keys and provenance ----------------------------------------------------------------------------------------
 def trial_key(model_sha256: str, settings: Settings, test: Test, repetitions: int) -> str:
     s = settings.to_dict()

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .results import ok_rows as _ok, pooled_samples as _samples
+from .sweep import StudyLocation
 from .config import NUMA_STRATEGIES, Settings, SettingsError
 from .measure import Test
 
@@ -303,7 +304,7 @@ PRIORITY_MAX_GEN = 16  # tokens per timed run in the priority part (see SystemSt
 
 
 @dataclass
-class SystemStudy:
+class SystemStudy(StudyLocation):
     """Threads (C1), NUMA (C2), priority under load (O1), loading (O2, O3). Validated on construction."""
 
     model: str = "smollm2-135m"
@@ -361,14 +362,6 @@ class SystemStudy:
         self.thread_counts = sorted(set(self.thread_counts))
         Settings(model=self.model, n_ctx=self.n_ctx)  # model + context validated the settings' way
 
-    # paths
-    @property
-    def study(self) -> str:
-        return Path(self.out_dir).name
-
-    @property
-    def out_root(self) -> str:
-        return str(Path(self.out_dir).parent)
 
     def base(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.n_ctx)

@@ -228,6 +228,11 @@ def read_verdicts(path: str | os.PathLike) -> list[dict]:
     return json.loads(p.read_text())["verdicts"]
 
 
+def verdicts_by_claim(path: str | os.PathLike) -> dict[str, dict]:
+    """A study's verdicts.json as {claim: verdict dict}."""
+    return {v["claim"]: v for v in read_verdicts(path)}
+
+
 def verdict_table(verdicts: Sequence[Verdict | dict]):
     """A DataFrame for display: claim, verdict, effect [CI], summary."""
     import pandas as pd

@@ -1,7 +1,6 @@
 """Smoke runs of notebooks 30 (context, KV cache) and 40 (threads, system) with tiny parameters on the real model."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -9,13 +8,10 @@ import pytest
 pm = pytest.importorskip("papermill")
 
 from kit.results import load_results  # noqa: E402
-from kit.verdicts import NOT_TESTABLE, VERDICTS  # noqa: E402
+from kit.verdicts import NOT_TESTABLE, VERDICTS, verdicts_by_claim  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-
-def _verdicts(out_dir: Path) -> dict:
-    return {v["claim"]: v for v in json.loads((out_dir / "verdicts.json").read_text())["verdicts"]}
 
 
 def test_notebook_30_context_kv(tmp_path, run_notebook):
@@ -26,7 +22,7 @@ def test_notebook_30_context_kv(tmp_path, run_notebook):
         "depth_repetitions": 2, "kv_types": ["f16", "q4_0"], "kv_n_ctx": 256, "kv_depth": 64,
         "ppl_n_ctx": 64, "ppl_chunks": 3,
     }, out)
-    df, v = load_results(out), _verdicts(out)
+    df, v = load_results(out), verdicts_by_claim(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
     assert set(df["part"]) == {"allocated", "fill", "depth", "kv", "rope"}
     # 16384 > n_ctx_train (8192): not run, and said so
@@ -55,7 +51,7 @@ def test_notebook_40_threads_system(tmp_path, run_notebook):
         "repetitions": 3, "n_ctx": 128, "n_gen": 8, "n_prompt": 32, "load_repetitions": 3,
         "mmap_values": [True, False], "mlock_values": [False], "first_prompt": 8,
     }, out)
-    df, v = load_results(out), _verdicts(out)
+    df, v = load_results(out), verdicts_by_claim(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
     from kit.environment import numa_nodes
     from kit.system import cpu_topology

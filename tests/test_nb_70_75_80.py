@@ -1,7 +1,6 @@
 """Smoke runs of notebooks 70 (generation), 75 (serving queue) and 80 (profiling) with tiny parameters, real model."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,13 +9,10 @@ import pytest
 pm = pytest.importorskip("papermill")
 
 from kit.results import load_results  # noqa: E402
-from kit.verdicts import VERDICTS  # noqa: E402
+from kit.verdicts import VERDICTS, verdicts_by_claim  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-
-def _verdicts(out_dir: Path) -> dict:
-    return {v["claim"]: v for v in json.loads((out_dir / "verdicts.json").read_text())["verdicts"]}
 
 
 def test_notebook_70_generation(tmp_path, run_notebook):
@@ -26,7 +22,7 @@ def test_notebook_70_generation(tmp_path, run_notebook):
         "repeat_penalties": [], "caps": [8, 24], "s2_cap": 24, "n_cap_prompts": 2, "n_unlimited_prompts": 1,
         "repetitions": 2, "cap_repetitions": 3,
     }, out)
-    df, v = load_results(out), _verdicts(out)
+    df, v = load_results(out), verdicts_by_claim(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["label", "error"]].to_string()
     assert set(df["label"]) == {"guide", "default", "temperature=0.0", "top_k=0", "max_tokens=8", "max_tokens=24",
                                 "max_tokens=unlimited"}
@@ -48,7 +44,7 @@ def test_notebook_75_serving_queue(tmp_path, run_notebook):
         "n_ctx": 512, "n_prompts": 2, "max_tokens": 6, "clients": [1, 3], "rhos": [2.0], "poisson_requests": 6,
         "calibration_requests": 1, "repetitions": 2,
     }, out)
-    df, v = load_results(out), _verdicts(out)
+    df, v = load_results(out), verdicts_by_claim(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["label", "error"]].to_string()
     closed = df[df["mode"] == "closed"].set_index("clients")
     assert closed.loc[1, "n_requests"] == 2 and closed.loc[3, "n_requests"] == 6
@@ -63,7 +59,7 @@ def test_notebook_75_serving_queue(tmp_path, run_notebook):
 def test_notebook_80_profiling(tmp_path, run_notebook):
     out = tmp_path / "80_profiling"
     run_notebook("80_profiling", {"n_ctx": 512, "max_tokens": 12, "repetitions": 3}, out)
-    df, v = load_results(out), _verdicts(out)
+    df, v = load_results(out), verdicts_by_claim(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
     assert set(df["test_kind"]) == {"tg", "kit.profiling:profile_test"}
     assert (out / "request.prof").exists() and (out / "request_native.prof").exists()
