@@ -362,7 +362,6 @@ class SystemStudy(StudyLocation):
         self.thread_counts = sorted(set(self.thread_counts))
         Settings(model=self.model, n_ctx=self.n_ctx)  # model + context validated the settings' way
 
-
     def base(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.n_ctx)
 
