@@ -110,9 +110,10 @@ def format_rows(df, fmt: str) -> str:
 
 
 def cmd_bench(args) -> int:
-    from .models import model_card
+    import pandas as pd
+
     from .results import load_results
-    from .sweep import run_sweep, trial_key
+    from .sweep import planned_rows, run_sweep
 
     combos = bench_configs(args)
     out = Path(args.out)
@@ -120,9 +121,9 @@ def cmd_bench(args) -> int:
     for test in dict.fromkeys(t for _, t in combos):
         run_sweep(out.name, [s for s, t in combos if t == test], [test], repetitions=args.r,
                   out_root=out.parent, progress=not args.quiet, retry_failed=args.retry_failed)
-    shas = {m: model_card(m).sha256 for m in {s.model for s, _ in combos}}
-    keys = [trial_key(shas[s.model], s, t, args.r) for s, t in combos]
-    df = load_results(out).set_index("trial_key").loc[keys].reset_index()  # this invocation's rows, in order
+    df = load_results(out)
+    # this invocation's rows, in the order of the combinations
+    df = pd.concat([planned_rows(df, [s], [t], args.r) for s, t in combos], ignore_index=True)
     print(format_rows(df, args.o))
     return 0 if (df["status"] == "ok").all() else 1
 

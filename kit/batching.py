@@ -23,9 +23,9 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Sequence
 
+from .sweep import planned_rows  # noqa: F401 - part of this module's API (tests, offload)
 from .verdicts import compare, evidence_path, median_ci  # noqa: F401 - evidence_path is used by the notebooks
 from .config import Settings, SettingsError
 from .measure import DEFAULT_REPETITIONS, Test, pp, tg
@@ -283,47 +283,23 @@ class BatchFlashStudy:
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
-def _split_out_dir(out_dir: str | os.PathLike) -> tuple[str, Path]:
-    p = Path(out_dir)
-    return p.name, p.parent
+def _run_part(study: BatchFlashStudy, out_dir, configs, tests, claim: str, part: str, progress: bool):
+    from .sweep import run_sweep, split_out_dir
 
-
-def planned_rows(df, configs: Sequence[Settings], tests: Sequence[Test], repetitions: int):
-    """Only the rows this plan asked for: a reused out_dir may hold rows of other parameters (resume keys)."""
-    from .models import model_card
-    from .sweep import trial_key
-
-    if df is None or df.empty:
-        return df
-    shas = {}
-    keys = set()
-    for s in configs:
-        if s.model not in shas:
-            shas[s.model] = model_card(s.model).sha256
-        keys.update(trial_key(shas[s.model], s, t, repetitions) for t in tests)
-    return df[df["trial_key"].isin(keys)].reset_index(drop=True)
+    name, root = split_out_dir(out_dir)
+    df = run_sweep(name, configs, tests, study.repetitions, out_root=root, timeout_s=study.timeout_s,
+                   progress=progress, extra={"claim": claim, "part": part})
+    return planned_rows(df, configs, tests, study.repetitions)
 
 
 def run_batch_grid(study: BatchFlashStudy, out_dir: str | os.PathLike, progress: bool = True):
     """G3: every (n_batch, n_ubatch) of the grid x every prompt length; rows of this plan as a DataFrame."""
-    from .sweep import run_sweep
-
-    name, root = _split_out_dir(out_dir)
-    configs, tests = study.batch_configs(), study.batch_tests()
-    df = run_sweep(name, configs, tests, study.repetitions, out_root=root, timeout_s=study.timeout_s,
-                   progress=progress, extra={"claim": CLAIM_BATCH, "part": "batch_grid"})
-    return planned_rows(df, configs, tests, study.repetitions)
+    return _run_part(study, out_dir, study.batch_configs(), study.batch_tests(), CLAIM_BATCH, "batch_grid", progress)
 
 
 def run_flash_attn(study: BatchFlashStudy, out_dir: str | os.PathLike, progress: bool = True):
     """G2: flash attention off and on, pp and tg at every depth; rows of this plan as a DataFrame."""
-    from .sweep import run_sweep
-
-    name, root = _split_out_dir(out_dir)
-    configs, tests = study.flash_configs(), study.flash_tests()
-    df = run_sweep(name, configs, tests, study.repetitions, out_root=root, timeout_s=study.timeout_s,
-                   progress=progress, extra={"claim": CLAIM_FLASH, "part": "flash_attn"})
-    return planned_rows(df, configs, tests, study.repetitions)
+    return _run_part(study, out_dir, study.flash_configs(), study.flash_tests(), CLAIM_FLASH, "flash_attn", progress)
 
 
 # ---- analysis: G3 ------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .sweep import split_out_dir
 from .verdicts import evidence_path, too_few  # noqa: F401 - evidence_path is used by the notebooks
 from .config import Settings, SettingsError
 from .measure import Test, _pct, stream_chat, summarize
@@ -296,18 +297,12 @@ class GenerationStudy:
         return tests
 
 
-def study_location(out_dir: str | Path) -> tuple[str, Path]:
-    """out_dir 'outputs/70_generation' -> (study name, out_root) for kit.sweep.run_sweep."""
-    p = Path(out_dir)
-    return p.name, p.parent
-
-
 def run_generation_study(study: GenerationStudy, progress: bool = True):
     """Two trials, one model load each: the sampling sweep (S1) and the max_tokens sweep (S2). Returns all rows."""
     from .results import load_results
     from .sweep import run_sweep
 
-    name, root = study_location(study.out_dir)
+    name, root = split_out_dir(study.out_dir)
     base = study.settings()
     run_sweep(name, base, study.sampling_tests(), repetitions=study.repetitions, out_root=root,
               timeout_s=study.timeout_s, progress=progress, extra={"claim": "S1", "part": "sampling"})

@@ -299,7 +299,7 @@ def run_gpu_layers(study: GpuLayersStudy, out_dir: str | os.PathLike, progress: 
                    support: dict | None = None, runner: Callable | None = None) -> GpuLayersRun:
     """Notebook 10's run: where offload works, the layer search, the context search at the best count, and the
     sweep over layer counts; elsewhere the CPU baseline (n_gpu_layers=0) only. Searches go to gpu_search.json."""
-    from .batching import planned_rows
+    from .sweep import planned_rows
     from .sweep import run_sweep
 
     out = Path(out_dir)
@@ -551,7 +551,8 @@ def run_environment_report(study: EnvironmentStudy, out_dir: str | os.PathLike, 
                            nvml: Any = None) -> EnvironmentReport:
     """Capture the environment fresh, write environment.json and model_card.json under out_dir, measure pp/tg
     once (kit.sweep), and add the decode roofline (read bandwidth / weight bytes per token) to environment.json."""
-    from .batching import _as_list, planned_rows
+    from .batching import _as_list
+    from .sweep import planned_rows
     from .verdicts import median_ci
     from .environment import capture_environment, decode_roofline, memory_bandwidth_gbs
     from .models import model_card

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Settings, SettingsError
-from .generation import SAMPLING_KEYS, load_prompts, study_location
+from .generation import SAMPLING_KEYS, load_prompts
+from .sweep import split_out_dir
 from .verdicts import too_few
 from .measure import Test, stream_chat, tg
 
@@ -343,7 +344,7 @@ def run_profiling_study(study: ProfilingStudy, progress: bool = True):
     from .results import load_results
     from .sweep import run_sweep
 
-    name, root = study_location(study.out_dir)
+    name, root = split_out_dir(study.out_dir)
     run_sweep(name, study.settings(), study.tests(), repetitions=study.repetitions, out_root=root,
               timeout_s=study.timeout_s, progress=progress, extra={"claim": "P2"})
     df = load_results(Path(root) / name)

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Settings, SettingsError
-from .generation import load_prompts, study_location
+from .generation import load_prompts
+from .sweep import split_out_dir
 from .verdicts import too_few
 from .measure import Test, _pct, stream_chat, summarize
 
@@ -398,7 +399,7 @@ def run_serving_study(study: ServingStudy, progress: bool = True):
     from .results import load_results
     from .sweep import run_sweep
 
-    name, root = study_location(study.out_dir)
+    name, root = split_out_dir(study.out_dir)
     base = study.settings()
     if study.clients:
         run_sweep(name, base, study.closed_tests(), repetitions=study.repetitions, out_root=root,

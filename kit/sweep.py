@@ -63,6 +63,21 @@ class _Grid(list):
     skipped: list
 
 
+def split_out_dir(out_dir: str | os.PathLike) -> tuple[str, Path]:
+    """outputs/<study> -> (study name, output root), the two arguments run_sweep takes."""
+    p = Path(out_dir)
+    return p.name, p.parent
+
+
+def planned_rows(df, configs: Sequence[Settings], tests: Sequence[Test], repetitions: int):
+    """Only the rows this plan asked for, by trial key: a reused study folder may hold rows of other parameters."""
+    if df is None or df.empty:
+        return df
+    shas = {m: model_card(m).sha256 for m in {s.model for s in configs}}
+    keys = {trial_key(shas[s.model], s, t, repetitions) for s in configs for t in tests}
+    return df[df["trial_key"].isin(keys)].reset_index(drop=True)
+
+
 class StudyLocation:
     """For a study config with an `out_dir` (outputs/<study>): the sweep's study name and output root."""
 
@@ -70,11 +85,11 @@ class StudyLocation:
 
     @property
     def study(self) -> str:
-        return Path(self.out_dir).name
+        return split_out_dir(self.out_dir)[0]
 
     @property
     def out_root(self) -> str:
-        return str(Path(self.out_dir).parent)
+        return str(split_out_dir(self.out_dir)[1])
 
 
 # ---- keys and provenance ----------------------------------------------------------------------------------------
