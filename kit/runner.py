@@ -267,6 +267,7 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
         return 2
     status = read_status(out_root)
     failed = []
+    t_start = time.perf_counter()
     for i, nb in enumerate(notebooks, 1):
         log(f"[{i}/{len(notebooks)}] {nb.stem} {json.dumps(plans[nb.stem]) if plans[nb.stem] else ''}".rstrip())
         rec = run_notebook(nb, plans[nb.stem], out_root, kernel_name=kernel_name, cwd=cwd, progress=progress)
@@ -289,6 +290,7 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
     profiles = Path(out_root) / "profiles"
     if profiles.is_dir():
         log(f"profiles: {', '.join(str(p) for p in sorted(profiles.glob('*.env')))}")
+    log(f"{len(notebooks)} notebooks in {(time.perf_counter() - t_start) / 60:.1f} min")
     if failed:
         log(f"{len(failed)} failed: {', '.join(failed)}")
         return 1

@@ -300,7 +300,10 @@ def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
 
 
 # ---- the study ------------------------------------------------------------------------------------------------
-PRIORITY_MAX_GEN = 16  # tokens per timed run in the priority part (see SystemStudy.priority_test)
+# tokens per timed run in the priority part (see SystemStudy.priority_test). Seen on a 2-core machine: under a
+# busy loop per core, the bench at nice -10 with n_threads = 2 decoded 0.28 tokens/s (16 t/s at nice 0, 80 with
+# no load), so 16 tokens x 6 runs took 5 minutes; 4 tokens still time 4 decodes per sample.
+PRIORITY_MAX_GEN = 4
 
 
 @dataclass
