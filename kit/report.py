@@ -186,7 +186,7 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto
 table{border-collapse:collapse;width:100%;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;
 font-size:14px}th{background:#f0f0f0}.supported{background:#e3f6e3}.refuted{background:#fde2e2}
 .no-measurable-effect{background:#f4f4f4}.not-testable-here{background:#fff6d6}.not-run{color:#888}
-.failed{background:#fde2e2;font-weight:bold}.ok{color:#2a7a2a}"""
+.failed{background:#fde2e2;font-weight:bold}.ok{color:#2a7a2a}.unstable{background:#fff6d6}"""
 
 
 def _cls(verdict: str) -> str:
@@ -271,7 +271,17 @@ def render_report(out_root: str | os.PathLike = "outputs", status: dict | None =
                    f"<td>{page}</td><td>{e(detail[:600])}</td></tr>")
     if not stems:
         out.append("<tr><td colspan=5 class='not-run'>no executed notebooks yet</td></tr>")
-    out.append("</table><h2>Claims</h2>")
+    out.append("</table>")
+    from .drift import DRIFT_FILE, PROBE_DIR, drift_text
+
+    drift_p = root / PROBE_DIR / DRIFT_FILE
+    try:
+        drift = json.loads(drift_p.read_text()) if drift_p.exists() else None
+    except json.JSONDecodeError:
+        drift = None
+    out.append(f"<h2>Machine speed during the run</h2><p class='{'unstable' if drift and drift.get('drifted') else ''}'>"
+               f"{e(drift_text(drift))}</p>")
+    out.append("<h2>Claims</h2>")
     out.append(claims_html(vs, root, rep, {k: v.name for k, v in pages.items()}))
     out.append("<h2>The guide's checklist</h2>")
     out.append(checklist_html(cl))

@@ -237,6 +237,21 @@ def run_notebook(nb: Path, params: dict, out_root: str, kernel_name: str = "pyth
     return rec
 
 
+def _probe(model: str | None, out_root: str, phase: str, run_id: str, quick: bool, log) -> None:
+    """The drift probe; a failure is logged (and its row kept), never fatal: the studies matter more."""
+    from .drift import run_probe
+
+    try:
+        rows = run_probe(model, out_root, phase, run_id, quick=quick)
+        bad = [r for r in rows if r.get("status") != "ok"]
+        if bad:
+            log(f"speed probe ({phase}) failed: {bad[0].get('status')}: {bad[0].get('error')}")
+        else:
+            log(f"speed probe ({phase}): " + ", ".join(f"{r['test']} {r['median_ts']:.1f} t/s" for r in rows))
+    except Exception as exc:  # noqa: BLE001
+        log(f"speed probe ({phase}) failed: {type(exc).__name__}: {exc}")
+
+
 def failure_message(stem: str, rec: dict) -> str:
     where = (f"cell {rec['cell_index']} (execution count {rec['exec_count']})"
              if rec.get("cell_index") is not None else "before or outside a cell")
@@ -248,9 +263,12 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
               out_root: str = DEFAULT_OUT, notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR,
               quick_file: str | os.PathLike | None = None, params: dict[str, dict] | None = None,
               report: bool = True, kernel_name: str = "python3", cwd: str | None = None,
-              progress: bool = True, log=print) -> int:
+              progress: bool = True, log=print, probe: bool = True) -> int:
     """Run the study notebooks in order, then render the report. 0 when every notebook ran, 1 otherwise,
-    2 for bad input (nothing run)."""
+    2 for bad input (nothing run).
+
+    With `probe`, the same short engine bench runs before the first notebook and after the last
+    (`kit.drift`): the report says how much the machine's speed moved during the run."""
     out_root = str(out_root).rstrip("/") or DEFAULT_OUT
     try:
         if model is not None:
@@ -268,6 +286,9 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
     status = read_status(out_root)
     failed = []
     t_start = time.perf_counter()
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+    if probe:
+        _probe(model, out_root, "start", run_id, quick, log)
     for i, nb in enumerate(notebooks, 1):
         log(f"[{i}/{len(notebooks)}] {nb.stem} {json.dumps(plans[nb.stem]) if plans[nb.stem] else ''}".rstrip())
         rec = run_notebook(nb, plans[nb.stem], out_root, kernel_name=kernel_name, cwd=cwd, progress=progress)
@@ -278,6 +299,15 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
         else:
             failed.append(nb.stem)
             log(failure_message(nb.stem, rec))
+    if probe:
+        _probe(model, out_root, "end", run_id, quick, log)
+        from .drift import summarize_drift
+
+        summary = summarize_drift(out_root, run_id)
+        if summary:
+            log("machine speed, end / start: " + ", ".join(
+                f"{t['test']} x{t['ratio']:.2f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" for t in summary["tests"])
+                + (" (drifted: see the report)" if summary["drifted"] else ""))
     if report:
         try:
             from .report import render_report
@@ -306,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-p", "--param", action="append", default=[], metavar="STEM.NAME=JSON",
                     help="one parameter for one notebook, e.g. 20_batch_flash_attn.repetitions=3")
     ap.add_argument("--no-report", action="store_true", help="skip rendering the HTML report")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="skip the speed probe before and after the notebooks (machine drift check)")
     return ap
 
 
@@ -333,7 +365,7 @@ def main_run(argv: Sequence[str] | None = None) -> int:
         return 2
     only = [s for s in args.only.split(",")] if args.only else None
     return run_study(model=args.model, quick=args.quick, only=only, out_root=args.out, params=params,
-                     report=not args.no_report)
+                     report=not args.no_report, probe=not args.no_probe)
 
 
 def main_report(argv: Sequence[str] | None = None) -> int:

@@ -67,7 +67,7 @@ def test_failing_notebook_named_with_cell_rest_runs_report_renders(tiny_notebook
     out = tmp_path / "out"
     lines = []
     rc = runner.run_study(notebooks_dir=tiny_notebooks, out_root=str(out), params={"20_runs": {"limit": 7}},
-                          log=lines.append, progress=False)
+                          log=lines.append, progress=False, quick=True)
     assert rc == 1
     failure = [line for line in lines if line.startswith("FAILED 10_fails")]
     assert failure, lines
@@ -81,6 +81,14 @@ def test_failing_notebook_named_with_cell_rest_runs_report_renders(tiny_notebook
     index = (out / "report" / "index.html").read_text()
     assert "10_fails" in index and "failed" in index and "deliberate failure" in index
     assert (out / "report" / "20_runs.html").exists()
+    # the speed probe ran on the real model before and after the notebooks, and the report says what it saw
+    probe = [json.loads(x) for x in (out / "speed_probe" / "results.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["status"]) for r in probe] == [("start", "ok")] * 2 + [("end", "ok")] * 2
+    assert all(len(r["samples_ts"]) == 5 and r["median_ts"] > 0 for r in probe)
+    assert any(line.startswith("machine speed, end / start: tg16 x") for line in lines), lines
+    drift = json.loads((out / "speed_probe" / "drift.json").read_text())
+    assert {t["test"] for t in drift["tests"]} == {"tg16", "pp32"}
+    assert "Machine speed during the run" in index and "end/start x" in index
 
 
 def test_main_run_param_syntax_and_only(tiny_notebooks, tmp_path, monkeypatch):
@@ -120,3 +128,25 @@ def test_bad_model_path_is_one_error(tiny_notebooks, tmp_path):
     rc = runner.run_study(model=str(tmp_path / "missing.gguf"), notebooks_dir=tiny_notebooks,
                           out_root=str(tmp_path / "out"), log=lines.append, progress=False)
     assert rc == 2 and "no such file" in lines[0]
+
+
+def test_drift_summary_flags_only_a_clear_change(tmp_path):
+    from kit.drift import PROBE_DIR, drift_text, summarize_drift
+    from kit.results import append_rows
+
+    def row(run, phase, test, xs):
+        return {"run_id": run, "phase": phase, "test": test, "status": "ok", "samples_ts": xs,
+                "median_ts": sorted(xs)[len(xs) // 2], "test_time": "t"}
+
+    path = tmp_path / PROBE_DIR / "results.jsonl"
+    steady = [100, 101, 99, 100.5, 99.5]
+    append_rows(path, [row("a", "start", "tg64", steady), row("a", "end", "tg64", [x * 0.6 for x in steady]),
+                       row("b", "start", "tg64", steady), row("b", "end", "tg64", [x * 1.01 for x in steady]),
+                       row("c", "start", "tg64", steady)])  # c never ended: not a complete run
+    latest = summarize_drift(tmp_path)
+    assert latest["run_id"] == "b" and not latest["drifted"]
+    assert 1.0 < latest["tests"][0]["ratio"] < 1.02
+    slowed = summarize_drift(tmp_path, "a")
+    assert slowed["drifted"] and slowed["tests"][0]["ci_high"] < 0.7
+    assert "moved by more than 10%" in drift_text(slowed)
+    assert "not probed" in drift_text(summarize_drift(tmp_path / "nothing"))

@@ -1,0 +1,101 @@
+"""Machine speed drift over a study run: the same short engine bench before the first notebook and after the last.
+
+Every interval the kit prints comes from the repetitions inside one trial, measured within seconds of each other.
+Two configurations measured minutes apart also differ by whatever the machine did in between (another tenant on a
+shared host, thermal limits, frequency scaling), and no per-trial interval shows that. `kit run` therefore times
+the same tg and pp tests, in a child process like any trial, at the start ("start") and at the end ("end") of the
+run, and the report prints the end/start ratio with its bootstrap interval. A ratio far from 1 means comparisons
+between trials run at different times carry at least that much extra uncertainty.
+
+Rows go to <out>/speed_probe/results.jsonl (one per phase and test, with the run's id), the summary to drift.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+PROBE_DIR = "speed_probe"
+DRIFT_FILE = "drift.json"
+DRIFT_WARN = 0.10  # |end/start - 1| above this is called out in the report
+
+
+def probe_tests(quick: bool = False):
+    from .measure import pp, tg
+
+    return [tg(16), pp(32)] if quick else [tg(64), pp(128)]
+
+
+def run_probe(model: str | None, out_root: str | os.PathLike, phase: str, run_id: str, quick: bool = False,
+              repetitions: int = 5) -> list[dict]:
+    """One trial (child process) of the probe tests; rows appended to <out>/speed_probe/results.jsonl."""
+    from .config import Settings
+    from .models import model_card
+    from .results import append_rows
+    from .sweep import run_trial
+
+    card = model_card(model or "smollm2-135m")
+    tests = probe_tests(quick)
+    s = Settings(model=card.path, n_ctx=max(t.tokens_needed() for t in tests) + 64)
+    out = Path(out_root) / PROBE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run_trial(s, tests, repetitions, card.path, timeout_s=300, log_file=str((out / "llama.log").resolve()))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    full = [{"study": PROBE_DIR, "run_id": run_id, "phase": phase, "test_time": stamp,
+             "model_filename": card.file_name, "model_sha256": card.sha256, **r} for r in rows]
+    append_rows(out / "results.jsonl", full)
+    return full
+
+
+def summarize_drift(out_root: str | os.PathLike, run_id: str | None = None) -> dict | None:
+    """end/start ratio of median t/s per test for one run (the latest run with both phases if run_id is None).
+
+    Writes and returns {"run_id", "tests": [{test, start_ts, end_ts, ratio, ci_low, ci_high, drifted}], ...};
+    None when no run has both phases measured.
+    """
+    from .results import read_rows
+    from .verdicts import bootstrap_ratio
+
+    out = Path(out_root) / PROBE_DIR
+    rows = [r for r in read_rows(out / "results.jsonl") if r.get("status") == "ok" and r.get("samples_ts")]
+    runs = [r["run_id"] for r in rows]
+    if run_id is None:
+        complete = [rid for rid in dict.fromkeys(runs) if {r["phase"] for r in rows if r["run_id"] == rid} >= {"start", "end"}]
+        if not complete:
+            return None
+        run_id = complete[-1]
+    tests = []
+    for name in dict.fromkeys(r["test"] for r in rows if r["run_id"] == run_id):
+        start = [r for r in rows if r["run_id"] == run_id and r["test"] == name and r["phase"] == "start"]
+        end = [r for r in rows if r["run_id"] == run_id and r["test"] == name and r["phase"] == "end"]
+        if not start or not end:
+            continue
+        a, b = end[-1]["samples_ts"], start[-1]["samples_ts"]
+        ratio, lo, hi = bootstrap_ratio(a, b)
+        tests.append({"test": name, "start_ts": start[-1].get("median_ts"), "end_ts": end[-1].get("median_ts"),
+                      "start_time": start[-1]["test_time"], "end_time": end[-1]["test_time"],
+                      "ratio": round(ratio, 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
+                      "drifted": abs(ratio - 1) > DRIFT_WARN and not (lo <= 1 <= hi)})
+    if not tests:
+        return None
+    summary = {"run_id": run_id, "warn_above": DRIFT_WARN, "tests": tests,
+               "drifted": any(t["drifted"] for t in tests)}
+    (out / DRIFT_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def drift_text(summary: dict | None) -> str:
+    """One paragraph for the report."""
+    if not summary:
+        return ("The machine's speed was not probed at both ends of a run (`kit run` does it; `--no-probe` "
+                "skips it), so how much it drifted during the studies is unknown.")
+    parts = [f"{t['test']} {t['start_ts']:.1f} -> {t['end_ts']:.1f} t/s (end/start x{t['ratio']:.3f}, 95 % CI "
+             f"{t['ci_low']:.3f}-{t['ci_high']:.3f})" for t in summary["tests"]]
+    head = "The same engine bench at the start and at the end of this run: " + "; ".join(parts) + "."
+    if summary["drifted"]:
+        return (head + f" The machine's speed moved by more than {summary['warn_above']:.0%} during the run: "
+                "comparisons between trials run minutes apart carry that much extra uncertainty, which the "
+                "per-trial intervals do not show. Effects smaller than the drift deserve a rerun on a quiet machine.")
+    return head + (" No drift beyond the noise: the per-trial intervals are a fair account of the uncertainty "
+                   "between trials too, at least at these two points in time.")
