@@ -97,5 +97,6 @@ def drift_text(summary: dict | None) -> str:
         return (head + f" The machine's speed moved by more than {summary['warn_above']:.0%} during the run: "
                 "comparisons between trials run minutes apart carry that much extra uncertainty, which the "
                 "per-trial intervals do not show. Effects smaller than the drift deserve a rerun on a quiet machine.")
-    return head + (" No drift beyond the noise: the per-trial intervals are a fair account of the uncertainty "
-                   "between trials too, at least at these two points in time.")
+    return head + (f" The speed moved by less than {summary['warn_above']:.0%}, or not measurably: between-trial "
+                   "comparisons carry little uncertainty beyond their own intervals, at least at these two points "
+                   "in time.")
