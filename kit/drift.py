@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 PROBE_DIR = "speed_probe"
@@ -29,23 +28,22 @@ def probe_tests(quick: bool = False):
 
 def run_probe(model: str | None, out_root: str | os.PathLike, phase: str, run_id: str, quick: bool = False,
               repetitions: int = 5) -> list[dict]:
-    """One trial (child process) of the probe tests; rows appended to <out>/speed_probe/results.jsonl."""
-    from .config import Settings
-    from .models import model_card
-    from .results import append_rows
-    from .sweep import run_trial
+    """One trial (child process, `kit.sweep.run_sweep`) of the probe tests; returns this phase's rows.
 
-    card = model_card(model or "smollm2-135m")
-    tests = probe_tests(quick)
-    s = Settings(model=card.path, n_ctx=max(t.tokens_needed() for t in tests) + 64)
-    out = Path(out_root) / PROBE_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    rows = run_trial(s, tests, repetitions, card.path, timeout_s=300, log_file=str((out / "llama.log").resolve()))
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    full = [{"study": PROBE_DIR, "run_id": run_id, "phase": phase, "test_time": stamp,
-             "model_filename": card.file_name, "model_sha256": card.sha256, **r} for r in rows]
-    append_rows(out / "results.jsonl", full)
-    return full
+    Rows land in <out>/speed_probe/results.jsonl with the usual provenance plus `phase` and `run_id`; the run id
+    and phase are in the tests' params too, so each probe is a trial of its own and never a resumed one.
+    """
+    from .config import Settings
+    from .measure import Test
+    from .sweep import run_sweep
+
+    tests = [Test(t.kind, t.n_prompt, t.n_gen, t.n_depth, {"phase": phase, "run_id": run_id})
+             for t in probe_tests(quick)]
+    s = Settings(model=model or "smollm2-135m", n_ctx=max(t.tokens_needed() for t in tests) + 64)
+    df = run_sweep(PROBE_DIR, s, tests, repetitions, out_root=out_root, timeout_s=300, progress=False,
+                   extra={"phase": phase, "run_id": run_id})
+    mine = df[(df["run_id"] == run_id) & (df["phase"] == phase)]
+    return mine.to_dict("records")
 
 
 def summarize_drift(out_root: str | os.PathLike, run_id: str | None = None) -> dict | None:
