@@ -57,22 +57,24 @@ def summarize_drift(out_root: str | os.PathLike, run_id: str | None = None) -> d
 
     out = Path(out_root) / PROBE_DIR
     rows = [r for r in read_rows(out / "results.jsonl") if r.get("status") == "ok" and r.get("samples_ts")]
-    runs = [r["run_id"] for r in rows]
+    # the last row per (run, test, phase): one pass over the file instead of a scan per test and phase
+    last = {(r["run_id"], r["test"], r["phase"]): r for r in rows}
     if run_id is None:
-        complete = [rid for rid in dict.fromkeys(runs) if {r["phase"] for r in rows if r["run_id"] == rid} >= {"start", "end"}]
+        phases: dict[str, set] = {}
+        for rid, _, phase in last:
+            phases.setdefault(rid, set()).add(phase)
+        complete = [rid for rid, ph in phases.items() if ph >= {"start", "end"}]
         if not complete:
             return None
         run_id = complete[-1]
     tests = []
-    for name in dict.fromkeys(r["test"] for r in rows if r["run_id"] == run_id):
-        start = [r for r in rows if r["run_id"] == run_id and r["test"] == name and r["phase"] == "start"]
-        end = [r for r in rows if r["run_id"] == run_id and r["test"] == name and r["phase"] == "end"]
+    for name in dict.fromkeys(t for rid, t, _ in last if rid == run_id):
+        start, end = last.get((run_id, name, "start")), last.get((run_id, name, "end"))
         if not start or not end:
             continue
-        a, b = end[-1]["samples_ts"], start[-1]["samples_ts"]
-        ratio, lo, hi = bootstrap_ratio(a, b)
-        tests.append({"test": name, "start_ts": start[-1].get("median_ts"), "end_ts": end[-1].get("median_ts"),
-                      "start_time": start[-1]["test_time"], "end_time": end[-1]["test_time"],
+        ratio, lo, hi = bootstrap_ratio(end["samples_ts"], start["samples_ts"])
+        tests.append({"test": name, "start_ts": start.get("median_ts"), "end_ts": end.get("median_ts"),
+                      "start_time": start["test_time"], "end_time": end["test_time"],
                       "ratio": round(ratio, 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
                       "drifted": abs(ratio - 1) > DRIFT_WARN and not (lo <= 1 <= hi)})
     if not tests:
