@@ -10,18 +10,13 @@ server's TTFT adds the chat template, tokenization and one decode step for the f
 depend on n_batch or n_ubatch, which only change how the prompt is cut into llama_decode calls and graph
 computations, so the pp time is the part these settings can move, measured without the fixed parts' noise.
 
-Depth tests fill the context once per test (untimed) and roll the KV cache back to the depth before every
-repetition (`llama_memory_seq_rm`), as llama-bench does by saving and restoring the depth state; the core
-`kit.measure.pp(n, depth=d)` refills the depth every repetition, which is the same measurement but costs
-repetitions x depth tokens of untimed work. `cache_depth=False` uses the core tests instead.
+Depth tests are the core engine tests at a depth (`kit.measure.pp(n, depth=d)`): the context is filled once per
+test, untimed, and rolled back to the depth before every repetition, as llama-bench caches its depth state.
 """
 from __future__ import annotations
 
 import math
 import os
-import random
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -33,93 +28,14 @@ from .measure import DEFAULT_REPETITIONS, Test, pp, tg
 CLAIM_BATCH = "G3"
 CLAIM_FLASH = "G2"
 NO_GPU_OFFLOAD = "this build has no GPU offload"
-DEPTH_TIMED_REGION = ("llama_decode of random tokens (pp: batches of n_batch; tg: 1-token decodes) to "
-                      "llama_synchronize; depth filled once per test, untimed, KV cache rolled back to the depth "
-                      "before each repetition (llama-bench's cached depth state)")
 
 
-# ---- measurement: engine pp/tg at a cached depth (runs inside a trial's child process) ---------------------------
-def _bench_at_depth(lm, test: Test, repetitions: int, warmup: bool = True, seed: int = 0) -> dict:
-    import llama_cpp
-
-    from .measure import _clear_kv, _decode_gen, _decode_prompt, summarize
-
-    if bool(test.n_prompt) == bool(test.n_gen):
-        raise ValueError("a depth test is either pp (n_prompt > 0) or tg (n_gen > 0), not both")
-    if test.tokens_needed() > lm.effective["n_ctx_effective"]:
-        raise ValueError(f"test {test.name} needs {test.tokens_needed()} tokens; "
-                         f"n_ctx is {lm.effective['n_ctx_effective']}")
-    rng = random.Random(seed)
-    ctx = lm.ctx
-    mem = llama_cpp.llama_get_memory(ctx)
-    _clear_kv(ctx)
-    t0 = time.perf_counter()
-    if test.n_depth:
-        _decode_prompt(lm, test.n_depth, rng)
-    fill_ms = (time.perf_counter() - t0) * 1e3
-
-    def rollback() -> None:
-        if test.n_depth == 0:
-            _clear_kv(ctx)
-        elif not llama_cpp.llama_memory_seq_rm(mem, 0, test.n_depth, -1):
-            raise RuntimeError("llama_memory_seq_rm refused to roll the KV cache back to the depth")
-
-    def run() -> None:
-        if test.n_prompt:
-            _decode_prompt(lm, test.n_prompt, rng)
-        else:
-            _decode_gen(lm, test.n_gen, rng)
-
-    if warmup:
-        rollback()
-        if test.n_prompt:
-            _decode_prompt(lm, test.n_prompt, rng)
-        else:
-            _decode_gen(lm, 1, rng)
-    samples_ns, perf_ts = [], []
-    n_tokens = test.n_prompt + test.n_gen
-    for _ in range(repetitions):
-        rollback()
-        llama_cpp.llama_perf_context_reset(ctx)
-        t = time.perf_counter_ns()
-        run()
-        samples_ns.append(time.perf_counter_ns() - t)
-        perf = llama_cpp.llama_perf_context(ctx)
-        perf_ms = perf.t_p_eval_ms + perf.t_eval_ms
-        if perf_ms > 0:
-            perf_ts.append(n_tokens / (perf_ms / 1e3))
-    samples_ts = [n_tokens / (ns / 1e9) for ns in samples_ns]
-    row = {
-        "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth, "repetitions": repetitions,
-        "samples_ns": samples_ns, "samples_ts": [round(x, 4) for x in samples_ts],
-        **summarize(samples_ts, samples_ns),
-        "perf_ts": round(statistics.median(perf_ts), 4) if perf_ts else None,
-        "depth_fill_ms": round(fill_ms, 3),
-        "timed_region": DEPTH_TIMED_REGION,
-    }
-    if row["perf_ts"] and row["median_ts"]:
-        row["perf_wall_ratio"] = round(row["perf_ts"] / row["median_ts"], 4)
-    return row
-
-
-def pp_at_depth(lm, test: Test, repetitions: int = DEFAULT_REPETITIONS) -> dict:
-    """Test kind 'kit.batching:pp_at_depth': prompt processing of n_prompt tokens after n_depth cached tokens."""
-    return _bench_at_depth(lm, test, repetitions)
-
-
-def tg_at_depth(lm, test: Test, repetitions: int = DEFAULT_REPETITIONS) -> dict:
-    """Test kind 'kit.batching:tg_at_depth': n_gen single-token decodes after n_depth cached tokens."""
-    return _bench_at_depth(lm, test, repetitions)
-
-
-def depth_test(mode: str, n: int, depth: int, cached: bool = True) -> Test:
-    """A pp or tg test at a context depth: the cached-depth kind above, or the core kit.measure test."""
+# ---- tests ------------------------------------------------------------------------------------------------------
+def depth_test(mode: str, n: int, depth: int) -> Test:
+    """A pp or tg test at a context depth (the depth filled once per test, rolled back before each repetition)."""
     if mode not in ("pp", "tg"):
         raise ValueError("mode must be 'pp' or 'tg'")
-    if not cached:
-        return pp(n, depth=depth) if mode == "pp" else tg(n, depth=depth)
-    kind = f"kit.batching:{mode}_at_depth"
-    return Test(kind, n_prompt=n, n_depth=depth) if mode == "pp" else Test(kind, n_gen=n, n_depth=depth)
+    return pp(n, depth=depth) if mode == "pp" else tg(n, depth=depth)
 
 
 # ---- statistics shared by the tables ---------------------------------------------------------------------------
@@ -198,7 +114,6 @@ class BatchFlashStudy:
     fa_n_gen: int = 32
     fa_n_batch: int = 512
     fa_n_ubatch: int = 512
-    cache_depth: bool = True          # fill each depth once per test (llama-bench); False: core pp/tg(depth=d)
     # held fixed in both parts
     n_threads: int | None = None
     n_threads_batch: int | None = None
@@ -274,8 +189,8 @@ class BatchFlashStudy:
     def flash_tests(self) -> list[Test]:
         out = []
         for d in self.depths:
-            out.append(depth_test("pp", self.fa_n_prompt, d, self.cache_depth))
-            out.append(depth_test("tg", self.fa_n_gen, d, self.cache_depth))
+            out.append(depth_test("pp", self.fa_n_prompt, d))
+            out.append(depth_test("tg", self.fa_n_gen, d))
         return out
 
     def to_dict(self) -> dict:

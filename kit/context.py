@@ -67,7 +67,7 @@ class ContextStudy(StudyLocation):
     fill_repetitions: int = 2
     depth_n_ctx: int = 0                  # 0 = the largest n_ctx run
     depths: list = field(default_factory=lambda: [0, 1024, 2048])
-    depth_repetitions: int = 3
+    depth_repetitions: int = 5
     kv_types: list = field(default_factory=lambda: ["f16", "q8_0", "q4_0"])
     kv_n_ctx: int = 2048
     kv_depth: int = 512                   # tg measured after this many tokens, where the KV type matters

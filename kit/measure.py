@@ -4,7 +4,8 @@ Timed regions (stated in every row's `timed_region`):
 - pp / tg / pg (engine): from before the first llama_decode to after llama_synchronize of the last one;
   random tokens, prompt processing in batches of n_batch, generation as single-token decodes; no
   tokenization, no sampling (llama-bench's `test_prompt` / `test_gen`). KV cache cleared before each
-  repetition; with n_depth, the depth is filled before the timer starts.
+  repetition; with n_depth, the depth is filled once per test (untimed) and the KV cache is rolled back to it
+  before the warm-up and every repetition, as llama-bench restores its cached depth state.
 - e2e (server view): from the call of a streamed chat completion to its last chunk; prompt cache reset
   before each request, so every request pays prompt processing as a fresh request would.
 The model is loaded once per configuration; a warm-up run precedes the timed repetitions.
@@ -85,6 +86,10 @@ def e2e(max_tokens: int = 64, prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> Tes
 
 
 ENGINE_KINDS = ("pp", "tg", "pg")
+ENGINE_TIMED_REGION = ("llama_decode of random tokens (pp: batches of n_batch; tg: 1-token decodes) to "
+                       "llama_synchronize; no tokenize/sample; KV cleared per repetition; a depth is filled once "
+                       "per test, untimed, and the KV cache rolled back to it before each repetition (llama-bench's "
+                       "cached depth state)")
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -133,6 +138,21 @@ def _clear_kv(ctx) -> None:
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), False)
 
 
+def _fill_depth(lm: LoadedModel, n_depth: int, rng: random.Random) -> float:
+    """Empty the KV cache, then decode n_depth random tokens into it (untimed context). Returns the fill's ms."""
+    _clear_kv(lm.ctx)
+    t0 = time.perf_counter()
+    _decode_prompt(lm, n_depth, rng)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _rollback_to_depth(ctx, n_depth: int) -> bool:
+    """Drop every cell at position >= n_depth: the cache holds exactly the filled depth again."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, n_depth, -1))
+
+
 def _decode_prompt(lm: LoadedModel, n_prompt: int, rng: random.Random) -> None:
     import llama_cpp
 
@@ -178,25 +198,33 @@ def bench_engine(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETIT
     if test.tokens_needed() > lm.effective["n_ctx_effective"]:
         raise ValueError(f"test {test.name} needs {test.tokens_needed()} tokens; n_ctx is {lm.effective['n_ctx_effective']}")
     rng = random.Random(seed)
+    ctx = lm.ctx
+    fill_ms = _fill_depth(lm, test.n_depth, rng) if test.n_depth else None
+
+    def reset() -> None:
+        nonlocal fill_ms
+        if not test.n_depth:
+            _clear_kv(ctx)
+        elif not _rollback_to_depth(ctx, test.n_depth):
+            fill_ms = _fill_depth(lm, test.n_depth, rng)  # a memory that cannot be cut (recurrent): refill
+
     if warmup:
-        _clear_kv(lm.ctx)
+        reset()
         if test.n_prompt:
             _decode_prompt(lm, test.n_prompt, rng)
         if test.n_gen:
             _decode_gen(lm, 1, rng)
     samples_ns, perf_ts = [], []
     for _ in range(repetitions):
-        _clear_kv(lm.ctx)
-        if test.n_depth:
-            _decode_prompt(lm, test.n_depth, rng)
-        llama_cpp.llama_perf_context_reset(lm.ctx)
+        reset()
+        llama_cpp.llama_perf_context_reset(ctx)
         t0 = time.perf_counter_ns()
         if test.n_prompt:
             _decode_prompt(lm, test.n_prompt, rng)
         if test.n_gen:
             _decode_gen(lm, test.n_gen, rng)
         samples_ns.append(time.perf_counter_ns() - t0)
-        perf = llama_cpp.llama_perf_context(lm.ctx)
+        perf = llama_cpp.llama_perf_context(ctx)
         perf_ms = perf.t_p_eval_ms + perf.t_eval_ms
         if perf_ms > 0:
             perf_ts.append((test.n_prompt + test.n_gen) / (perf_ms / 1e3))
@@ -211,9 +239,10 @@ def bench_engine(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETIT
         "samples_ts": [round(x, 4) for x in samples_ts],
         **summarize(samples_ts, samples_ns),
         "perf_ts": round(statistics.median(perf_ts), 4) if perf_ts else None,
-        "timed_region": "llama_decode of random tokens (pp: batches of n_batch; tg: 1-token decodes) to "
-                        "llama_synchronize; no tokenize/sample; KV cleared per repetition; depth filled untimed",
+        "timed_region": ENGINE_TIMED_REGION,
     }
+    if fill_ms is not None:
+        row["depth_fill_ms"] = round(fill_ms, 3)
     if row["perf_ts"] and row["median_ts"]:
         row["perf_wall_ratio"] = round(row["perf_ts"] / row["median_ts"], 4)
     return row

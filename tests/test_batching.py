@@ -34,13 +34,8 @@ def test_default_study_expands_to_the_briefed_grid() -> None:
     tests = s.flash_tests()
     assert {(t.n_depth, t.n_prompt, t.n_gen) for t in tests} == {(d, 128, 0) for d in (0, 1024, 2048)} | {
         (d, 0, 32) for d in (0, 1024, 2048)}
-    assert all(t.kind.startswith("kit.batching:") for t in tests)
-
-
-def test_uncached_depth_uses_core_tests() -> None:
-    tests = batching.BatchFlashStudy(cache_depth=False, depths=[0, 512]).flash_tests()
     assert {t.kind for t in tests} == {"pp", "tg"}
-    assert {t.name for t in tests} == {"pp128", "tg32", "pp128 @ d512", "tg32 @ d512"}
+    assert {t.name for t in tests} >= {"pp128", "tg32", "pp128 @ d1024", "tg32 @ d2048"}
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -150,7 +145,7 @@ def _flash_rows(on_factor):
                 base = 300.0 if mode == "pp" else 100.0
                 ts = base * (on_factor(mode, d) if fa else 1.0)
                 rows.append(_row(128 if mode == "pp" else 0, 512, 512, ts, flash_attn=fa, n_depth=d,
-                                 n_gen=0 if mode == "pp" else 32, test_kind=f"kit.batching:{mode}_at_depth"))
+                                 n_gen=0 if mode == "pp" else 32, test_kind=mode))
     return pd.DataFrame(rows)
 
 
@@ -184,7 +179,7 @@ def test_evidence_path_is_relative_to_outputs_root(tmp_path) -> None:
     assert batching.evidence_path(out / "figures" / "a.png", out) == "20_x/figures/a.png"
 
 
-# ---- the cached-depth tests on the real model (in process) -----------------------------------------------------------
+# ---- depth tests on the real model (in process) ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lm():
     m = load_model(Settings(n_ctx=256, n_batch=64, n_ubatch=64))
@@ -197,7 +192,7 @@ def test_pp_at_depth_rolls_back_to_the_depth(lm) -> None:
 
     # 200 + 3 x 40 tokens would overflow n_ctx=256 unless every repetition starts again at depth 200
     test = batching.depth_test("pp", 40, 200)
-    row = batching.pp_at_depth(lm, test, repetitions=3)
+    row = measure.bench_engine(lm, test, repetitions=3)
     assert len(row["samples_ts"]) == 3 and all(x > 0 for x in row["samples_ts"])
     assert row["n_depth"] == 200 and row["n_prompt"] == 40
     assert row["depth_fill_ms"] > 0
@@ -210,19 +205,25 @@ def test_pp_at_depth_rolls_back_to_the_depth(lm) -> None:
 def test_tg_at_depth_and_no_depth(lm) -> None:
     import llama_cpp
 
-    row = batching.tg_at_depth(lm, batching.depth_test("tg", 8, 100), repetitions=2)
+    row = measure.bench_engine(lm, batching.depth_test("tg", 8, 100), repetitions=2)
     assert row["n_gen"] == 8 and len(row["samples_ns"]) == 2
     assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(lm.ctx), 0) == 100 + 8 - 1
-    row = batching.tg_at_depth(lm, batching.depth_test("tg", 8, 0), repetitions=2)
+    row = measure.bench_engine(lm, batching.depth_test("tg", 8, 0), repetitions=2)
     assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(lm.ctx), 0) == 8 - 1
-    assert math.isfinite(row["median_ts"])
+    assert math.isfinite(row["median_ts"]) and "depth_fill_ms" not in row
+
+
+def test_depth_fill_is_paid_once_per_test(lm, monkeypatch) -> None:
+    calls = []
+    real = measure._decode_prompt
+    monkeypatch.setattr(measure, "_decode_prompt", lambda m, n, rng: (calls.append(n), real(m, n, rng)))
+    measure.bench_engine(lm, batching.depth_test("tg", 4, 150), repetitions=4)
+    assert calls == [150]  # one fill; warm-up and repetitions only decode single tokens
 
 
 def test_depth_test_refuses_what_does_not_fit_or_mixes_modes(lm) -> None:
-    with pytest.raises(ValueError, match="needs"):
-        batching.pp_at_depth(lm, batching.depth_test("pp", 100, 200), repetitions=1)
-    with pytest.raises(ValueError, match="either pp"):
-        batching.pp_at_depth(lm, measure.Test("kit.batching:pp_at_depth", n_prompt=8, n_gen=8), repetitions=1)
+    with pytest.raises(ValueError, match="smaller than the test pp100 @ d200"):
+        measure.bench_engine(lm, batching.depth_test("pp", 100, 200), repetitions=1)
     with pytest.raises(ValueError):
         batching.depth_test("pg", 8, 0)
 
