@@ -7,13 +7,16 @@ configuration):
   second inside one trial.
 - numa (C2): llama.cpp's NUMA strategies, where the machine has more than one NUMA node.
 - priority (O1): tg with busy-loop processes competing for every core, at normal and raised priority
-  (test kind `niced_bench`: niceness applied inside the trial's child to all its threads, then the engine bench).
+  (test kind `niced_bench`: the trial's child starts the load, applies the niceness to all its threads, then runs
+  a time-boxed tg). The load runs in the bench's own session, where niceness orders the two, and in other sessions:
+  with the kernel's autogroup on, CPU time is shared between sessions first and niceness only counts inside one.
 - loading (O2, O3): use_mmap x use_mlock, with the model file evicted from the page cache (cold) or fully
   cached (warm): load time, time to the first token after loading, resident and locked memory.
 
 Test kinds defined here run inside a trial's child process (see `kit.measure.Test`):
   Test("kit.system:memory_probe")                                  memory of the process right now
-  Test("kit.system:niced_bench", params={"nice": -10, "inner": "tg", "n_gen": 64})
+  Test("kit.system:niced_bench", params={"nice": -10, "inner": "tg", "n_gen": 64, "max_s": 1.5,
+                                         "load_procs": 2, "load_nice": 0, "load_session": "same"})
   Test("kit.system:load_probe", params={"cache": "cold", "rep": 0, "n_prompt": 32})
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import ctypes
 import ctypes.util
 import mmap as _mmap
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -80,6 +84,21 @@ def priority_permitted(nice: int) -> tuple[bool, str]:
 
 
 # ---- memory of this process, and page-cache residency of a file ---------------------------------------------
+def autogroup_enabled() -> bool | None:
+    """Linux's scheduler autogroup (sched_autogroup_enabled): CPU time shared between sessions before niceness."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return None
+
+
+def autogroup_of(pid: int | str = "self") -> str | None:
+    try:
+        return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def proc_memory(pid: int | str = "self") -> dict:
     """VmRSS, RssAnon, RssFile and VmLck (locked) in MiB, from /proc/<pid>/status (Linux)."""
     want = {"VmRSS": "proc_rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb", "VmLck": "vm_lck_mb",
@@ -212,18 +231,21 @@ class CompetingLoad:
     started here is killed by its pid.
     """
 
-    def __init__(self, n_procs: int | None = None, nice: int = 0, max_s: float = 600.0):
+    def __init__(self, n_procs: int | None = None, nice: int = 0, max_s: float = 600.0, new_session: bool = False):
         self.n_procs = n_procs or os.cpu_count() or 1
         self.nice = nice
         self.max_s = max_s
+        self.new_session = new_session  # each load process in a session of its own (its own autogroup)
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> "CompetingLoad":
-        code = (f"import os, time\nos.nice({int(self.nice)})\nend = time.monotonic() + {float(self.max_s)}\n"
+        code = ("import ctypes, os, time\ntry:\n    ctypes.CDLL('libc.so.6').prctl(1, 9)\nexcept OSError:\n    pass\n"
+                f"os.nice({int(self.nice)})\nend = time.monotonic() + {float(self.max_s)}\n"
                 "x = 0\nwhile time.monotonic() < end:\n    x += 1\n")
         for _ in range(self.n_procs):
             self.procs.append(subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                               start_new_session=self.new_session))
         time.sleep(0.3)  # let them reach the loop
         return self
 
@@ -253,14 +275,16 @@ def memory_probe(lm, test: Test, repetitions: int = 1) -> dict:
 def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
     """Test kind: change this process's niceness by params['nice'] (all threads), then the engine bench.
 
-    params: nice (int increment, e.g. -10), inner ("tg" or "pp"), n_gen / n_prompt, n_depth.
-    If raising priority is not permitted the bench still runs at the old niceness and the row says so
+    params: nice (int increment, e.g. -10), inner ("tg" or "pp"), n_gen / n_prompt, n_depth, and max_s: with
+    inner "tg", each timed run stops after n_gen tokens or once max_s seconds have passed, whichever comes first
+    (see `timeboxed_tg`). If raising priority is not permitted the bench still runs at the old niceness and the row says so
     (nice_applied False, nice_error).
     """
     from .measure import bench_engine
 
     p = dict(test.params or {})
-    unknown = set(p) - {"nice", "inner", "n_gen", "n_prompt", "n_depth", "condition"}
+    unknown = set(p) - {"nice", "inner", "n_gen", "n_prompt", "n_depth", "condition", "max_s", "load_procs",
+                        "load_nice", "load_session"}
     if unknown:
         raise ValueError(f"unknown niced_bench parameter(s): {sorted(unknown)}")
     inner = p.get("inner", "tg")
@@ -269,11 +293,76 @@ def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
     n = int(p.get("n_gen" if inner == "tg" else "n_prompt", 64 if inner == "tg" else 256))
     inner_test = Test(inner, n_gen=n if inner == "tg" else 0, n_prompt=n if inner == "pp" else 0,
                       n_depth=int(p.get("n_depth", 0)))
-    info = set_process_niceness(int(p.get("nice", 0)))
-    row = bench_engine(lm, inner_test, repetitions)
+    max_s = p.get("max_s")
+    if max_s is not None and (isinstance(max_s, bool) or not isinstance(max_s, (int, float)) or max_s <= 0):
+        raise ValueError(f"niced_bench max_s={max_s!r} must be a positive number of seconds")
+    if max_s is not None and (inner != "tg" or inner_test.n_depth):
+        raise ValueError("niced_bench max_s applies to a tg test at depth 0 only")
+    load_procs = int(p.get("load_procs", 0))
+    session = p.get("load_session", "same")
+    if session not in ("same", "other"):
+        raise ValueError(f"niced_bench load_session={session!r}: use 'same' or 'other'")
+    load = None
+    if load_procs > 0:
+        budget = (repetitions + 1) * ((float(max_s) if max_s else 60.0) + 10.0) + 60.0
+        load = CompetingLoad(load_procs, nice=int(p.get("load_nice", 0)), max_s=budget,
+                             new_session=session == "other").__enter__()
+    try:
+        info = set_process_niceness(int(p.get("nice", 0)))
+        if load is not None:
+            mine = autogroup_of()
+            info["load_same_autogroup"] = all(autogroup_of(pid) == mine for pid in load.pids) if mine else None
+        row = timeboxed_tg(lm, n, float(max_s), repetitions) if max_s else bench_engine(lm, inner_test, repetitions)
+    finally:
+        if load is not None:
+            load.__exit__(None, None, None)
     info["thread_nice_after"] = sorted({n for n in (_thread_nice(t) for t in _thread_ids()) if n is not None})
-    row.update(info, inner=inner, inner_test=inner_test.name)
+    row.update(info, inner=inner, inner_test=inner_test.name, autogroup=autogroup_enabled())
     row["timed_region"] = f"after setting niceness: {row['timed_region']}"
+    return row
+
+
+def timeboxed_tg(lm, n_gen: int, max_s: float, repetitions: int = 5, warmup: bool = True, seed: int = 0) -> dict:
+    """tg as llama-bench times it (1-token decodes of random tokens from an empty cache), except that each timed run
+    stops after n_gen tokens or at the first token that ends past max_s seconds. t/s = tokens decoded / time.
+
+    For runs under contention, where a single decode can take seconds: the number of runs stays fixed and each
+    costs about max_s, however slow the machine is made. A run decodes at least one token.
+    """
+    import llama_cpp
+
+    from .measure import _clear_kv, _decode_gen, summarize
+
+    rng = random.Random(seed)
+    ctx = lm.ctx
+    if warmup:
+        _clear_kv(ctx)
+        _decode_gen(lm, 1, rng)
+    samples_ns, samples_n, perf_ts = [], [], []
+    for _ in range(repetitions):
+        _clear_kv(ctx)
+        llama_cpp.llama_perf_context_reset(ctx)
+        t0 = time.perf_counter_ns()
+        deadline = t0 + int(max_s * 1e9)
+        n = 0
+        while n < n_gen:
+            _decode_gen(lm, 1, rng)
+            n += 1
+            if time.perf_counter_ns() >= deadline:
+                break
+        samples_ns.append(time.perf_counter_ns() - t0)
+        samples_n.append(n)
+        perf = llama_cpp.llama_perf_context(ctx)
+        if perf.t_eval_ms > 0:
+            perf_ts.append(n / (perf.t_eval_ms / 1e3))
+    samples_ts = [n / (ns / 1e9) for n, ns in zip(samples_n, samples_ns)]
+    row = {"n_prompt": 0, "n_gen": n_gen, "n_depth": 0, "repetitions": repetitions, "max_s": max_s,
+           "samples_n_gen": samples_n, "samples_ns": samples_ns, "samples_ts": [round(x, 4) for x in samples_ts],
+           **summarize(samples_ts, samples_ns),
+           "perf_ts": round(sorted(perf_ts)[len(perf_ts) // 2], 4) if perf_ts else None,
+           "timed_region": f"llama_decode of random single tokens to llama_synchronize, KV cleared per repetition; "
+                           f"each run stops after n_gen tokens or once {max_s:g} s have passed (at least one token); "
+                           f"t/s = tokens decoded / time"}
     return row
 
 
@@ -300,10 +389,9 @@ def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
 
 
 # ---- the study ------------------------------------------------------------------------------------------------
-# tokens per timed run in the priority part (see SystemStudy.priority_test). Seen on a 2-core machine: under a
-# busy loop per core, the bench at nice -10 with n_threads = 2 decoded 0.28 tokens/s (16 t/s at nice 0, 80 with
-# no load), so 16 tokens x 6 runs took 5 minutes; 4 tokens still time 4 decodes per sample.
-PRIORITY_MAX_GEN = 4
+# Seen on a 2-core machine: under a busy loop per core, the bench at nice -10 with n_threads = 2 decoded 0.28
+# tokens/s (16 t/s at nice 0, 80 with no load): a fixed token count per run could take minutes per condition, so
+# the priority part's runs are time-boxed (`timeboxed_tg`, SystemStudy.priority_max_s).
 
 
 @dataclass
@@ -322,6 +410,7 @@ class SystemStudy(StudyLocation):
     load_nice_proxy: int = 10             # competing load lowered by this much: the same priority gap, no root
     load_procs: int = 0                   # busy-loop processes; 0 = one per logical CPU
     priority_threads: int = 0             # n_threads in the priority part; 0 = os.cpu_count() (the guide)
+    priority_max_s: float = 1.5           # a priority run stops after n_gen tokens or this many seconds
     load_repetitions: int = 5             # trials (loads) per loading condition
     mmap_values: list = field(default_factory=lambda: [True, False])
     mlock_values: list = field(default_factory=lambda: [False, True])
@@ -339,6 +428,9 @@ class SystemStudy(StudyLocation):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise SettingsError(f"{name}={v!r} must be an int >= 0 (0 = one per logical CPU)")
+        if isinstance(self.priority_max_s, bool) or not isinstance(self.priority_max_s, (int, float)) \
+                or not 0 < self.priority_max_s <= 60:
+            raise SettingsError(f"priority_max_s={self.priority_max_s!r} must be a number of seconds in (0, 60]")
         if self.n_prompt + self.n_gen > self.n_ctx or self.first_prompt + 1 > self.n_ctx:
             raise SettingsError(f"n_ctx={self.n_ctx} must hold n_prompt + n_gen = {self.n_prompt + self.n_gen}")
         for t in self.thread_counts:
@@ -400,20 +492,31 @@ class SystemStudy(StudyLocation):
         return self.base().replace(n_threads=n, n_threads_batch=n)
 
     def priority_conditions(self) -> list[dict]:
-        """(label, competing load niceness or None for no load, niceness change of the bench)."""
+        """role, label, competing load niceness (None: no load), niceness change of the bench, and where the load
+        runs: in the bench's session ("same") or each process in a session of its own ("other")."""
+        n, proxy = self.nice, self.load_nice_proxy
         return [
-            {"condition": "no load", "load_nice": None, "nice": 0},
-            {"condition": "load", "load_nice": 0, "nice": 0},
-            {"condition": f"load, bench nice {self.nice:+d}", "load_nice": 0, "nice": self.nice},
-            {"condition": f"load at nice {self.load_nice_proxy:+d}", "load_nice": self.load_nice_proxy, "nice": 0},
+            {"role": "free", "condition": "no load", "load_nice": None, "nice": 0, "load_session": None},
+            {"role": "load", "condition": "load", "load_nice": 0, "nice": 0, "load_session": "same"},
+            {"role": "raised", "condition": f"load, bench nice {n:+d}", "load_nice": 0, "nice": n,
+             "load_session": "same"},
+            {"role": "proxy", "condition": f"load at nice {proxy:+d}", "load_nice": proxy, "nice": 0,
+             "load_session": "same"},
+            {"role": "other_load", "condition": "load in other sessions", "load_nice": 0, "nice": 0,
+             "load_session": "other"},
+            {"role": "other_raised", "condition": f"load in other sessions, bench nice {n:+d}", "load_nice": 0,
+             "nice": n, "load_session": "other"},
         ]
 
     def priority_test(self, cond: dict) -> Test:
-        # short on purpose: with every core busy, llama.cpp's threads wait on each other at every barrier and a
-        # decode can be 10-100x slower, so n_gen tokens x repetitions could run for many minutes per condition
-        n_gen = min(self.n_gen, PRIORITY_MAX_GEN)
-        return Test("kit.system:niced_bench", params={"nice": cond["nice"], "inner": "tg", "n_gen": n_gen,
-                                                     "condition": cond["condition"]})
+        # time-boxed: with every core busy, llama.cpp's threads wait on each other at every barrier and a decode
+        # can be 10-100x slower, so n_gen tokens x repetitions could run for many minutes per condition
+        params = {"nice": cond["nice"], "inner": "tg", "n_gen": self.n_gen, "max_s": float(self.priority_max_s),
+                  "condition": cond["condition"]}
+        if cond["load_nice"] is not None:
+            params.update(load_procs=self.load_procs or self.topology["logical"], load_nice=cond["load_nice"],
+                          load_session=cond["load_session"])
+        return Test("kit.system:niced_bench", params=params)
 
     # -- loading
     def loading_conditions(self) -> list[tuple[Settings, str]]:
@@ -458,21 +561,18 @@ def run_numa(study: SystemStudy, progress: bool = True):
 
 
 def run_priority(study: SystemStudy, progress: bool = True):
-    """Each condition is one trial with its competing load started before and killed after it."""
+    """Each condition is one trial; its child starts the competing load after loading the model and kills it at
+    the end (so the load shares the bench's session, or not, exactly as the condition says)."""
     from .results import load_results
 
     permitted, why = priority_permitted(study.nice)
     s = study.priority_settings()
     for cond in study.priority_conditions():
-        extra = {"condition": cond["condition"], "load_nice": cond["load_nice"],
-                 "load_procs": study.load_procs or study.topology["logical"], "priority_permitted": permitted,
-                 "priority_check": why}
-        test = study.priority_test(cond)
-        if cond["load_nice"] is None:
-            _sweep(study, [s], [test], study.repetitions, "priority", extra, progress)
-        else:
-            with CompetingLoad(study.load_procs or None, nice=cond["load_nice"], max_s=study.timeout_s + 60):
-                _sweep(study, [s], [test], study.repetitions, "priority", extra, progress)
+        extra = {"condition": cond["condition"], "priority_role": cond["role"], "load_nice": cond["load_nice"],
+                 "load_session": cond["load_session"],
+                 "load_procs": (study.load_procs or study.topology["logical"]) if cond["load_nice"] is not None else 0,
+                 "priority_permitted": permitted, "priority_check": why}
+        _sweep(study, [s], [study.priority_test(cond)], study.repetitions, "priority", extra, progress)
     return load_results(study.out_dir)
 
 
@@ -606,7 +706,8 @@ def priority_table(df):
         last = g.iloc[-1]
         rows.append({"condition": cond, "median_ts": med, "ci_low": lo, "ci_high": hi, "n_samples": len(xs),
                      "nice_applied": last.get("nice_applied"), "bench_nice": last.get("nice_target"),
-                     "load_nice": last.get("load_nice"), "n_threads": last.get("n_threads")})
+                     "load_nice": last.get("load_nice"), "load_session": last.get("load_session"),
+                     "n_threads": last.get("n_threads")})
     return pd.DataFrame(rows)
 
 
@@ -617,8 +718,9 @@ def priority_verdict(df, study: SystemStudy, evidence=()):
 
     d = _ok(df, "priority")
     conds = {c: g for c, g in d.groupby("condition")} if not d.empty else {}
-    labels = [c["condition"] for c in study.priority_conditions()]
-    free, load, raised, proxy = (conds.get(lab) for lab in labels)
+    by_role = {c["role"]: conds.get(c["condition"]) for c in study.priority_conditions()}
+    free, load, raised, proxy = (by_role.get(r) for r in ("free", "load", "raised", "proxy"))
+    other_load, other_raised = by_role.get("other_load"), by_role.get("other_raised")
     if load is None:
         return not_testable("O1", "no rows under competing load", list(evidence))
     details = {}
@@ -642,6 +744,16 @@ def priority_verdict(df, study: SystemStudy, evidence=()):
     if raised_ok and proxy is not None:
         details["proxy_load_niced"] = compare("O1", _samples(proxy), _samples(load), claimed="better",
                                               metric=f"load at nice {study.load_nice_proxy:+d} / 0").to_dict()
+    if other_load is not None and other_raised is not None and bool(other_raised["nice_applied"].all()):
+        other = compare("O1", _samples(other_raised), _samples(other_load), claimed="better",
+                        metric=f"tg t/s under load in other sessions, bench at nice {study.nice:+d} / nice 0")
+        details["other_sessions"] = other.to_dict()
+        autogroup = bool(other_raised["autogroup"].iloc[-1]) if "autogroup" in other_raised else None
+        v.summary = (f"{v.summary}. Against a load in other sessions: {other.effect_text(2)} ({other.verdict})"
+                     + ("; this kernel shares CPU time between sessions before it looks at niceness (autogroup "
+                        "on), so `nice` only orders processes of one session. A server competing with other "
+                        "sessions or services needs its group's weight instead (the autogroup's nice in "
+                        "/proc/<pid>/autogroup, systemd's CPUWeight=)" if autogroup else ""))
     v.details.update(details)
     return v
 

@@ -61,7 +61,7 @@ def test_notebook_40_threads_system(tmp_path, run_notebook):
     threads = df[df["part"] == "threads"]
     assert set(threads["n_threads"]) >= {1, cpu_topology()["logical"]}
     assert set(threads["test_kind"]) == {"tg", "pp"}
-    assert len(df[df["part"] == "priority"]) == 4
+    assert len(df[df["part"] == "priority"]) == 6
     loading = df[df["part"] == "loading"]
     assert len(loading) == 3 * 2 * 2  # reps x mmap x cache
     assert (loading["load_ms"] > 0).all() and (loading["first_decode_ms"] > 0).all()

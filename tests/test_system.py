@@ -121,7 +121,10 @@ def test_study_expands_to_configs():
     assert [(c.n_threads, c.n_threads_batch) for c in cfgs] == [(1, 1), (2, 2)]
     assert [t.kind for t in s.thread_tests()] == ["tg", "pp"]
     conds = s.priority_conditions()
-    assert [c["nice"] for c in conds] == [0, 0, -10, 0] and conds[0]["load_nice"] is None
+    assert [c["nice"] for c in conds] == [0, 0, -10, 0, 0, -10] and conds[0]["load_nice"] is None
+    assert [c["load_session"] for c in conds] == [None, "same", "same", "same", "other", "other"]
+    assert "load_procs" not in s.priority_test(conds[0]).params
+    assert s.priority_test(conds[4]).params["load_session"] == "other"
     loads = s.loading_conditions()
     assert len(loads) == 2 * 2 * 2
     assert {(c.use_mmap, c.use_mlock, cache) for c, cache in loads} == {
@@ -142,6 +145,31 @@ def test_niced_bench_in_a_real_trial():
     assert row["status"] == "ok", row.get("error")
     assert row["nice_applied"] and row["thread_nice_after"] == [row["nice_before"] + 4]
     assert row["n_threads_in_process"] >= 2 and row["median_ts"] > 0 and row["n_gen"] == 4
+
+
+def test_timeboxed_tg_stops_at_the_time_box_or_at_n_gen():
+    from kit.config import Settings
+    from kit.measure import load_model
+
+    lm = load_model(Settings(n_ctx=512, n_threads=2))
+    try:
+        # a box too short for even one token: every run decodes exactly one
+        row = system.timeboxed_tg(lm, 400, 1e-6, repetitions=3)
+        assert row["samples_n_gen"] == [1, 1, 1] and row["repetitions"] == 3
+        assert row["samples_ts"][0] == pytest.approx(1 / (row["samples_ns"][0] / 1e9), rel=1e-3)
+        # a generous box: n_gen decides
+        row = system.timeboxed_tg(lm, 8, 60.0, repetitions=2)
+        assert row["samples_n_gen"] == [8, 8] and row["median_ts"] > 0
+        # a 50 ms box on 400 tokens: runs stop early, soon after the box (one decode of this model is ~10-100 ms)
+        row = system.timeboxed_tg(lm, 400, 0.05, repetitions=2)
+        assert all(1 <= n < 400 for n in row["samples_n_gen"]) and all(ns < 5e9 for ns in row["samples_ns"])
+    finally:
+        lm.close()
+    with pytest.raises(SettingsError, match="priority_max_s"):
+        system.SystemStudy(priority_max_s=0)
+    s = system.SystemStudy(n_ctx=128, n_prompt=16, n_gen=8, priority_max_s=2)
+    t = s.priority_test(s.priority_conditions()[1])
+    assert t.params["max_s"] == 2.0 and t.n_gen == 0 and t.params["n_gen"] == 8
 
 
 # ---- verdict logic on synthetic rows ---------------------------------------------------------------------------
@@ -187,10 +215,11 @@ def test_numa_verdict_on_one_node(monkeypatch):
 
 def _prio_rows(s, applied: bool) -> pd.DataFrame:
     labels = [c["condition"] for c in s.priority_conditions()]
-    speeds = [[100, 101, 99, 100], [40, 41, 39, 40], [90, 91, 89, 90], [85, 86, 84, 85]]
+    speeds = [[100, 101, 99, 100], [40, 41, 39, 40], [90, 91, 89, 90], [85, 86, 84, 85], [1, 1.1, 0.9, 1],
+              [1, 1.05, 0.95, 1]]
     return pd.DataFrame([{"part": "priority", "status": "ok", "condition": lab, "samples_ts": xs,
-                          "nice_applied": applied or i != 2, "nice_error": None if applied else "EPERM",
-                          "load_nice": None} for i, (lab, xs) in enumerate(zip(labels, speeds))])
+                          "nice_applied": applied or i not in (2, 5), "nice_error": None if applied else "EPERM",
+                          "load_nice": None, "autogroup": True} for i, (lab, xs) in enumerate(zip(labels, speeds))])
 
 
 def test_priority_verdict_raised_and_proxy():
@@ -198,6 +227,7 @@ def test_priority_verdict_raised_and_proxy():
     v = system.priority_verdict(_prio_rows(s, True), s)
     assert v.verdict == SUPPORTED and "nice -10" in v.metric
     assert v.details["load_slowdown"]["verdict"] == SUPPORTED
+    assert v.details["other_sessions"]["verdict"] == NO_EFFECT and "autogroup" in v.summary
     v = system.priority_verdict(_prio_rows(s, False), s)
     assert v.verdict == SUPPORTED and "not permitted" in v.reason and "load at nice +10" in v.metric
 
