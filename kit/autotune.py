@@ -662,21 +662,40 @@ def measure_profiles(profiles: dict[str, Settings], *, study: str = "85_autotune
                      out_root: str | os.PathLike = "outputs", repetitions: int = 3, workload: Workload | None = None,
                      request: Test | None = None, progress: bool = True) -> dict[str, dict]:
     """Measure named configurations (e.g. the guide's three profiles) as written: engine pp/tg at the workload
-    and RAG-shaped requests sized by each profile's own RAG settings. Returns name -> rows by test."""
+    and RAG-shaped requests sized by each profile's own RAG settings. Returns name -> rows by test.
+
+    Engine pp/tg decode random tokens without sampling, so profiles that differ only in request, RAG or service
+    settings (say, temperature) share one engine measurement: the first such profile's rows (`engine_from`).
+    """
     from .sweep import run_sweep
 
     w = workload or Workload()
-    tests = w.speed_tests() + [request or rag_request()]
-    configs = list(profiles.values())
-    df = run_sweep(study, configs, tests, repetitions=repetitions, out_root=out_root, progress=progress,
+    speed = w.speed_tests()
+    req = request or rag_request()
+    engine_from: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for name, s in profiles.items():
+        engine_from[name] = first.setdefault(_engine_key(s), name)
+    unique = list({_key_of(s): s for s in profiles.values()}.values())
+    run_sweep(study, [profiles[n] for n in dict.fromkeys(engine_from.values())], speed, repetitions=repetitions,
+              out_root=out_root, progress=progress, extra={"autotune_stage": "profile"})
+    df = run_sweep(study, unique, [req], repetitions=repetitions, out_root=out_root, progress=progress,
                    extra={"autotune_stage": "profile"})
     out = {}
     for name, s in profiles.items():
-        rows = _rows_for(df, s, tests, repetitions)
-        out[name] = {"settings": s, "pp": rows[0], "tg": rows[1], "request": rows[2],
-                     "samples_request_s": request_time_samples(rows[0], rows[1], w.n_prompt, w.n_gen)
-                     if rows[0].get("status") == "ok" and rows[1].get("status") == "ok" else []}
+        pp_row, tg_row = _rows_for(df, profiles[engine_from[name]], speed, repetitions)
+        (req_row,) = _rows_for(df, s, [req], repetitions)
+        out[name] = {"settings": s, "pp": pp_row, "tg": tg_row, "request": req_row, "engine_from": engine_from[name],
+                     "samples_request_s": request_time_samples(pp_row, tg_row, w.n_prompt, w.n_gen)
+                     if pp_row.get("status") == "ok" and tg_row.get("status") == "ok" else []}
     return out
+
+
+def _engine_key(s: Settings) -> str:
+    """What the engine tests depend on: the model and load settings, not request, RAG or service settings."""
+    d = s.to_dict()
+    return json.dumps({k: d[k] for k in Settings.group("model") + Settings.group("load")}, sort_keys=True,
+                      default=str)
 
 
 def profile_header(name: str, measured: dict, source: str, extra: Sequence[str] = ()) -> str:
@@ -690,6 +709,10 @@ def profile_header(name: str, measured: dict, source: str, extra: Sequence[str] 
              f"quality: perplexity {_fmt(measured.get('ppl'))} "
              f"(ratio to the f16-KV reference {_fmt(measured.get('ppl_ratio'))})",
              "trials (trial_key): " + ", ".join(k for k in measured.get("trial_keys", []) if k)]
+    src = measured.get("engine_from")
+    if src and src not in (name, f"kit_{name}"):
+        lines.append(f"engine pp/tg: the rows of profile '{src}', which has the same model and load settings "
+                     "(the engine tests do not sample)")
     lines += list(extra)
     return "\n".join(lines)
 
@@ -1016,5 +1039,6 @@ def profile_table(measured: dict[str, dict]):
                      "e2e_ms": _num(req.get("e2e_ms")), "engine_tg_ts": _num(tgr.get("median_ts")),
                      "request_s_model": round(statistics.median(m["samples_request_s"]), 4)
                      if m.get("samples_request_s") else None,
-                     "rss_peak_mb": _num(req.get("rss_peak_mb")), "error": req.get("error")})
+                     "rss_peak_mb": _num(req.get("rss_peak_mb")), "engine_from": m.get("engine_from", name),
+                     "error": req.get("error")})
     return pd.DataFrame(rows)

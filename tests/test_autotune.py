@@ -115,6 +115,25 @@ def test_profiles_roundtrip_with_llamacpp_names(tuned, tmp_path):
         assert Settings.from_dotenv(p) == profiles[name]
 
 
+def test_profiles_differing_only_in_sampling_share_the_engine_rows(tmp_path):
+    from kit.results import read_rows
+
+    base = Settings(n_ctx=512, rag_search_k=2, max_context_length=200)
+    profiles = {"a": base.replace(temperature=0.1), "b": base.replace(temperature=0.3),
+                "c": base.replace(n_batch=256, n_ubatch=256)}
+    work = autotune.Workload(n_prompt=32, n_gen=8)
+    m = autotune.measure_profiles(profiles, study="prof", out_root=tmp_path, repetitions=1, workload=work,
+                                  request=autotune.rag_request(max_tokens=4, n_questions=1, chunk_chars=200),
+                                  progress=False)
+    assert [m[n]["engine_from"] for n in "abc"] == ["a", "a", "c"]
+    assert m["b"]["pp"]["trial_key"] == m["a"]["pp"]["trial_key"] != m["c"]["pp"]["trial_key"]
+    assert m["b"]["request"]["trial_key"] != m["a"]["request"]["trial_key"]
+    assert all(m[n][t]["status"] == "ok" for n in "abc" for t in ("pp", "tg", "request"))
+    rows = read_rows(tmp_path / "prof" / "results.jsonl")
+    assert len(rows) == 2 * 2 + 3  # engine pp/tg for a and c only; a request row for each profile
+    assert "profile 'a'" in autotune.profile_header("b", m["b"], "test")
+
+
 def _measured(ts: list[float], ttft: list[float]) -> dict:
     return {"request": {"status": "ok", "samples_ts": ts, "samples_ttft_ms": ttft,
                         "samples_e2e_ms": [t + 500 for t in ttft]}}
