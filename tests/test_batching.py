@@ -217,8 +217,17 @@ def test_depth_fill_is_paid_once_per_test(lm, monkeypatch) -> None:
     calls = []
     real = measure._decode_prompt
     monkeypatch.setattr(measure, "_decode_prompt", lambda m, n, rng: (calls.append(n), real(m, n, rng)))
-    measure.bench_engine(lm, batching.depth_test("tg", 4, 150), repetitions=4)
-    assert calls == [150]  # one fill; warm-up and repetitions only decode single tokens
+    measure._clear_kv(lm.ctx)
+    row = measure.bench_engine(lm, batching.depth_test("tg", 4, 150), repetitions=4)
+    assert calls == [150] and row["depth_reused"] is False  # one fill; the runs only decode single tokens
+    # the next test at a depth the cache already holds keeps those tokens: no fill at all
+    calls.clear()
+    row = measure.bench_engine(lm, batching.depth_test("pp", 16, 120), repetitions=2)
+    assert calls == [16, 16, 16] and row["depth_reused"] is True and row["depth_fill_ms"] == 0
+    # a pp test at depth 0 leaves its prompt in the cache: a tg at that depth reuses it, as pp256 -> tg32 @ d256
+    measure.bench_engine(lm, measure.pp(100), repetitions=1)
+    assert measure.bench_engine(lm, measure.tg(4, depth=100), repetitions=1)["depth_reused"] is True
+    assert measure.bench_engine(lm, measure.tg(4, depth=200), repetitions=1)["depth_reused"] is False
 
 
 def test_depth_test_refuses_what_does_not_fit_or_mixes_modes(lm) -> None:
