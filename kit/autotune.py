@@ -665,7 +665,9 @@ def measure_profiles(profiles: dict[str, Settings], *, study: str = "85_autotune
     and RAG-shaped requests sized by each profile's own RAG settings. Returns name -> rows by test.
 
     Engine pp/tg decode random tokens without sampling, so profiles that differ only in request, RAG or service
-    settings (say, temperature) share one engine measurement: the first such profile's rows (`engine_from`).
+    settings (say, temperature) share one engine measurement: the first such profile's rows (`engine_from`). Where
+    the study already holds successful engine rows for the same model and load settings with at least
+    `repetitions` runs (the tuner's confirm stage), those are used instead of measuring again.
     """
     from .sweep import run_sweep
 
@@ -676,19 +678,50 @@ def measure_profiles(profiles: dict[str, Settings], *, study: str = "85_autotune
     first: dict[str, str] = {}
     for name, s in profiles.items():
         engine_from[name] = first.setdefault(_engine_key(s), name)
+    leaders = list(dict.fromkeys(engine_from.values()))
+    earlier = {n: _measured_engine_rows(study, out_root, profiles[n], speed, repetitions) for n in leaders}
+    todo = [profiles[n] for n in leaders if earlier[n] is None]
+    if todo:
+        run_sweep(study, todo, speed, repetitions=repetitions, out_root=out_root, progress=progress,
+                  extra={"autotune_stage": "profile"})
     unique = list({_key_of(s): s for s in profiles.values()}.values())
-    run_sweep(study, [profiles[n] for n in dict.fromkeys(engine_from.values())], speed, repetitions=repetitions,
-              out_root=out_root, progress=progress, extra={"autotune_stage": "profile"})
     df = run_sweep(study, unique, [req], repetitions=repetitions, out_root=out_root, progress=progress,
                    extra={"autotune_stage": "profile"})
     out = {}
     for name, s in profiles.items():
-        pp_row, tg_row = _rows_for(df, profiles[engine_from[name]], speed, repetitions)
+        lead = engine_from[name]
+        pp_row, tg_row = earlier[lead] or _rows_for(df, profiles[lead], speed, repetitions)
         (req_row,) = _rows_for(df, s, [req], repetitions)
-        out[name] = {"settings": s, "pp": pp_row, "tg": tg_row, "request": req_row, "engine_from": engine_from[name],
+        out[name] = {"settings": s, "pp": pp_row, "tg": tg_row, "request": req_row, "engine_from": lead,
+                     "engine_stage": pp_row.get("autotune_stage"),
                      "samples_request_s": request_time_samples(pp_row, tg_row, w.n_prompt, w.n_gen)
                      if pp_row.get("status") == "ok" and tg_row.get("status") == "ok" else []}
     return out
+
+
+def _measured_engine_rows(study: str, out_root: str | os.PathLike, s: Settings, tests: Sequence[Test],
+                          min_repetitions: int) -> list[dict] | None:
+    """The study's latest successful rows of these engine tests under the same model and load settings, run with
+    at least min_repetitions; None unless every test has one."""
+    from .models import model_card
+    from .results import RESULTS_FILE, read_rows
+    from .sweep import study_dir
+
+    rows = read_rows(study_dir(study, out_root) / RESULTS_FILE)
+    if not rows:
+        return None
+    sha = model_card(s.model).sha256
+    want = {k: v for k, v in json.loads(_engine_key(s)).items() if k != "model"}
+    found = []
+    for t in tests:
+        hits = [r for r in rows if r.get("status") == "ok" and r.get("model_sha256") == sha
+                and r.get("test_kind") == t.kind and (r.get("n_prompt"), r.get("n_gen"), r.get("n_depth"))
+                == (t.n_prompt, t.n_gen, t.n_depth) and (r.get("repetitions") or 0) >= min_repetitions
+                and all(r.get(k) == v for k, v in want.items())]
+        if not hits:
+            return None
+        found.append(max(hits, key=lambda r: (r.get("repetitions") or 0, r.get("test_time") or "")))
+    return found
 
 
 def _engine_key(s: Settings) -> str:
@@ -709,10 +742,12 @@ def profile_header(name: str, measured: dict, source: str, extra: Sequence[str] 
              f"quality: perplexity {_fmt(measured.get('ppl'))} "
              f"(ratio to the f16-KV reference {_fmt(measured.get('ppl_ratio'))})",
              "trials (trial_key): " + ", ".join(k for k in measured.get("trial_keys", []) if k)]
-    src = measured.get("engine_from")
+    src, stage = measured.get("engine_from"), measured.get("engine_stage")
     if src and src not in (name, f"kit_{name}"):
         lines.append(f"engine pp/tg: the rows of profile '{src}', which has the same model and load settings "
                      "(the engine tests do not sample)")
+    if stage and stage != "profile":
+        lines.append(f"engine pp/tg: measured in the tuner's '{stage}' stage with the same model and load settings")
     lines += list(extra)
     return "\n".join(lines)
 

@@ -132,6 +132,14 @@ def test_profiles_differing_only_in_sampling_share_the_engine_rows(tmp_path):
     rows = read_rows(tmp_path / "prof" / "results.jsonl")
     assert len(rows) == 2 * 2 + 3  # engine pp/tg for a and c only; a request row for each profile
     assert "profile 'a'" in autotune.profile_header("b", m["b"], "test")
+    # engine rows already in the study for the same load settings (and enough repetitions) are used, not remeasured
+    again = autotune.measure_profiles({"d": base.replace(temperature=0.7)}, study="prof", out_root=tmp_path,
+                                      repetitions=1, workload=work,
+                                      request=autotune.rag_request(max_tokens=4, n_questions=1, chunk_chars=200),
+                                      progress=False)
+    assert again["d"]["pp"]["trial_key"] == m["a"]["pp"]["trial_key"]
+    assert len(read_rows(tmp_path / "prof" / "results.jsonl")) == 2 * 2 + 3 + 1
+    assert autotune._measured_engine_rows("prof", tmp_path, base, work.speed_tests(), 2) is None  # too few runs
 
 
 def _measured(ts: list[float], ttft: list[float]) -> dict:
