@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 PROBE_DIR = "speed_probe"
 DRIFT_FILE = "drift.json"
 DRIFT_WARN = 0.10  # |end/start - 1| above this is called out in the report
+# verdict metrics that are a speed or a time of the machine (the drift moves them); not quality, ranks or shares
+SPEED_METRIC = re.compile(r"t/s|tokens/s|latency|ttft|load ms|request time|e2e time|embedding time", re.I)
 
 
 def probe_tests(quick: bool = False):
@@ -100,3 +103,34 @@ def drift_text(summary: dict | None) -> str:
     return head + (f" The speed moved by less than {summary['warn_above']:.0%}, or not measurably: between-trial "
                    "comparisons carry little uncertainty beyond their own intervals, at least at these two points "
                    "in time.")
+
+
+def metric_kind(metric: str) -> str | None:
+    """'tg' for a generation speed, 'pp' for a prompt speed, None for a mix or anything else."""
+    m = (metric or "").lower()
+    gen = bool(re.search(r"\btg|decode|generat", m))
+    prompt = bool(re.search(r"\bpp|prompt|ttft", m))
+    return "tg" if gen and not prompt else "pp" if prompt and not gen else None
+
+
+def drift_bound(summary: dict | None, kind: str | None = None) -> float | None:
+    """The largest speed change the probe saw over the run, as a ratio >= 1 (x1.48 or x1/1.48 both give 1.48);
+    of the probe's tg or pp test alone when kind says which, else of both."""
+    tests = (summary or {}).get("tests", [])
+    ratios = [t["ratio"] for t in tests if t.get("ratio") and (kind is None or str(t["test"]).startswith(kind))]
+    if not ratios and kind is not None:
+        return drift_bound(summary)
+    return max(max(r, 1 / r) for r in ratios) if ratios else None
+
+
+def within_drift(verdict: dict, summary: dict | None) -> float | None:
+    """For a supported/refuted speed or time effect no larger than the machine's drift over the run (of the
+    probe test of the same kind: tg for generation, pp for prompts, the larger of both otherwise), that drift as
+    a ratio >= 1; else None. If the compared trials ran minutes apart, the drift alone could have produced it."""
+    eff = verdict.get("effect")
+    if not summary or verdict.get("verdict") not in ("supported", "refuted"):
+        return None
+    if not isinstance(eff, (int, float)) or eff <= 0 or not SPEED_METRIC.search(verdict.get("metric") or ""):
+        return None
+    bound = drift_bound(summary, metric_kind(verdict.get("metric") or ""))
+    return bound if bound is not None and max(eff, 1 / eff) <= bound else None

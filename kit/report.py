@@ -194,8 +194,13 @@ def _cls(verdict: str) -> str:
 
 
 def claims_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: str | os.PathLike,
-                pages: dict[str, str] | None = None) -> str:
-    """The claims table as HTML; evidence and study links are relative to page_dir (where the page lives)."""
+                pages: dict[str, str] | None = None, drift: dict | None = None) -> str:
+    """The claims table as HTML; evidence and study links are relative to page_dir (where the page lives).
+
+    drift: the run's speed probe summary (`kit.drift.summarize_drift`); a supported or refuted speed effect no
+    larger than the machine's drift over the run is flagged (`kit.drift.within_drift`)."""
+    from .drift import within_drift
+
     e = html.escape
     root, rep, pages = Path(out_root), Path(page_dir), pages or {}
     out = ["<table><tr><th>claim</th><th>the guide says</th><th>verdict</th>"
@@ -211,6 +216,9 @@ def claims_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: str
         study = v.get("study", "")
         study = f"<a href='{e(pages[study])}'>{e(study)}</a>" if study in pages else e(study)
         flag = " (unstable)" if v.get("unstable") else ""
+        moved = within_drift(v, drift)
+        if moved:
+            flag += f" (within the run's machine drift, x{moved:.2f})"
         out.append(f"<tr class='{_cls(v['verdict'])}'><td>{e(v['claim'])}</td><td>{e(v.get('title', ''))}</td>"
                    f"<td>{e(v['verdict'])}{flag}</td><td>{e(eff)}</td><td>{study}</td>"
                    f"<td>{e(str(v.get('summary') or v.get('reason') or ''))}</td><td>{' '.join(links)}</td></tr>")
@@ -272,7 +280,7 @@ def render_report(out_root: str | os.PathLike = "outputs", status: dict | None =
     if not stems:
         out.append("<tr><td colspan=5 class='not-run'>no executed notebooks yet</td></tr>")
     out.append("</table>")
-    from .drift import DRIFT_FILE, PROBE_DIR, drift_text
+    from .drift import DRIFT_FILE, PROBE_DIR, drift_text, within_drift
 
     drift_p = root / PROBE_DIR / DRIFT_FILE
     try:
@@ -282,7 +290,12 @@ def render_report(out_root: str | os.PathLike = "outputs", status: dict | None =
     out.append(f"<h2>Machine speed during the run</h2><p class='{'unstable' if drift and drift.get('drifted') else ''}'>"
                f"{e(drift_text(drift))}</p>")
     out.append("<h2>Claims</h2>")
-    out.append(claims_html(vs, root, rep, {k: v.name for k, v in pages.items()}))
+    if any(within_drift(v, drift) for v in vs):
+        out.append("<p class='unstable'>Flagged below: speed effects no larger than the machine's own speed moved "
+                   "during the run (the probe's tg for generation, pp for prompts). Where the compared trials ran "
+                   "minutes apart, drift alone could explain them; rerun those studies on a quiet machine before "
+                   "acting on them.</p>")
+    out.append(claims_html(vs, root, rep, {k: v.name for k, v in pages.items()}, drift=drift))
     out.append("<h2>The guide's checklist</h2>")
     out.append(checklist_html(cl))
     prof = root / "profiles"

@@ -150,3 +150,25 @@ def test_drift_summary_flags_only_a_clear_change(tmp_path):
     assert slowed["drifted"] and slowed["tests"][0]["ci_high"] < 0.7
     assert "moved by more than 10%" in drift_text(slowed)
     assert "not probed" in drift_text(summarize_drift(tmp_path / "nothing"))
+
+
+def test_speed_effects_within_the_runs_drift_are_flagged(tmp_path):
+    from kit.drift import drift_bound, metric_kind, within_drift
+    from kit.report import claims_html
+
+    summary = {"tests": [{"test": "tg64", "ratio": 1.04}, {"test": "pp128", "ratio": 1 / 1.3}]}
+    assert drift_bound(summary) == pytest.approx(1.3) and drift_bound(summary, "tg") == pytest.approx(1.04)
+    assert metric_kind("tg t/s ratio") == "tg" and metric_kind("pp512 t/s, TTFT") == "pp"
+    assert metric_kind("request time (n_prompt/pp + n_gen/tg)") is None
+    speed = {"claim": "G3", "verdict": "supported", "effect": 1.2, "metric": "pp512 t/s ratio, a / b",
+             "summary": "s", "evidence": []}
+    assert within_drift(speed, summary) == pytest.approx(1.3)
+    assert within_drift({**speed, "effect": 1 / 1.25}, summary)
+    assert not within_drift({**speed, "metric": "tg t/s ratio"}, summary)  # generation moved only 4 %
+    assert within_drift({**speed, "metric": "load ms, a / b"}, summary) == pytest.approx(1.3)  # neither: the larger
+    assert not within_drift({**speed, "effect": 1.5}, summary)  # larger than the drift
+    assert not within_drift({**speed, "verdict": "no measurable effect"}, summary)
+    assert not within_drift({**speed, "metric": "perplexity ratio, a / b"}, summary)  # quality does not drift
+    assert not within_drift(speed, None) and drift_bound(None) is None
+    assert "within the run's machine drift, x1.30" in claims_html([speed], tmp_path, tmp_path, drift=summary)
+    assert "drift" not in claims_html([speed], tmp_path, tmp_path, drift=None)
