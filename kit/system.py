@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -359,7 +360,7 @@ def timeboxed_tg(lm, n_gen: int, max_s: float, repetitions: int = 5, warmup: boo
     row = {"n_prompt": 0, "n_gen": n_gen, "n_depth": 0, "repetitions": repetitions, "max_s": max_s,
            "samples_n_gen": samples_n, "samples_ns": samples_ns, "samples_ts": [round(x, 4) for x in samples_ts],
            **summarize(samples_ts, samples_ns),
-           "perf_ts": round(sorted(perf_ts)[len(perf_ts) // 2], 4) if perf_ts else None,
+           "perf_ts": round(statistics.median(perf_ts), 4) if perf_ts else None,
            "timed_region": f"llama_decode of random single tokens to llama_synchronize, KV cleared per repetition; "
                            f"each run stops after n_gen tokens or once {max_s:g} s have passed (at least one token); "
                            f"t/s = tokens decoded / time"}
