@@ -711,7 +711,7 @@ def _measured_engine_rows(study: str, out_root: str | os.PathLike, s: Settings, 
     if not rows:
         return None
     sha = model_card(s.model).sha256
-    want = {k: v for k, v in json.loads(_engine_key(s)).items() if k != "model"}
+    want = {k: v for k, v in _engine_settings(s).items() if k != "model"}
     found = []
     for t in tests:
         hits = [r for r in rows if r.get("status") == "ok" and r.get("model_sha256") == sha
@@ -724,11 +724,14 @@ def _measured_engine_rows(study: str, out_root: str | os.PathLike, s: Settings, 
     return found
 
 
-def _engine_key(s: Settings) -> str:
+def _engine_settings(s: Settings) -> dict:
     """What the engine tests depend on: the model and load settings, not request, RAG or service settings."""
     d = s.to_dict()
-    return json.dumps({k: d[k] for k in Settings.group("model") + Settings.group("load")}, sort_keys=True,
-                      default=str)
+    return {k: d[k] for k in Settings.group("model") + Settings.group("load")}
+
+
+def _engine_key(s: Settings) -> str:
+    return json.dumps(_engine_settings(s), sort_keys=True, default=str)
 
 
 def profile_header(name: str, measured: dict, source: str, extra: Sequence[str] = ()) -> str:

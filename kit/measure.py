@@ -200,13 +200,20 @@ def _decode_gen(lm: LoadedModel, n_gen: int, rng: random.Random) -> None:
 
 
 def bench_engine(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETITIONS, warmup: bool = True,
-                 seed: int = 0) -> dict:
-    """pp/tg/pg exactly as llama-bench times them; returns llama-bench's columns plus the perf-counter cross-check."""
+                 seed: int = 0, max_s: float | None = None) -> dict:
+    """pp/tg/pg exactly as llama-bench times them; returns llama-bench's columns plus the perf-counter cross-check.
+
+    max_s (tg only): each timed run stops after n_gen tokens or at the first token that ends past max_s seconds,
+    at least one token; t/s = tokens decoded / time. For runs under contention, where one decode can take seconds:
+    the number of runs stays fixed and each costs about max_s, however slow the machine is made.
+    """
     import llama_cpp
 
     lm.settings.check_fits(test.tokens_needed(), what=f"test {test.name} (depth + prompt + generation)")
     if test.tokens_needed() > lm.effective["n_ctx_effective"]:
         raise ValueError(f"test {test.name} needs {test.tokens_needed()} tokens; n_ctx is {lm.effective['n_ctx_effective']}")
+    if max_s is not None and (test.n_prompt or not test.n_gen or not max_s > 0):
+        raise ValueError(f"max_s={max_s!r} needs a tg test (n_gen > 0, no prompt) and a positive number of seconds")
     rng = random.Random(seed)
     ctx = lm.ctx
     reused = bool(test.n_depth) and _holds_depth(ctx, test.n_depth)
@@ -229,22 +236,31 @@ def bench_engine(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETIT
             _decode_prompt(lm, test.n_prompt, rng)
         if test.n_gen:
             _decode_gen(lm, 1, rng)
-    samples_ns, perf_ts = [], []
+    samples_ns, samples_n, perf_ts = [], [], []
     for _ in range(repetitions):
         reset()
         llama_cpp.llama_perf_context_reset(ctx)
         t0 = time.perf_counter_ns()
+        n_gen = test.n_gen
         if test.n_prompt:
             _decode_prompt(lm, test.n_prompt, rng)
-        if test.n_gen:
-            _decode_gen(lm, test.n_gen, rng)
+        if max_s is None:
+            if test.n_gen:
+                _decode_gen(lm, test.n_gen, rng)
+        else:
+            deadline, n_gen = t0 + int(max_s * 1e9), 0
+            while n_gen < test.n_gen:
+                _decode_gen(lm, 1, rng)
+                n_gen += 1
+                if time.perf_counter_ns() >= deadline:
+                    break
         samples_ns.append(time.perf_counter_ns() - t0)
+        samples_n.append(test.n_prompt + n_gen)
         perf = llama_cpp.llama_perf_context(ctx)
         perf_ms = perf.t_p_eval_ms + perf.t_eval_ms
         if perf_ms > 0:
-            perf_ts.append((test.n_prompt + test.n_gen) / (perf_ms / 1e3))
-    n_tokens = test.n_prompt + test.n_gen
-    samples_ts = [n_tokens / (ns / 1e9) for ns in samples_ns]
+            perf_ts.append(samples_n[-1] / (perf_ms / 1e3))
+    samples_ts = [n / (ns / 1e9) for n, ns in zip(samples_n, samples_ns)]
     row = {
         "n_prompt": test.n_prompt,
         "n_gen": test.n_gen,
@@ -254,8 +270,12 @@ def bench_engine(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETIT
         "samples_ts": [round(x, 4) for x in samples_ts],
         **summarize(samples_ts, samples_ns),
         "perf_ts": round(statistics.median(perf_ts), 4) if perf_ts else None,
-        "timed_region": ENGINE_TIMED_REGION,
+        "timed_region": ENGINE_TIMED_REGION if max_s is None else
+        f"{ENGINE_TIMED_REGION}; time-boxed: each run stops after n_gen tokens or once {max_s:g} s have passed "
+        f"(at least one token), t/s = tokens decoded / time",
     }
+    if max_s is not None:
+        row.update(max_s=max_s, samples_n_gen=samples_n)
     if fill_ms is not None:
         row["depth_fill_ms"] = round(fill_ms, 3)
         row["depth_reused"] = reused

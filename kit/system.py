@@ -21,14 +21,13 @@ Test kinds defined here run inside a trial's child process (see `kit.measure.Tes
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap as _mmap
 import os
-import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -303,20 +302,15 @@ def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
     session = p.get("load_session", "same")
     if session not in ("same", "other"):
         raise ValueError(f"niced_bench load_session={session!r}: use 'same' or 'other'")
-    load = None
-    if load_procs > 0:
-        budget = (repetitions + 1) * ((float(max_s) if max_s else 60.0) + 10.0) + 60.0
-        load = CompetingLoad(load_procs, nice=int(p.get("load_nice", 0)), max_s=budget,
-                             new_session=session == "other").__enter__()
-    try:
+    budget = (repetitions + 1) * ((float(max_s) if max_s else 60.0) + 10.0) + 60.0
+    competing = (CompetingLoad(load_procs, nice=int(p.get("load_nice", 0)), max_s=budget,
+                               new_session=session == "other") if load_procs > 0 else contextlib.nullcontext())
+    with competing as load:
         info = set_process_niceness(int(p.get("nice", 0)))
         if load is not None:
             mine = autogroup_of()
             info["load_same_autogroup"] = all(autogroup_of(pid) == mine for pid in load.pids) if mine else None
         row = timeboxed_tg(lm, n, float(max_s), repetitions) if max_s else bench_engine(lm, inner_test, repetitions)
-    finally:
-        if load is not None:
-            load.__exit__(None, None, None)
     info["thread_nice_after"] = sorted({n for n in (_thread_nice(t) for t in _thread_ids()) if n is not None})
     row.update(info, inner=inner, inner_test=inner_test.name, autogroup=autogroup_enabled())
     row["timed_region"] = f"after setting niceness: {row['timed_region']}"
@@ -324,47 +318,10 @@ def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
 
 
 def timeboxed_tg(lm, n_gen: int, max_s: float, repetitions: int = 5, warmup: bool = True, seed: int = 0) -> dict:
-    """tg as llama-bench times it (1-token decodes of random tokens from an empty cache), except that each timed run
-    stops after n_gen tokens or at the first token that ends past max_s seconds. t/s = tokens decoded / time.
+    """tg from an empty cache, each timed run stopped after n_gen tokens or max_s seconds (`bench_engine` max_s)."""
+    from .measure import bench_engine, tg
 
-    For runs under contention, where a single decode can take seconds: the number of runs stays fixed and each
-    costs about max_s, however slow the machine is made. A run decodes at least one token.
-    """
-    import llama_cpp
-
-    from .measure import _clear_kv, _decode_gen, summarize
-
-    rng = random.Random(seed)
-    ctx = lm.ctx
-    if warmup:
-        _clear_kv(ctx)
-        _decode_gen(lm, 1, rng)
-    samples_ns, samples_n, perf_ts = [], [], []
-    for _ in range(repetitions):
-        _clear_kv(ctx)
-        llama_cpp.llama_perf_context_reset(ctx)
-        t0 = time.perf_counter_ns()
-        deadline = t0 + int(max_s * 1e9)
-        n = 0
-        while n < n_gen:
-            _decode_gen(lm, 1, rng)
-            n += 1
-            if time.perf_counter_ns() >= deadline:
-                break
-        samples_ns.append(time.perf_counter_ns() - t0)
-        samples_n.append(n)
-        perf = llama_cpp.llama_perf_context(ctx)
-        if perf.t_eval_ms > 0:
-            perf_ts.append(n / (perf.t_eval_ms / 1e3))
-    samples_ts = [n / (ns / 1e9) for n, ns in zip(samples_n, samples_ns)]
-    row = {"n_prompt": 0, "n_gen": n_gen, "n_depth": 0, "repetitions": repetitions, "max_s": max_s,
-           "samples_n_gen": samples_n, "samples_ns": samples_ns, "samples_ts": [round(x, 4) for x in samples_ts],
-           **summarize(samples_ts, samples_ns),
-           "perf_ts": round(statistics.median(perf_ts), 4) if perf_ts else None,
-           "timed_region": f"llama_decode of random single tokens to llama_synchronize, KV cleared per repetition; "
-                           f"each run stops after n_gen tokens or once {max_s:g} s have passed (at least one token); "
-                           f"t/s = tokens decoded / time"}
-    return row
+    return bench_engine(lm, tg(n_gen), repetitions, warmup=warmup, seed=seed, max_s=max_s)
 
 
 def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
