@@ -120,7 +120,8 @@ def cmd_bench(args) -> int:
     # one sweep call per distinct test keeps llama-bench's "context sized to the test" semantics
     for test in dict.fromkeys(t for _, t in combos):
         run_sweep(out.name, [s for s, t in combos if t == test], [test], repetitions=args.r,
-                  out_root=out.parent, progress=not args.quiet, retry_failed=args.retry_failed)
+                  out_root=out.parent, progress=not args.quiet, retry_failed=args.retry_failed,
+                  interleave=False if args.no_interleave else None)
     df = load_results(out)
     # this invocation's rows, in the order of the combinations
     df = pd.concat([planned_rows(df, [s], [t], args.r) for s, t in combos], ignore_index=True)
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", choices=("md", "csv", "json", "jsonl"), default="md", help="output format")
     p.add_argument("--out", default="outputs/bench", help="study folder for results.jsonl (resumable)")
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="measure each configuration's repetitions back to back, as llama-bench does (default: "
+                        "alternate them between configurations, so drift of the machine's speed hits all alike)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_bench)
 

@@ -199,89 +199,121 @@ def _decode_gen(lm: LoadedModel, n_gen: int, rng: random.Random) -> None:
         tok[0] = rng.randrange(n_vocab)
 
 
-def bench_engine(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETITIONS, warmup: bool = True,
-                 seed: int = 0, max_s: float | None = None) -> dict:
-    """pp/tg/pg exactly as llama-bench times them; returns llama-bench's columns plus the perf-counter cross-check.
+class EngineRun:
+    """One pp/tg/pg test on a loaded model, one step at a time: `warmup()`, then `once()` per repetition, then `row()`.
+
+    `bench_engine` runs the steps back to back, as llama-bench does. The steps exist so that an interleaved sweep
+    (`kit.sweep`, one live child per configuration) can alternate repetitions between configurations: a machine
+    whose speed drifts then moves every configuration's samples alike instead of favouring the one measured first.
+    Each `once()` resets the cache (or rolls it back to the filled depth) before its timed region, so a repetition
+    does not depend on what ran before it. `at_s` keeps when each repetition started (perf_counter seconds).
 
     max_s (tg only): each timed run stops after n_gen tokens or at the first token that ends past max_s seconds,
     at least one token; t/s = tokens decoded / time. For runs under contention, where one decode can take seconds:
     the number of runs stays fixed and each costs about max_s, however slow the machine is made.
     """
-    import llama_cpp
 
-    lm.settings.check_fits(test.tokens_needed(), what=f"test {test.name} (depth + prompt + generation)")
-    if test.tokens_needed() > lm.effective["n_ctx_effective"]:
-        raise ValueError(f"test {test.name} needs {test.tokens_needed()} tokens; n_ctx is {lm.effective['n_ctx_effective']}")
-    if max_s is not None and (test.n_prompt or not test.n_gen or not max_s > 0):
-        raise ValueError(f"max_s={max_s!r} needs a tg test (n_gen > 0, no prompt) and a positive number of seconds")
-    rng = random.Random(seed)
-    ctx = lm.ctx
-    reused = bool(test.n_depth) and _holds_depth(ctx, test.n_depth)
-    fill_ms = None
-    if test.n_depth:
-        # an earlier test of this trial may have left at least n_depth tokens in the cache (pp256 before
-        # tg32 @ d256): attention costs the same whatever those tokens are, so keep them instead of refilling
-        fill_ms = 0.0 if reused else _fill_depth(lm, test.n_depth, rng)
+    def __init__(self, lm: LoadedModel, test: Test, seed: int = 0, max_s: float | None = None):
+        lm.settings.check_fits(test.tokens_needed(), what=f"test {test.name} (depth + prompt + generation)")
+        if test.tokens_needed() > lm.effective["n_ctx_effective"]:
+            raise ValueError(f"test {test.name} needs {test.tokens_needed()} tokens; n_ctx is {lm.effective['n_ctx_effective']}")
+        if max_s is not None and (test.n_prompt or not test.n_gen or not max_s > 0):
+            raise ValueError(f"max_s={max_s!r} needs a tg test (n_gen > 0, no prompt) and a positive number of seconds")
+        self.lm, self.test, self.max_s = lm, test, max_s
+        self.rng = random.Random(seed)
+        self.samples_ns: list[int] = []
+        self.samples_n: list[int] = []
+        self.perf_ts: list[float] = []
+        self.at_s: list[float] = []
+        ctx = lm.ctx
+        self.reused = bool(test.n_depth) and _holds_depth(ctx, test.n_depth)
+        self.fill_ms = None
+        if test.n_depth:
+            # an earlier test of this trial may have left at least n_depth tokens in the cache (pp256 before
+            # tg32 @ d256): attention costs the same whatever those tokens are, so keep them instead of refilling
+            self.fill_ms = 0.0 if self.reused else _fill_depth(lm, test.n_depth, self.rng)
 
-    def reset() -> None:
-        nonlocal fill_ms
-        if not test.n_depth:
+    def _reset(self) -> None:
+        ctx = self.lm.ctx
+        if not self.test.n_depth:
             _clear_kv(ctx)
-        elif not _rollback_to_depth(ctx, test.n_depth):
-            fill_ms = _fill_depth(lm, test.n_depth, rng)  # a memory that cannot be cut (recurrent): refill
+        elif not _rollback_to_depth(ctx, self.test.n_depth):
+            self.fill_ms = _fill_depth(self.lm, self.test.n_depth, self.rng)  # a memory that cannot be cut: refill
 
-    if warmup:
-        reset()
-        if test.n_prompt:
-            _decode_prompt(lm, test.n_prompt, rng)
-        if test.n_gen:
-            _decode_gen(lm, 1, rng)
-    samples_ns, samples_n, perf_ts = [], [], []
-    for _ in range(repetitions):
-        reset()
-        llama_cpp.llama_perf_context_reset(ctx)
+    def warmup(self) -> None:
+        self._reset()
+        if self.test.n_prompt:
+            _decode_prompt(self.lm, self.test.n_prompt, self.rng)
+        if self.test.n_gen:
+            _decode_gen(self.lm, 1, self.rng)
+
+    def once(self) -> None:
+        """One timed repetition (the cache reset before it is not timed)."""
+        import llama_cpp
+
+        test, lm = self.test, self.lm
+        self._reset()
+        llama_cpp.llama_perf_context_reset(lm.ctx)
+        self.at_s.append(time.perf_counter())
         t0 = time.perf_counter_ns()
         n_gen = test.n_gen
         if test.n_prompt:
-            _decode_prompt(lm, test.n_prompt, rng)
-        if max_s is None:
+            _decode_prompt(lm, test.n_prompt, self.rng)
+        if self.max_s is None:
             if test.n_gen:
-                _decode_gen(lm, test.n_gen, rng)
+                _decode_gen(lm, test.n_gen, self.rng)
         else:
-            deadline, n_gen = t0 + int(max_s * 1e9), 0
+            deadline, n_gen = t0 + int(self.max_s * 1e9), 0
             while n_gen < test.n_gen:
-                _decode_gen(lm, 1, rng)
+                _decode_gen(lm, 1, self.rng)
                 n_gen += 1
                 if time.perf_counter_ns() >= deadline:
                     break
-        samples_ns.append(time.perf_counter_ns() - t0)
-        samples_n.append(test.n_prompt + n_gen)
-        perf = llama_cpp.llama_perf_context(ctx)
+        self.samples_ns.append(time.perf_counter_ns() - t0)
+        self.samples_n.append(test.n_prompt + n_gen)
+        perf = llama_cpp.llama_perf_context(lm.ctx)
         perf_ms = perf.t_p_eval_ms + perf.t_eval_ms
         if perf_ms > 0:
-            perf_ts.append(samples_n[-1] / (perf_ms / 1e3))
-    samples_ts = [n / (ns / 1e9) for n, ns in zip(samples_n, samples_ns)]
-    row = {
-        "n_prompt": test.n_prompt,
-        "n_gen": test.n_gen,
-        "n_depth": test.n_depth,
-        "repetitions": repetitions,
-        "samples_ns": samples_ns,
-        "samples_ts": [round(x, 4) for x in samples_ts],
-        **summarize(samples_ts, samples_ns),
-        "perf_ts": round(statistics.median(perf_ts), 4) if perf_ts else None,
-        "timed_region": ENGINE_TIMED_REGION if max_s is None else
-        f"{ENGINE_TIMED_REGION}; time-boxed: each run stops after n_gen tokens or once {max_s:g} s have passed "
-        f"(at least one token), t/s = tokens decoded / time",
-    }
-    if max_s is not None:
-        row.update(max_s=max_s, samples_n_gen=samples_n)
-    if fill_ms is not None:
-        row["depth_fill_ms"] = round(fill_ms, 3)
-        row["depth_reused"] = reused
-    if row["perf_ts"] and row["median_ts"]:
-        row["perf_wall_ratio"] = round(row["perf_ts"] / row["median_ts"], 4)
-    return row
+            self.perf_ts.append(self.samples_n[-1] / (perf_ms / 1e3))
+
+    def row(self) -> dict:
+        test, max_s = self.test, self.max_s
+        samples_ts = [n / (ns / 1e9) for n, ns in zip(self.samples_n, self.samples_ns)]
+        row = {
+            "n_prompt": test.n_prompt,
+            "n_gen": test.n_gen,
+            "n_depth": test.n_depth,
+            "repetitions": len(self.samples_ns),
+            "samples_ns": list(self.samples_ns),
+            "samples_ts": [round(x, 4) for x in samples_ts],
+            **summarize(samples_ts, self.samples_ns),
+            "perf_ts": round(statistics.median(self.perf_ts), 4) if self.perf_ts else None,
+            "timed_region": ENGINE_TIMED_REGION if max_s is None else
+            f"{ENGINE_TIMED_REGION}; time-boxed: each run stops after n_gen tokens or once {max_s:g} s have passed "
+            f"(at least one token), t/s = tokens decoded / time",
+        }
+        if max_s is not None:
+            row.update(max_s=max_s, samples_n_gen=list(self.samples_n))
+        if self.fill_ms is not None:
+            row["depth_fill_ms"] = round(self.fill_ms, 3)
+            row["depth_reused"] = self.reused
+        if row["perf_ts"] and row["median_ts"]:
+            row["perf_wall_ratio"] = round(row["perf_ts"] / row["median_ts"], 4)
+        return row
+
+
+def bench_engine(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETITIONS, warmup: bool = True,
+                 seed: int = 0, max_s: float | None = None) -> dict:
+    """pp/tg/pg exactly as llama-bench times them: one warm-up, then `repetitions` timed runs back to back.
+
+    Returns llama-bench's columns plus the perf-counter cross-check; max_s as in `EngineRun`.
+    """
+    run = EngineRun(lm, test, seed=seed, max_s=max_s)
+    if warmup:
+        run.warmup()
+    for _ in range(repetitions):
+        run.once()
+    return run.row()
 
 
 def summarize(samples_ts: list[float], samples_ns: list[int] | None = None) -> dict:

@@ -325,8 +325,9 @@ def run_gpu_layers(study: GpuLayersStudy, out_dir: str | os.PathLike, progress: 
                                                     indent=2, default=str))
     configs = [study.base_settings().replace(n_gpu_layers=k) for k in counts]
     name = out.name
+    # with real offload the layer counts are measured back to back: live children would share the GPU's memory
     df = run_sweep(name, configs, study.tests(), study.repetitions, out_root=out.parent, timeout_s=study.timeout_s,
-                   progress=progress, extra={"claim": CLAIM})
+                   progress=progress, extra={"claim": CLAIM}, interleave=False if support.get("testable") else None)
     df = planned_rows(df, configs, study.tests(), study.repetitions)
     return GpuLayersRun(df, support, counts, search, ctx_search, card.n_layers)
 

@@ -223,6 +223,238 @@ def _tail(path: str, n: int = STDERR_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
+# ---- interleaved trials: one live child per configuration, repetitions alternated -----------------------------
+MAX_LIVE_CHILDREN = 8          # configurations alternated at once (each holds its model and KV cache)
+LIVE_MEMORY_SHARE = 0.5        # their estimated memory must fit in this share of the available RAM
+CHILD_OVERHEAD_BYTES = 160 * 2**20  # Python, llama-cpp-python and compute buffers, measured ~100 MB over the weights
+
+
+def _child_bytes(plan: _Plan) -> int:
+    """A child's memory, estimated before it starts: weights + KV cache at n_ctx + a fixed overhead."""
+    from .models import KV_TYPE_BYTES
+
+    c, s = plan.card, plan.settings
+    n_ctx = s.n_ctx or c["n_ctx_train"]
+    per_cell = c["n_layers"] * c["n_head_kv"] * c["head_dim"]
+    kv = per_cell * n_ctx * (KV_TYPE_BYTES.get(s.type_k, 2.0) + KV_TYPE_BYTES.get(s.type_v, 2.0))
+    return int(c["size_bytes"] + kv + CHILD_OVERHEAD_BYTES)
+
+
+def interleave_group_size(plans: Sequence[_Plan], tests: Sequence[Test], interleave: bool | None = None,
+                          mem_limit_mb: int | None = None, available_bytes: int | None = None,
+                          gpu_offload: bool | None = None) -> int:
+    """How many configurations to alternate at once; 1 means back to back (llama-bench's way).
+
+    1 when interleaving is off, when there is one configuration, when a test is not an engine test (pp/tg/pg:
+    e2e and custom tests keep their own timing), when a configuration offloads layers to a GPU (children would
+    compete for VRAM, and a failure would be blamed on the wrong configuration), or when two children's
+    estimated memory (`_child_bytes`) does not fit in LIVE_MEMORY_SHARE of the available RAM.
+    """
+    from .measure import ENGINE_KINDS
+
+    if interleave is False or len(plans) < 2:
+        return 1
+    if any(t.kind not in ENGINE_KINDS for t in tests):
+        return 1
+    if gpu_offload is None and any(p.settings.n_gpu_layers for p in plans):
+        from .gpu import build_supports_gpu_offload
+
+        gpu_offload = build_supports_gpu_offload()
+    if gpu_offload and any(p.settings.n_gpu_layers for p in plans):
+        return 1
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = psutil.virtual_memory().available
+    need = max(_child_bytes(p) for p in plans)
+    if mem_limit_mb:
+        need = max(need, mem_limit_mb * 2**20)  # each child may grow to its own limit
+    fit = int(available_bytes * LIVE_MEMORY_SHARE // max(need, 1))
+    n = min(len(plans), MAX_LIVE_CHILDREN, fit)
+    return n if n >= 2 else 1
+
+
+class ChildGone(RuntimeError):
+    """A live child died, timed out or broke the protocol; status and error are ready for its rows."""
+
+    def __init__(self, status: str, error: str):
+        super().__init__(error)
+        self.status, self.error = status, error
+
+
+class LiveTrial:
+    """One configuration's child (`python -m kit.worker --serve`), driven one command at a time.
+
+    timeout_s bounds the child's whole life, as it bounds a back-to-back trial: the time its own commands take
+    counts, the time spent waiting while other configurations run does not.
+    """
+
+    def __init__(self, plan: _Plan, tests: list[Test], timeout_s: float, log_file: str | None,
+                 mem_limit_mb: int | None, t_origin: float):
+        self.plan, self.tests, self.timeout_s, self.log_file = plan, tests, timeout_s, log_file
+        self.used_s = 0.0
+        self.t0 = time.perf_counter()
+        self.gone: ChildGone | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="kit-live-")
+        spec_p = os.path.join(self._tmp.name, "spec.json")
+        self._err_p = os.path.join(self._tmp.name, "stderr.txt")
+        with open(spec_p, "w") as fh:
+            json.dump({"settings": plan.settings.to_dict(), "tests": [t.to_dict() for t in tests],
+                       "model_path": plan.model_path, "log_file": log_file, "t_origin": t_origin}, fh)
+        self._err = open(self._err_p, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kit.worker", "--serve", spec_p],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True, env=_child_env(),
+            preexec_fn=_child_setup(mem_limit_mb),
+        )
+        try:
+            self.load = self._read()  # the model loads before anything else is sent
+        except ChildGone as g:
+            self.load = {"ok": False, "error": g.error}
+        if not self.load.get("ok") and not self.gone:
+            self.gone = ChildGone("error", self.load.get("error") or "the model did not load")
+
+    @property
+    def alive(self) -> bool:
+        return self.gone is None
+
+    def _read(self) -> dict:
+        import select
+
+        left = self.timeout_s - self.used_s
+        t0 = time.perf_counter()
+        ready, _, _ = select.select([self.proc.stdout], [], [], max(left, 0.0))
+        line = self.proc.stdout.readline() if ready else b""
+        self.used_s += time.perf_counter() - t0
+        if line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                self._fail("error", f"the child sent a line that is not JSON: {line[:200]!r}")
+        if not ready:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self._fail("timeout", f"no result within {self.timeout_s:g} s; killed")
+        rc = self.proc.wait()
+        self._fail(*(_describe_exit(rc) if rc else ("error", "the child exited without replying")))
+
+    def _fail(self, status: str, error: str):
+        self._err.flush()
+        tail = _tail(self._err_p)
+        if self.log_file and tail:
+            with open(self.log_file, "a") as fh:
+                fh.write(f"\n--- trial stderr ({self.plan.settings.to_dict()}) ---\n{tail}\n")
+        self.gone = ChildGone(status, error + (" | stderr: " + tail if tail else ""))
+        raise self.gone
+
+    def call(self, op: str, test: int) -> dict:
+        if self.gone:
+            raise self.gone
+        try:
+            self.proc.stdin.write((json.dumps({"op": op, "test": test}) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone: _read reports how it ended
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b'{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for fh in (self.proc.stdin, self.proc.stdout, self._err):
+            try:
+                fh.close()
+            except OSError:
+                pass
+        self._tmp.cleanup()
+
+
+def _failed_row(test: Test, status: str, error: str) -> dict:
+    return {"status": status, "error": error, "test": test.name, "test_kind": test.kind,
+            "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth}
+
+
+def run_interleaved(group: Sequence[_Plan], todo: Sequence[list], repetitions: int, record,
+                    timeout_s: float = DEFAULT_TIMEOUT_S, log_file: str | None = None,
+                    mem_limit_mb: int | None = None, on_trial_done=None, seed: int = 0) -> None:
+    """Measure a group of configurations with their repetitions alternated.
+
+    Every configuration gets a live child (model loaded once, one after the other). Then, test by test: each
+    child fills the depth and runs the warm-up; then `repetitions` rounds, each running one timed repetition per
+    configuration in a fresh random order; then each child returns its row. A drift of the machine's speed during
+    the test (another tenant, clocks, heat) so lands on every configuration alike instead of on whichever ran
+    last, and the random order keeps a fixed position in the round from favouring one of them. The timed region
+    and the cache reset before each repetition are those of a back-to-back run.
+
+    `record(plan, [(test, key)], rows)` is called for every test as soon as all configurations finished it, so a
+    crash later loses nothing. A child that dies costs only its own configuration's remaining tests.
+    """
+    import random
+
+    rng = random.Random(seed)
+    t_origin = time.perf_counter()
+    lives: list[LiveTrial] = []
+    died: dict[int, Test] = {}  # configuration -> the test its child died in
+
+    def failure(j: int, test: Test, g: ChildGone) -> dict:
+        if died.setdefault(j, test) is not test:
+            return _failed_row(test, "skipped", f"not run: an earlier test in the trial failed ({g.status})")
+        return _failed_row(test, g.status, g.error)
+
+    try:
+        for plan, pairs in zip(group, todo):
+            lives.append(LiveTrial(plan, [t for t, _ in pairs], timeout_s, log_file, mem_limit_mb, t_origin))
+        order: list[Test] = []
+        for pairs in todo:
+            order += [t for t, _ in pairs if t not in order]
+        pending = [len(pairs) for pairs in todo]
+        for test in order:
+            members = [j for j, pairs in enumerate(todo) if any(t == test for t, _ in pairs)]
+            idx = {j: [t for t, _ in todo[j]].index(test) for j in members}
+            rows: dict[int, dict] = {}
+
+            def step(j: int, op: str) -> dict | None:
+                try:
+                    r = lives[j].call(op, idx[j])
+                except ChildGone as g:
+                    rows[j] = failure(j, test, g)
+                    return None
+                if not r.get("ok"):
+                    rows[j] = _failed_row(test, "error", r.get("error"))
+                    return None
+                return r
+
+            for j in members:
+                step(j, "prepare")
+            for _ in range(repetitions):
+                turn = [j for j in members if j not in rows]
+                rng.shuffle(turn)
+                for j in turn:
+                    step(j, "rep")
+            for j in members:
+                if j not in rows:
+                    r = step(j, "finish")
+                    if r is not None:
+                        rows[j] = r["row"]
+            for j in members:
+                row = rows[j]
+                row.update(interleaved=True, interleave_group=len(group),
+                           trial_wall_s=round(time.perf_counter() - lives[j].t0, 3))
+                record(group[j], [(test, dict(todo[j])[test])], [row])
+                pending[j] -= 1
+                if pending[j] == 0 and on_trial_done:
+                    on_trial_done()
+    finally:
+        for lv in lives:
+            lv.close()
+
+
 # ---- the sweep ----------------------------------------------------------------------------------------------------
 def study_dir(study: str, out_root: str | os.PathLike = "outputs") -> Path:
     if not STUDY_NAME.match(study):
@@ -266,8 +498,13 @@ def _short(s: Settings) -> str:
 def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequence[Test],
               repetitions: int = DEFAULT_REPETITIONS, out_root: str | os.PathLike = "outputs",
               timeout_s: float = DEFAULT_TIMEOUT_S, retry_failed: bool = False, progress: bool = True,
-              mem_limit_mb: int | None = None, extra: dict | None = None):
+              mem_limit_mb: int | None = None, extra: dict | None = None, interleave: bool | None = None):
     """Run every configuration x test, each configuration in its own child process; returns the study's DataFrame.
+
+    interleave: None (auto) alternates the repetitions of every configuration (`run_interleaved`) when the
+    sweep has two or more configurations, only engine tests (pp/tg/pg) and room for their children
+    (`interleave_group_size`); False measures each configuration's repetitions back to back, as llama-bench does;
+    True asks for interleaving (still only where it can run). Rows say which (`interleaved`).
 
     Rows go to outputs/<study>/results.jsonl as each trial ends; llama.cpp's log to outputs/<study>/llama.log.
     `extra` columns (e.g. {"claim": "G3"}) are added to every row of this call.
@@ -289,28 +526,41 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
     # 'skipped' tests never ran (an earlier test of their trial died): always run them again
     done = {k for k, st in previous.items() if st == "ok" or (st not in (None, "skipped") and not retry_failed)}
 
+    live_plans = [p for p in plans if any(k not in done for k in p.keys)]
+    group_size = interleave_group_size(live_plans, tests, interleave, mem_limit_mb)
     bar = _progress(len(plans), study, progress)
+    bar.update(len(plans) - len(live_plans))
+
+    def record(plan: _Plan, pairs: list, rows: list[dict]) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        full = []
+        settings_cols = _settings_columns(plan.settings)
+        for (test, key), row in zip(pairs, rows):
+            merged = {"study": study, "trial_key": key, "test_time": stamp, **_provenance(plan.card, env),
+                      **settings_cols, **(extra or {})}
+            for k, v in row.items():
+                # a test's own value never overwrites the configuration it ran under (e.g. a chunk n_ctx)
+                merged[f"test_{k}" if k in settings_cols and v != settings_cols[k] else k] = v
+            full.append(merged)
+        append_rows(results, full)
+        bar.set_postfix_str(f"{full[-1]['status']}: {_short(plan.settings)}"[:60])
+
     try:
-        for plan in plans:
-            todo = [(t, k) for t, k in zip(plan.tests, plan.keys) if k not in done]
-            if not todo:
+        if group_size > 1:
+            for g in range(0, len(live_plans), group_size):
+                group = live_plans[g:g + group_size]
+                todo = [[(t, k) for t, k in zip(p.tests, p.keys) if k not in done] for p in group]
+                run_interleaved(group, todo, repetitions, record, timeout_s=timeout_s, log_file=log_file,
+                                mem_limit_mb=mem_limit_mb, on_trial_done=lambda: bar.update(1))
+        else:
+            for plan in live_plans:
+                todo = [(t, k) for t, k in zip(plan.tests, plan.keys) if k not in done]
+                rows = run_trial(plan.settings, [t for t, _ in todo], repetitions, plan.model_path,
+                                 timeout_s=timeout_s, log_file=log_file, mem_limit_mb=mem_limit_mb)
+                for r in rows:
+                    r["interleaved"] = False
+                record(plan, todo, rows)
                 bar.update(1)
-                continue
-            rows = run_trial(plan.settings, [t for t, _ in todo], repetitions, plan.model_path,
-                             timeout_s=timeout_s, log_file=log_file, mem_limit_mb=mem_limit_mb)
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            full = []
-            settings_cols = _settings_columns(plan.settings)
-            for (test, key), row in zip(todo, rows):
-                merged = {"study": study, "trial_key": key, "test_time": stamp, **_provenance(plan.card, env),
-                          **settings_cols, **(extra or {})}
-                for k, v in row.items():
-                    # a test's own value never overwrites the configuration it ran under (e.g. a chunk n_ctx)
-                    merged[f"test_{k}" if k in settings_cols and v != settings_cols[k] else k] = v
-                full.append(merged)
-            append_rows(results, full)
-            bar.set_postfix_str(f"{full[-1]['status']}: {_short(plan.settings)}"[:60])
-            bar.update(1)
     finally:
         bar.close()
     return load_results(out)

@@ -122,9 +122,12 @@ import sys
 from kit.config import Settings
 from kit.measure import tg
 from kit.sweep import run_sweep
+from kit.measure import pp
 configs = [Settings(n_ctx=256, n_batch=256, n_ubatch=256, n_threads=t, n_threads_batch=t, seed=s)
            for s in range(4) for t in (1, 2)]
-run_sweep("killed", configs, [tg(24)], repetitions=2, out_root=sys.argv[1], progress=False)
+interleave = sys.argv[2] == "1"
+tests = [tg(24), pp(32)] if interleave else [tg(24)]
+run_sweep("killed", configs, tests, repetitions=2, out_root=sys.argv[1], progress=False, interleave=interleave)
 """
 
 
@@ -137,7 +140,8 @@ def _workers_of(study_root) -> list[int]:
         cmd = p.info["cmdline"] or []
         if "kit.worker" in cmd:
             try:
-                spec = json.loads(open(cmd[cmd.index("kit.worker") + 1]).read())
+                args = cmd[cmd.index("kit.worker") + 1:]  # SPEC RESULT, or --serve SPEC (a live child)
+                spec = json.loads(open(args[1] if args[0] == "--serve" else args[0]).read())
             except (OSError, ValueError, IndexError):
                 continue
             if str(study_root) in str(spec.get("log_file")):
@@ -145,17 +149,21 @@ def _workers_of(study_root) -> list[int]:
     return pids
 
 
-def test_killed_sweep_resumes_without_duplicates_or_loss(tmp_path, repo_root):
+@pytest.mark.parametrize("interleave", [False, True], ids=["back-to-back", "interleaved"])
+def test_killed_sweep_resumes_without_duplicates_or_loss(tmp_path, repo_root, interleave):
+    # back to back, rows land per configuration; interleaved (8 live children), per test for all 8 at once
     results = tmp_path / "killed" / "results.jsonl"
-    proc = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, str(tmp_path)], cwd=repo_root,
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, str(tmp_path), str(int(interleave))], cwd=repo_root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first, total = (8, 16) if interleave else (2, 8)
     deadline = time.time() + 240
-    while time.time() < deadline and len(read_rows(results)) < 2:
+    while time.time() < deadline and len(read_rows(results)) < first:
         time.sleep(0.2)
     proc.kill()  # SIGKILL: no cleanup, a trial is in flight
     proc.wait()
     before = read_rows(results)
-    assert 2 <= len(before) < 8, "the sweep should have been killed mid-way"
+    assert first <= len(before) < total, "the sweep should have been killed mid-way"
+    assert all(r["interleaved"] is interleave for r in before)
     time.sleep(1)
     # the trial in flight died with its parent (no orphan still measuring)
     assert not _workers_of(tmp_path)
@@ -163,12 +171,14 @@ def test_killed_sweep_resumes_without_duplicates_or_loss(tmp_path, repo_root):
         fh.write(b'{"study": "killed", "trial_key": "torn", "sta')
     configs = [Settings(n_ctx=256, n_batch=256, n_ubatch=256, n_threads=t, n_threads_batch=t, seed=s)
                for s in range(4) for t in (1, 2)]
+    tests = [tg(24), pp(32)] if interleave else [tg(24)]
     with pytest.warns(UserWarning, match="torn"):
-        df = run_sweep("killed", configs, [tg(24)], repetitions=2, out_root=tmp_path, progress=False)
+        df = run_sweep("killed", configs, tests, repetitions=2, out_root=tmp_path, progress=False,
+                       interleave=interleave)
     after = read_rows(results)
-    assert len(df) == 8 and df["trial_key"].is_unique and (df["status"] == "ok").all()
+    assert len(df) == total and df["trial_key"].is_unique and (df["status"] == "ok").all()
     assert after[:len(before)] == before  # nothing measured before the kill was lost or rewritten
-    assert len(after) == 8
+    assert len(after) == total
 
 
 def test_append_survives_torn_line_and_load_results_is_one_call(tmp_path):

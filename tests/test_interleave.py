@@ -1,0 +1,121 @@
+"""Interleaved sweeps: one live child per configuration, repetitions alternated in random order, failures isolated."""
+import os
+import signal
+
+import psutil
+import pytest
+
+from kit.config import Settings
+from kit.measure import Test, pp, tg
+from kit.models import model_card
+from kit.sweep import _Plan, grid, interleave_group_size, run_interleaved, run_sweep
+
+BASE = Settings(n_ctx=512, n_batch=256, n_ubatch=128, n_threads=2, n_threads_batch=2)
+
+
+def _plans(configs):
+    card = model_card(configs[0].model).to_dict()
+    return [_Plan(s, card["path"], card, [], []) for s in configs]
+
+
+def test_group_size_rules():
+    configs = grid(BASE, n_batch=[128, 256, 512])
+    plans = _plans(configs)
+    engine = [pp(64), tg(8)]
+    big = 64 * 2**30
+    assert interleave_group_size(plans, engine, available_bytes=big) == 3
+    assert interleave_group_size(plans, engine, interleave=False, available_bytes=big) == 1
+    assert interleave_group_size(plans[:1], engine, available_bytes=big) == 1  # nothing to alternate with
+    # e2e and custom tests keep their own timing: back to back
+    assert interleave_group_size(plans, [tg(8), Test("e2e", n_gen=4)], available_bytes=big) == 1
+    assert interleave_group_size(plans, [Test("kit.faults:hang")], available_bytes=big) == 1
+    # GPU offload: children would compete for VRAM
+    gpu = _plans(grid(BASE, n_gpu_layers=[0, 10]))
+    assert interleave_group_size(gpu, engine, available_bytes=big, gpu_offload=True) == 1
+    assert interleave_group_size(gpu, engine, available_bytes=big, gpu_offload=False) == 2
+    # memory: as many children as fit in half the available RAM, at least two or none
+    from kit.sweep import _child_bytes
+
+    one = _child_bytes(plans[0])
+    assert one > plans[0].card["size_bytes"]
+    assert interleave_group_size(plans, engine, available_bytes=int(one * 4.5)) == 2
+    assert interleave_group_size(plans, engine, available_bytes=int(one * 3)) == 1
+    # a per-child memory limit counts as that child's size
+    assert interleave_group_size(plans, engine, available_bytes=big, mem_limit_mb=big // 2**20 // 4) == 2
+
+
+def test_interleaved_sweep_alternates_repetitions_and_resumes(tmp_path):
+    configs = grid(BASE, n_batch=[128, 256])
+    tests = [pp(64), tg(8, depth=64)]
+    df = run_sweep("il", configs, tests, repetitions=3, out_root=tmp_path, progress=False, timeout_s=300)
+    assert len(df) == 4 and (df["status"] == "ok").all(), df[["test", "status", "error"]]
+    assert df["interleaved"].all() and (df["interleave_group"] == 2).all()
+    for test, part in df.groupby("test"):
+        at = part["samples_at_s"].tolist()
+        assert all(len(a) == 3 for a in at)
+        # round r of every configuration ends before round r+1 of any starts: the repetitions alternate
+        for r in range(2):
+            assert max(a[r] for a in at) < min(a[r + 1] for a in at), (test, at)
+    for r in df.to_dict("records"):
+        assert len(r["samples_ts"]) == 3 and r["repetitions"] == 3 and 1 < r["median_ts"] < 100_000
+        assert 0.7 < r["perf_wall_ratio"] < 1.3  # llama.cpp's own counters agree over the same region
+        assert 0 < r["cpu_util_pct"] < 100 * (os.cpu_count() or 2) + 50
+    d = df[df["test"] == tests[1].name]
+    # the pp64 before it left 64 tokens in each child's cache: the depth is reused there, as back to back
+    assert len(d) == 2 and d["depth_reused"].astype(bool).all() and (d["depth_fill_ms"] == 0).all()
+    # the same trials, back to back: same columns, interleaved False; a rerun measures nothing again
+    seq = run_sweep("seq", configs, tests, repetitions=3, out_root=tmp_path, progress=False, interleave=False)
+    assert (~seq["interleaved"].astype(bool)).all() and set(df.columns) - set(seq.columns) <= {"samples_at_s",
+                                                                                            "interleave_group"}
+    again = run_sweep("il", configs, tests, repetitions=3, out_root=tmp_path, progress=False)
+    assert sorted(again["test_time"]) == sorted(df["test_time"]) and len(again) == 4
+
+
+def _serve_children():
+    kids = [p for p in psutil.Process().children(recursive=True) if "--serve" in " ".join(p.cmdline())]
+    return sorted(kids, key=lambda p: p.create_time())
+
+
+def test_a_killed_and_a_hung_child_cost_only_their_configuration(tmp_path):
+    configs = grid(BASE, n_batch=[128, 256, 512])
+    card = model_card(BASE.model).to_dict()
+    tests = [tg(4), pp(32), tg(4, depth=16)]
+    plans = [_Plan(s, card["path"], card, tests, [f"{s.n_batch}-{t.name}" for t in tests]) for s in configs]
+    got = []
+
+    def record(plan, pairs, rows):
+        got.append((plan.settings.n_batch, pairs[0][0].name, rows[0]))
+        if len(got) == 3:  # the first test is done everywhere: kill one child, freeze another
+            kids = _serve_children()
+            assert len(kids) == 3
+            os.kill(kids[0].pid, signal.SIGKILL)
+            os.kill(kids[1].pid, signal.SIGSTOP)
+
+    run_interleaved(plans, [list(zip(tests, p.keys)) for p in plans], 2, record, timeout_s=12)
+    by = {(nb, name): row for nb, name, row in got}
+    assert len(by) == 9
+    assert all(by[(nb, "tg4")]["status"] == "ok" for nb in (128, 256, 512))
+    assert by[(128, "pp32")]["status"] == "killed" and "SIGKILL" in by[(128, "pp32")]["error"]
+    assert by[(256, "pp32")]["status"] == "timeout"
+    for nb in (128, 256):
+        assert by[(nb, tests[2].name)]["status"] == "skipped"
+    assert by[(512, "pp32")]["status"] == "ok" and by[(512, tests[2].name)]["status"] == "ok"
+    assert not _serve_children()  # every child was ended
+
+
+def test_a_model_that_fails_to_load_is_reported_for_its_configuration_only(tmp_path):
+    card = model_card(BASE.model).to_dict()
+    broken = tmp_path / "truncated.gguf"
+    with open(card["path"], "rb") as src:
+        broken.write_bytes(src.read(2 * 2**20))  # a valid header, then the file ends inside the tensors
+    tests = [tg(4), pp(16)]
+    plans = [_Plan(BASE, card["path"], card, tests, ["a", "b"]),
+             _Plan(BASE.replace(n_batch=128), str(broken), card, tests, ["c", "d"])]
+    got = []
+    run_interleaved(plans, [list(zip(tests, p.keys)) for p in plans], 2,
+                    lambda plan, pairs, rows: got.append((plan.model_path, pairs[0][0].name, rows[0])), timeout_s=120)
+    good = [r for path, _, r in got if path == card["path"]]
+    bad = {name: r for path, name, r in got if path == str(broken)}
+    assert [r["status"] for r in good] == ["ok", "ok"]
+    assert bad["tg4"]["status"] == "error" and bad["tg4"]["error"]
+    assert bad["pp16"]["status"] == "skipped"
