@@ -187,10 +187,7 @@ def run_trial(settings: Settings, tests: list[Test], repetitions: int, model_pat
                 rc = proc.wait()
                 timed_out = True
         wall_s = time.perf_counter() - t0
-        tail = _tail(err_p)
-        if log_file and tail:
-            with open(log_file, "a") as fh:
-                fh.write(f"\n--- trial stderr ({settings.to_dict()}) ---\n{tail}\n")
+        tail = _log_tail(log_file, settings, err_p)
         done = read_rows(result_p)
         rows = done[:]
         if len(done) < len(tests):
@@ -205,14 +202,21 @@ def run_trial(settings: Settings, tests: list[Test], repetitions: int, model_pat
             first = True
             for t in tests[len(done):]:
                 # the test in flight gets the cause; the ones after it were never reached
-                rows.append({"status": status if first else "skipped",
-                             "error": error if first else f"not run: an earlier test in the trial failed ({status})",
-                             "test": t.name, "test_kind": t.kind,
-                             "n_prompt": t.n_prompt, "n_gen": t.n_gen, "n_depth": t.n_depth})
+                rows.append(_failed_row(t, status, error) if first else
+                            _failed_row(t, "skipped", f"not run: an earlier test in the trial failed ({status})"))
                 first = False
         for r in rows:
             r["trial_wall_s"] = round(wall_s, 3)
         return rows
+
+
+def _log_tail(log_file: str | None, settings: Settings, err_path: str) -> str:
+    """The child's last stderr lines, also appended to the study's llama.log under its settings."""
+    tail = _tail(err_path)
+    if log_file and tail:
+        with open(log_file, "a") as fh:
+            fh.write(f"\n--- trial stderr ({settings.to_dict()}) ---\n{tail}\n")
+    return tail
 
 
 def _tail(path: str, n: int = STDERR_TAIL_LINES) -> str:
@@ -315,10 +319,6 @@ class LiveTrial:
         if not self.load.get("ok") and not self.gone:
             self.gone = ChildGone("error", self.load.get("error") or "the model did not load")
 
-    @property
-    def alive(self) -> bool:
-        return self.gone is None
-
     def _read(self) -> dict:
         import select
 
@@ -341,10 +341,7 @@ class LiveTrial:
 
     def _fail(self, status: str, error: str):
         self._err.flush()
-        tail = _tail(self._err_p)
-        if self.log_file and tail:
-            with open(self.log_file, "a") as fh:
-                fh.write(f"\n--- trial stderr ({self.plan.settings.to_dict()}) ---\n{tail}\n")
+        tail = _log_tail(self.log_file, self.plan.settings, self._err_p)
         self.gone = ChildGone(status, error + (" | stderr: " + tail if tail else ""))
         raise self.gone
 
