@@ -499,8 +499,9 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
     """Run every configuration x test, each configuration in its own child process; returns the study's DataFrame.
 
     interleave: None (auto) alternates the repetitions of every configuration (`run_interleaved`) when the
-    sweep has two or more configurations, only engine tests (pp/tg/pg) and room for their children
-    (`interleave_group_size`); False measures each configuration's repetitions back to back, as llama-bench does;
+    sweep has two or more configurations, engine tests (pp/tg/pg) and room for their children
+    (`interleave_group_size`); the sweep's other tests then run back to back, one more child per configuration.
+    False measures each configuration's repetitions back to back, as llama-bench does;
     True asks for interleaving (still only where it can run). Rows say which (`interleaved`).
 
     Rows go to outputs/<study>/results.jsonl as each trial ends; llama.cpp's log to outputs/<study>/llama.log.
@@ -524,7 +525,12 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
     done = {k for k, st in previous.items() if st == "ok" or (st not in (None, "skipped") and not retry_failed)}
 
     live_plans = [p for p in plans if any(k not in done for k in p.keys)]
-    group_size = interleave_group_size(live_plans, tests, interleave, mem_limit_mb)
+    from .measure import ENGINE_KINDS
+
+    # engine tests of several configurations alternate; the others (e2e, a study's own) then run back to back
+    engine = [t for t in tests if t.kind in ENGINE_KINDS]
+    group_size = interleave_group_size(live_plans, engine, interleave, mem_limit_mb) if engine else 1
+    split = group_size > 1 and len(engine) < len(tests)
     bar = _progress(len(plans), study, progress)
     bar.update(len(plans) - len(live_plans))
 
@@ -546,17 +552,20 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
         if group_size > 1:
             for g in range(0, len(live_plans), group_size):
                 group = live_plans[g:g + group_size]
-                todo = [[(t, k) for t, k in zip(p.tests, p.keys) if k not in done] for p in group]
+                todo = [[(t, k) for t, k in zip(p.tests, p.keys) if k not in done and t.kind in ENGINE_KINDS]
+                        for p in group]
                 run_interleaved(group, todo, repetitions, record, timeout_s=timeout_s, log_file=log_file,
-                                mem_limit_mb=mem_limit_mb, on_trial_done=lambda: bar.update(1))
-        else:
+                                mem_limit_mb=mem_limit_mb, on_trial_done=None if split else lambda: bar.update(1))
+        if group_size == 1 or split:
             for plan in live_plans:
-                todo = [(t, k) for t, k in zip(plan.tests, plan.keys) if k not in done]
-                rows = run_trial(plan.settings, [t for t, _ in todo], repetitions, plan.model_path,
-                                 timeout_s=timeout_s, log_file=log_file, mem_limit_mb=mem_limit_mb)
-                for r in rows:
-                    r["interleaved"] = False
-                record(plan, todo, rows)
+                todo = [(t, k) for t, k in zip(plan.tests, plan.keys)
+                        if k not in done and not (split and t.kind in ENGINE_KINDS)]
+                if todo:
+                    rows = run_trial(plan.settings, [t for t, _ in todo], repetitions, plan.model_path,
+                                     timeout_s=timeout_s, log_file=log_file, mem_limit_mb=mem_limit_mb)
+                    for r in rows:
+                        r["interleaved"] = False
+                    record(plan, todo, rows)
                 bar.update(1)
     finally:
         bar.close()

@@ -71,6 +71,16 @@ def test_interleaved_sweep_alternates_repetitions_and_resumes(tmp_path):
     assert sorted(again["test_time"]) == sorted(df["test_time"]) and len(again) == 4
 
 
+def test_a_mixed_sweep_interleaves_its_engine_tests_and_runs_the_rest_back_to_back(tmp_path):
+    configs = grid(BASE, n_batch=[128, 256])
+    e2e = Test("e2e", n_gen=4, params={"prompts": ["Say hi."]})
+    df = run_sweep("mixed", configs, [tg(8), e2e], repetitions=2, out_root=tmp_path, progress=False)
+    assert len(df) == 4 and (df["status"] == "ok").all(), df[["test", "status", "error"]]
+    by_kind = df.groupby("test_kind")["interleaved"].apply(lambda x: set(x.astype(bool)))
+    assert by_kind["tg"] == {True} and by_kind["e2e"] == {False}
+    assert (df[df["test_kind"] == "e2e"]["ttft_ms"] > 0).all()
+
+
 def _serve_children():
     kids = [p for p in psutil.Process().children(recursive=True) if "--serve" in " ".join(p.cmdline())]
     return sorted(kids, key=lambda p: p.create_time())
