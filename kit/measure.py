@@ -484,6 +484,12 @@ def resolve_test_fn(kind: str) -> Callable:
     raise ValueError(f"unknown test kind {kind!r}: use pp, tg, pg, e2e or 'module:function'")
 
 
+def with_trial_columns(row: dict, lm: LoadedModel, test: Test, mon: ResourceMonitor) -> dict:
+    """A test's row as a trial's child reports it: the test, the load and the resources after the measurement."""
+    return {**row, "test": test.name, "test_kind": test.kind, "load_ms": round(lm.load_ms, 3), **lm.effective,
+            **mon.snapshot()}
+
+
 def measure_config(settings: Settings, tests: list[Test], repetitions: int = DEFAULT_REPETITIONS,
                    model_path: str | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Load once, run every test, return one row per test (measurement fields only; the sweep adds the rest).
@@ -501,8 +507,7 @@ def measure_config(settings: Settings, tests: list[Test], repetitions: int = DEF
                 except Exception as exc:  # one failing test must not hide the others
                     row = {"status": "error", "error": f"{type(exc).__name__}: {exc}",
                            "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth}
-                row.update(test=test.name, test_kind=test.kind, load_ms=round(lm.load_ms, 3), **lm.effective,
-                           **mon.snapshot())
+                row = with_trial_columns(row, lm, test, mon)
                 rows.append(row)
                 if on_row:
                     on_row(row)

@@ -153,6 +153,13 @@ def _child_env() -> dict:
     return env
 
 
+def _spawn_worker(args: list[str], mem_limit_mb: int | None, **streams) -> subprocess.Popen:
+    """`python -m kit.worker ARGS` in its own session, dying with its parent, under an optional memory limit."""
+    return subprocess.Popen([sys.executable, "-m", "kit.worker", *args],
+                            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
+                            env=_child_env(), preexec_fn=_child_setup(mem_limit_mb), **streams)
+
+
 def _describe_exit(rc: int) -> tuple[str, str]:
     if rc < 0:
         sig = signal.Signals(-rc).name
@@ -173,12 +180,8 @@ def run_trial(settings: Settings, tests: list[Test], repetitions: int, model_pat
                        "repetitions": repetitions, "model_path": model_path, "log_file": log_file}, fh)
         t0 = time.perf_counter()
         with open(err_p, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "kit.worker", spec_p, result_p],
-                stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
-                cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True, env=_child_env(),
-                preexec_fn=_child_setup(mem_limit_mb),
-            )
+            proc = _spawn_worker([spec_p, result_p], mem_limit_mb, stdout=subprocess.DEVNULL, stderr=err,
+                                 stdin=subprocess.DEVNULL)
             try:
                 rc = proc.wait(timeout=timeout_s)
                 timed_out = False
@@ -306,12 +309,8 @@ class LiveTrial:
             json.dump({"settings": plan.settings.to_dict(), "tests": [t.to_dict() for t in tests],
                        "model_path": plan.model_path, "log_file": log_file, "t_origin": t_origin}, fh)
         self._err = open(self._err_p, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kit.worker", "--serve", spec_p],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
-            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True, env=_child_env(),
-            preexec_fn=_child_setup(mem_limit_mb),
-        )
+        self.proc = _spawn_worker(["--serve", spec_p], mem_limit_mb, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self._err)
         try:
             self.load = self._read()  # the model loads before anything else is sent
         except ChildGone as g:

@@ -50,7 +50,7 @@ def serve(spec_path: str) -> int:
 
     from .config import Settings
     from .logs import llama_log_to_file
-    from .measure import ENGINE_KINDS, EngineRun, ResourceMonitor, Test, load_model
+    from .measure import ENGINE_KINDS, EngineRun, ResourceMonitor, Test, load_model, with_trial_columns
 
     def reply(obj: dict) -> None:
         proto.write(json.dumps(obj) + "\n")
@@ -91,11 +91,10 @@ def serve(spec_path: str) -> int:
                     elif op == "finish":
                         run = runs.pop(i)
                         cpu_s, wall_s = busy.get(i, [0.0, 0.0])
-                        row = {"status": "ok", "error": None, **run.row(), "test": test.name, "test_kind": test.kind,
-                               "load_ms": round(lm.load_ms, 3), **lm.effective, **mon.snapshot(),
-                               # CPU use while this test's own commands ran, not while the other configurations ran
-                               "cpu_util_pct": round(100 * cpu_s / wall_s, 1) if wall_s > 0 else None,
-                               "samples_at_s": [round(a - origin, 3) for a in run.at_s]}
+                        row = with_trial_columns({"status": "ok", "error": None, **run.row()}, lm, test, mon)
+                        # CPU use while this test's own commands ran, not while the other configurations ran
+                        row.update(cpu_util_pct=round(100 * cpu_s / wall_s, 1) if wall_s > 0 else None,
+                                   samples_at_s=[round(a - origin, 3) for a in run.at_s])
                         out = {"ok": True, "row": row}
                     else:
                         raise ValueError(f"unknown command {op!r}")
