@@ -36,8 +36,8 @@ def _bools(s: str) -> list[bool]:
 
 
 def cmd_info(args) -> int:
-    from .environment import capture_environment, decode_roofline
-    from .models import model_card
+    from kit.environment import capture_environment, decode_roofline
+    from kit.models import model_card
 
     env = capture_environment(bandwidth=not args.no_bandwidth)
     card = model_card(args.model).to_dict()
@@ -68,8 +68,8 @@ def cmd_info(args) -> int:
 
 def bench_configs(args) -> list[tuple]:
     """llama-bench semantics: every combination of the comma lists; n_ctx sized per test unless --n-ctx."""
-    from .config import Settings
-    from .measure import Test
+    from kit.config import Settings
+    from kit.measure import Test
 
     tests = [Test("pp", n_prompt=p, n_depth=d) for p in args.p if p for d in args.d]
     tests += [Test("tg", n_gen=n, n_depth=d) for n in args.n if n for d in args.d]
@@ -112,8 +112,8 @@ def format_rows(df, fmt: str) -> str:
 def cmd_bench(args) -> int:
     import pandas as pd
 
-    from .results import load_results
-    from .sweep import planned_rows, run_sweep
+    from kit.results import load_results
+    from kit.sweep import planned_rows, run_sweep
 
     combos = bench_configs(args)
     out = Path(args.out)
@@ -130,7 +130,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_fidelity(args) -> int:
-    from .fidelity import format_result, run_fidelity
+    from kit.fidelity import format_result, run_fidelity
 
     res = run_fidelity(model=args.m, n_prompt=args.p, n_gen=args.n, reps=args.r, threads=args.t, rounds=args.rounds,
                        log=lambda s: print(s, file=sys.stderr))
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import psutil
 
-    from .models import DEFAULT_MODEL
+    from kit.models import DEFAULT_MODEL
 
     ap = argparse.ArgumentParser(prog="python -m kit", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _DELEGATED:
         return _delegate(*_DELEGATED[argv[0]], argv[1:])
     args = ap.parse_args(argv)
-    from .config import SettingsError
-    from .models import ModelFileError
+    from kit.config import SettingsError
+    from kit.models import ModelFileError
 
     try:
         return args.fn(args)

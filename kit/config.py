@@ -14,7 +14,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from kit.paths import DEFAULT_MODEL, resolve as resolve_path
+
 ENV_PREFIX = "LLAMACPP_"
+# The request-time sampling settings a request may override (Settings fields of the "request" group).
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens")
 
 # ggml_type values (ggml.h) for the KV cache types llama.cpp accepts for K and V.
 KV_CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -46,7 +50,7 @@ class Settings:
     """One configuration of a llama-cpp-python RAG server. Defaults are llama-cpp-python's `Llama()` defaults."""
 
     # model
-    model: str = _s("smollm2-135m", "bundled model name or path to any GGUF file", "MODEL_PATH", "model")
+    model: str = _s(DEFAULT_MODEL, "bundled model name or path to any GGUF file", "MODEL_PATH", "model")
     # load time
     n_gpu_layers: int = _s(0, "layers offloaded to the GPU (-1 = all); ignored by a CPU-only build", "N_GPU_LAYERS")
     n_ctx: int = _s(512, "context size in tokens allocated for the KV cache (0 = the model's n_ctx_train)", "N_CTX")
@@ -352,3 +356,147 @@ def read_dotenv(path: str | os.PathLike) -> dict[str, str]:
             raise SettingsError(f"{path}:{lineno}: {exc}") from None
         out[key.strip()] = " ".join(parts)
     return out
+
+
+# ---- study configurations ------------------------------------------------------------------------------
+# Every study's config is a dataclass derived from StudyConfig. Each field is made with `param(...)`, which
+# holds its default, its help text and its range, like Settings' fields; the notebook's parameters cell
+# repeats exactly these defaults (a test enforces it), and `kit run` builds every selected study's config
+# before the first notebook starts, so a bad value anywhere is one error within seconds.
+class StudyConfigError(SettingsError):
+    """A study parameter with a wrong type, out of range, or inconsistent with another."""
+
+
+def param(default, help: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          choices=None, nonempty: bool = False, length: int | None = None):
+    """A study-config field: default, help text, and the checks `StudyConfig.validate` applies.
+
+    ge/gt/le bound a number (or every element of a list of numbers), choices restricts a value (or every element),
+    nonempty refuses an empty list, length requires a list of exactly that many elements."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": tuple(choices) if choices else None,
+            "nonempty": nonempty, "length": length}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: _copy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(v):
+    return [_copy(x) for x in v] if isinstance(v, list) else (dict(v) if isinstance(v, dict) else v)
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _type_ok(value: Any, type_: str) -> bool:
+    """Checks a value against an annotation string: int, float, bool, str, X | None, list, list[X], dict."""
+    t = type_.replace(" ", "")
+    if "|None" in t or t.startswith("None|") or t.startswith("Optional["):
+        if value is None:
+            return True
+        t = t.replace("|None", "").replace("None|", "")
+    if t.startswith("list"):
+        if not isinstance(value, list):
+            return False
+        inner = t[5:-1] if t.startswith("list[") else ""
+        return not inner or all(_type_ok(x, inner) for x in value)
+    if t.startswith("dict"):
+        return isinstance(value, dict)
+    if t == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t in _SCALARS:
+        return isinstance(value, _SCALARS[t])
+    return True  # an annotation this checker does not know (a class): the study's check() covers it
+
+
+def _bounds_problem(name: str, value: Any, meta: Mapping) -> str | None:
+    items = value if isinstance(value, list) else [value]
+    for x in items:
+        if x is None or isinstance(x, (bool, list, dict)):
+            continue
+        if meta.get("choices") and x not in meta["choices"]:
+            return f"{name}={value!r}: {x!r} is not one of {', '.join(map(repr, meta['choices']))}"
+        if not isinstance(x, (int, float)):
+            continue
+        if meta.get("ge") is not None and x < meta["ge"]:
+            return f"{name}={value!r} must be >= {meta['ge']}"
+        if meta.get("gt") is not None and x <= meta["gt"]:
+            return f"{name}={value!r} must be > {meta['gt']}"
+        if meta.get("le") is not None and x > meta["le"]:
+            return f"{name}={value!r} must be <= {meta['le']}"
+    if isinstance(value, list):
+        if meta.get("nonempty") and not value:
+            return f"{name} must not be empty"
+        if meta.get("length") is not None and len(value) != meta["length"]:
+            return f"{name}={value!r} must have {meta['length']} elements"
+    return None
+
+
+@dataclass
+class StudyConfig:
+    """Base of every study's config: `model`, `repetitions` and `out_dir`, then the study's own fields.
+
+    Subclasses add fields made with `param(...)` and may override `check()` for cross-field rules (raise
+    StudyConfigError). Relative `out_dir` values are resolved against the repository root (kit.paths)."""
+
+    model: str = param(DEFAULT_MODEL, "bundled model name or a path to any GGUF")
+    repetitions: int = param(5, "timed runs per test, after one warm-up", ge=1)
+    out_dir: str = param("outputs/study", "where rows, figures and verdicts go (relative: to the repository root)")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "StudyConfig":
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _type_ok(value, str(f.type)):
+                problems.append(f"{f.name}={value!r} has type {type(value).__name__}; expected {f.type}")
+                continue
+            p = _bounds_problem(f.name, value, f.metadata)
+            if p:
+                problems.append(p)
+        if problems:
+            raise StudyConfigError(f"{type(self).__name__}: " + "; ".join(problems))
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Cross-field rules of a study (override; raise StudyConfigError)."""
+
+    @classmethod
+    def defaults(cls) -> dict:
+        out = {}
+        for f in fields(cls):
+            out[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        return out
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "StudyConfig":
+        """From a notebook's parameters; unknown names are an error with the closest known name."""
+        known = [f.name for f in fields(cls)]
+        for n in params:
+            if n not in known:
+                close = difflib.get_close_matches(n, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise StudyConfigError(f"{cls.__name__}: unknown parameter {n!r}{hint}")
+        return cls(**dict(params))
+
+    @property
+    def out_path(self) -> Path:
+        """out_dir as an absolute path (relative values from the repository root)."""
+        return resolve_path(self.out_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_rule(ok: bool, message: str) -> None:
+    """One cross-field rule of a study config: raise StudyConfigError(message) unless ok."""
+    if not ok:
+        raise StudyConfigError(message)

@@ -24,7 +24,7 @@ SPEED_METRIC = re.compile(r"t/s|tokens/s|latency|ttft|load ms|request time|e2e t
 
 
 def probe_tests(quick: bool = False):
-    from .measure import pp, tg
+    from kit.measure import pp, tg
 
     return [tg(16), pp(32)] if quick else [tg(64), pp(128)]
 
@@ -36,9 +36,9 @@ def run_probe(model: str | None, out_root: str | os.PathLike, phase: str, run_id
     Rows land in <out>/speed_probe/results.jsonl with the usual provenance plus `phase` and `run_id`; the run id
     and phase are in the tests' params too, so each probe is a trial of its own and never a resumed one.
     """
-    from .config import Settings
-    from .measure import Test
-    from .sweep import run_sweep
+    from kit.config import Settings
+    from kit.measure import Test
+    from kit.sweep import run_sweep
 
     tests = [Test(t.kind, t.n_prompt, t.n_gen, t.n_depth, {"phase": phase, "run_id": run_id})
              for t in probe_tests(quick)]
@@ -55,8 +55,8 @@ def summarize_drift(out_root: str | os.PathLike, run_id: str | None = None) -> d
     Writes and returns {"run_id", "tests": [{test, start_ts, end_ts, ratio, ci_low, ci_high, drifted}], ...};
     None when no run has both phases measured.
     """
-    from .results import read_rows
-    from .verdicts import bootstrap_ratio
+    from kit.results import read_rows
+    from kit.verdicts import bootstrap_ratio
 
     out = Path(out_root) / PROBE_DIR
     rows = [r for r in read_rows(out / "results.jsonl") if r.get("status") == "ok" and r.get("samples_ts")]

@@ -101,7 +101,7 @@ def capture_environment(bandwidth: bool = True) -> dict:
     """Hardware, OS, Python, llama.cpp build and GPU inventory (empty without a GPU)."""
     import psutil
 
-    from . import gpu
+    from kit import gpu
 
     env = {
         "captured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

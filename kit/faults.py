@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ctypes
 import time
+import llama_cpp
+import os
+import signal
 
 
 def abort_in_llama(lm, test, repetitions) -> dict:
@@ -14,7 +17,6 @@ def abort_in_llama(lm, test, repetitions) -> dict:
     This is the crash the kit's validation keeps users from (see Settings.type_k); here it is provoked on
     purpose through the low-level API so the sweep's isolation can be tested against the real thing.
     """
-    import llama_cpp
 
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = 256
@@ -41,8 +43,6 @@ def python_error(lm, test, repetitions) -> dict:
 
 def exit_process(lm, test, repetitions) -> dict:
     """Die without a word, as an out-of-memory kill would look from outside (SIGKILL to itself)."""
-    import os
-    import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
     return {}

@@ -69,10 +69,10 @@ def run_llama_bench(exe: Path, model: str, n_prompt: int, n_gen: int, reps: int,
 def run_fidelity(model: str = "smollm2-135m", n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
                  threads: int | None = None, rounds: int = 3, out_root: str = "outputs", log=print) -> dict:
     """Alternate llama-bench and the kit `rounds` times (so drift hits both), then compare medians."""
-    from .config import Settings
-    from .measure import pp, tg
-    from .models import resolve_model
-    from .sweep import run_trial
+    from kit.config import Settings
+    from kit.measure import pp, tg
+    from kit.models import resolve_model
+    from kit.sweep import run_trial
 
     threads = threads or (os.cpu_count() or 1)
     path = str(resolve_model(model))
@@ -95,7 +95,7 @@ def run_fidelity(model: str = "smollm2-135m", n_prompt: int = 512, n_gen: int = 
             kit_[kind] += rows[0]["samples_ts"]
     result = {"model": path, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
               "rounds": rounds, "llama_cpp_python": llama_cpp_python_version(), "tests": {}}
-    from .verdicts import bootstrap_ratio, cv
+    from kit.verdicts import bootstrap_ratio, cv
 
     for kind, target in (("pp", 0.05), ("tg", 0.03)):
         ratio, lo, hi = bootstrap_ratio(kit_[kind], ref[kind])

@@ -9,6 +9,8 @@ a fake so the GPU code paths run on machines without one.
 ``NVMLError`` (no driver), ``pynvml`` missing, or zero devices all make the
 functions here report empty/None results, so a benchmark table simply has
 empty GPU columns on a CPU-only machine.
+
+The "what fits" searches (n_gpu_layers, context size) that use these readings live in kit.search.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ from types import TracebackType
 from typing import Any
 
 MIB = 1024 * 1024
-
-NOT_TESTABLE_NO_GPU = "not testable here: no GPU"
 
 SUMMARY_KEYS = (
     "gpu_util_pct",
@@ -44,7 +44,7 @@ def load_nvml(nvml: Any = None) -> Any:
     if nvml is not None:
         return nvml
     try:
-        import pynvml
+        import pynvml  # optional (nvidia-ml-py): a missing package means no GPU, not an error
     except ImportError:
         return None
     return pynvml
@@ -295,159 +295,6 @@ class GpuSampler:
         return summary
 
 
-# --------------------------------------------------------------------------
-# "What fits" searches
-
-
-def largest_fitting(candidates: Sequence[Any], fits: Callable[[Any], bool]) -> int | None:
-    """Index of the largest candidate that fits, or None if none does.
-
-    Assumes ``candidates`` is sorted so that fitting is monotone (if one fits,
-    every earlier one fits). Tries the last candidate first, since "all of it
-    fits" is the common answer on a big GPU and costs a single probe; otherwise
-    bisects, so the search costs at most 1 + ceil(log2(len)) probes.
-    """
-    if not candidates:
-        return None
-    hi = len(candidates) - 1  # known (after this probe) not to fit
-    if fits(candidates[hi]):
-        return hi
-    lo = -1  # index known to fit; -1 = none yet
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(candidates[mid]):
-            lo = mid
-        else:
-            hi = mid
-    return lo if lo >= 0 else None
-
-
-def _resolve_vram_limit(vram_limit_mb: float | None, margin_mb: float, nvml: Any) -> float | None:
-    """Explicit limit, else free VRAM of device 0 minus margin; None without a GPU."""
-    if vram_limit_mb is not None:
-        return float(vram_limit_mb)
-    inventory = gpu_inventory(nvml)
-    if not inventory or "free_mb" not in inventory[0]:
-        return None
-    return round(inventory[0]["free_mb"] - margin_mb, 1)
-
-
-def _search(
-    key: str,
-    candidates: Sequence[int],
-    probe: Callable[[int], dict[str, Any]],
-    vram_limit_mb: float,
-) -> tuple[int | None, list[dict[str, Any]]]:
-    """Run the bisection with ``probe`` and record every attempt under ``key``."""
-    probes: list[dict[str, Any]] = []
-
-    def fits(value: int) -> bool:
-        result = probe(value) or {}
-        status = result.get("status")
-        peak = result.get("vram_peak_mb")
-        over = status == "ok" and peak is not None and float(peak) > vram_limit_mb
-        ok = status == "ok" and not over
-        probes.append(
-            {key: value, "status": status, "vram_peak_mb": peak, "fits": ok, "over_limit": over}
-        )
-        return ok
-
-    index = largest_fitting(candidates, fits)
-    return (candidates[index] if index is not None else None), probes
-
-
-def _reason(found: Any, largest: Any, probes: list[dict[str, Any]], what: str) -> str:
-    """One line for the notebook: what was found and why nothing larger."""
-    if found is None:
-        return f"nothing fits: even {what}={probes[-1][what]} failed ({probes[-1]['status']})"
-    if found == largest:
-        return f"all fits: {what}={found}"
-    first_fail = min((p for p in probes if p[what] > found), key=lambda p: p[what])
-    cause = "over the VRAM limit" if first_fail["over_limit"] else first_fail["status"]
-    return f"largest that fits: {what}={found}; {what}={first_fail[what]}: {cause}"
-
-
-def find_optimal_gpu_layers(
-    probe: Callable[[int], dict[str, Any]],
-    n_layers: int,
-    vram_limit_mb: float | None = None,
-    margin_mb: float = 512,
-    nvml: Any = None,
-) -> dict[str, Any]:
-    """Largest ``n_gpu_layers`` in [0, n_layers] for which ``probe`` succeeds.
-
-    ``probe(n)`` runs the model with ``n_gpu_layers=n`` (in the real kit, in a
-    child process, so running out of memory is just a failed probe) and
-    returns at least ``{"status": "ok" | <anything else>}``, optionally
-    ``vram_peak_mb``. A successful probe whose ``vram_peak_mb`` exceeds the
-    limit counts as not fitting. The default limit is device 0's free VRAM
-    (measured now) minus ``margin_mb``, so a probe should report the VRAM the
-    attempt itself added (sampler peak minus baseline), not the device total.
-
-    Returns ``best_n_gpu_layers`` (None if even 0 layers failed), ``n_layers``,
-    ``vram_limit_mb``, every ``probes`` entry (for plotting) and ``reason``.
-    Without a GPU and without an explicit limit nothing is probed and the
-    answer is 0 layers, "not testable here: no GPU".
-    """
-    if n_layers < 0:
-        raise ValueError("n_layers must be >= 0")
-    limit = _resolve_vram_limit(vram_limit_mb, margin_mb, nvml)
-    if limit is None:
-        return {
-            "best_n_gpu_layers": 0,
-            "n_layers": n_layers,
-            "vram_limit_mb": None,
-            "probes": [],
-            "reason": NOT_TESTABLE_NO_GPU,
-        }
-    best, probes = _search("n_gpu_layers", range(n_layers + 1), probe, limit)
-    return {
-        "best_n_gpu_layers": best,
-        "n_layers": n_layers,
-        "vram_limit_mb": limit,
-        "probes": probes,
-        "reason": _reason(best, n_layers, probes, "n_gpu_layers"),
-    }
-
-
-def find_max_context(
-    probe_ctx: Callable[[int], dict[str, Any]],
-    n_ctx_candidates: Sequence[int],
-    vram_limit_mb: float | None = None,
-    margin_mb: float = 512,
-    nvml: Any = None,
-) -> dict[str, Any]:
-    """Largest context size in ``n_ctx_candidates`` for which ``probe_ctx`` fits.
-
-    Same contract and search as :func:`find_optimal_gpu_layers`; the caller
-    fixes the layer count inside ``probe_ctx``. Candidates are deduplicated and
-    sorted (the KV cache grows with n_ctx, so fitting is monotone).
-
-    Returns ``best_n_ctx`` (None if none fits, or without a GPU),
-    ``n_ctx_candidates``, ``vram_limit_mb``, ``probes`` and ``reason``.
-    """
-    candidates = sorted({int(c) for c in n_ctx_candidates})
-    if not candidates:
-        raise ValueError("n_ctx_candidates is empty")
-    limit = _resolve_vram_limit(vram_limit_mb, margin_mb, nvml)
-    if limit is None:
-        return {
-            "best_n_ctx": None,
-            "n_ctx_candidates": candidates,
-            "vram_limit_mb": None,
-            "probes": [],
-            "reason": NOT_TESTABLE_NO_GPU,
-        }
-    best, probes = _search("n_ctx", candidates, probe_ctx, limit)
-    return {
-        "best_n_ctx": best,
-        "n_ctx_candidates": candidates,
-        "vram_limit_mb": limit,
-        "probes": probes,
-        "reason": _reason(best, candidates[-1], probes, "n_ctx"),
-    }
-
-
 def build_supports_gpu_offload() -> bool:
     """Whether the installed llama.cpp build can offload layers to a GPU.
 
@@ -455,7 +302,7 @@ def build_supports_gpu_offload() -> bool:
     first. False when llama_cpp is missing or its library fails to load.
     """
     try:
-        import llama_cpp
+        import llama_cpp  # here, not on top: a broken shared library must give False, not fail kit.gpu
     except Exception:  # noqa: BLE001 - ImportError, or OSError from the shared library
         return False
     try:

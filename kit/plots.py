@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+import matplotlib
+
+# Headless-safe backend, chosen before pyplot is imported: Agg unless a display or a Jupyter kernel is there.
+if not os.environ.get("DISPLAY") and "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after the backend choice above
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
 
 
 def setup() -> None:
-    """Headless-safe backend and the house theme."""
-    import matplotlib
-
-    if not os.environ.get("DISPLAY") and "ipykernel" not in __import__("sys").modules:
-        matplotlib.use("Agg")
-    import seaborn as sns
-
+    """The house theme."""
     sns.set_theme(style="whitegrid", context="notebook")
 
 
@@ -34,10 +38,6 @@ def samples_long(df, value: str = "samples_ts"):
 def speed_plot(df, x: str, y: str = "samples_ts", hue: str | None = "test", ax=None, title: str = "",
                ylabel: str = "tokens/s", logx: bool = False):
     """Median with a 95 % bootstrap interval of the raw samples per x (and hue): what every speed sweep shows."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
-
     setup()
     long = samples_long(df, y) if y.startswith("samples_") else df
     if ax is None:

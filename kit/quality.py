@@ -51,6 +51,15 @@ import os
 import time
 from pathlib import Path
 from typing import Iterator
+from pydoc_data import topics
+import llama_cpp
+import numpy as np
+from kit.models import sha256_file
+from kit.models import resolve_model, sha256_file
+from kit.config import Settings
+from kit.measure import load_model
+from kit.measure import summarize
+from kit.measure import Test
 
 DEFAULT_N_CTX = 256
 DEFAULT_N_CHUNKS = 8
@@ -67,7 +76,6 @@ class QualityError(ValueError):
 # ---- the held-out text ------------------------------------------------------------------------------------------
 def heldout_text(max_chars: int | None = None) -> str:
     """The Python reference manual's topic pages (`pydoc_data.topics`), joined in sorted key order."""
-    from pydoc_data import topics
 
     t = topics.topics
     text = "\n\n".join(t[k] for k in sorted(t))
@@ -101,7 +109,6 @@ def tokenize_text(lm, text: str, n_tokens: int | None = None) -> list[int]:
 
 # ---- decoding chunks as llama-perplexity does ---------------------------------------------------------------------
 def _vocab_info(lm) -> dict:
-    import llama_cpp
 
     vocab = llama_cpp.llama_model_get_vocab(lm.llm._model.model)
     return {
@@ -112,7 +119,6 @@ def _vocab_info(lm) -> dict:
 
 
 def _check_chunking(lm, n_ctx: int, n_chunks: int) -> None:
-    import llama_cpp
 
     if not isinstance(n_ctx, int) or n_ctx < 8:
         raise QualityError(f"n_ctx={n_ctx!r}: the chunk size must be an int >= 8")
@@ -131,8 +137,6 @@ def iter_chunk_logits(lm, tokens: list[int], n_ctx: int, n_chunks: int,
     Row r of the logits is the model's prediction at position first + r, scored against targets[r], the token at
     position first + r + 1. Seconds: wall time of the chunk's llama_decode calls up to llama_synchronize.
     """
-    import llama_cpp
-    import numpy as np
 
     _check_chunking(lm, n_ctx, n_chunks)
     info = _vocab_info(lm)
@@ -192,7 +196,6 @@ def iter_chunk_logits(lm, tokens: list[int], n_ctx: int, n_chunks: int,
 
 def _log_softmax(logits):
     """Row-wise log-softmax in float32 with float64 sums (as llama.cpp: max-shifted expf summed in double)."""
-    import numpy as np
 
     m = logits.max(axis=1)
     lse = np.log(np.exp(logits - m[:, None]).sum(axis=1, dtype=np.float64)).astype(np.float32)
@@ -232,7 +235,6 @@ def perplexity(lm, text: str | None = None, n_ctx: int = DEFAULT_N_CTX, n_chunks
     chunk_nll (mean NLL per chunk), samples_ts (tokens decoded per second, per chunk), text_sha256.
     Like llama-perplexity, uses min(n_chunks, available chunks) and needs at least 2 x n_ctx tokens.
     """
-    import numpy as np
 
     text = heldout_text() if text is None and tokens is None else text
     _check_chunking(lm, n_ctx, n_chunks)
@@ -255,7 +257,6 @@ def perplexity(lm, text: str | None = None, n_ctx: int = DEFAULT_N_CTX, n_chunks
         speeds.append(n_ctx / dt if dt > 0 else float("nan"))
     nll_mean, nll_se = _mean_unc(s, s2, count, min_count=1)
     ppl = math.exp(nll_mean)
-    import llama_cpp
 
     return {
         "ppl": round(ppl, 6),
@@ -276,7 +277,6 @@ def perplexity(lm, text: str | None = None, n_ctx: int = DEFAULT_N_CTX, n_chunks
 # ---- reference log-probabilities and KL divergence -----------------------------------------------------------------
 def encode_logprobs(logits):
     """llama.cpp's uint16 encoding of one log-softmax per row: (q uint16, scale f32, min_log_prob f32, lse-shifted)."""
-    import numpy as np
 
     mx = logits.max(axis=1)
     mn = np.maximum(logits.min(axis=1), mx - LOGIT_RANGE)
@@ -291,7 +291,6 @@ def encode_logprobs(logits):
 
 def decode_logprobs(q, scale, min_log_prob):
     """Inverse of encode_logprobs: log p = scale * q + min_log_prob (float32)."""
-    import numpy as np
 
     return scale[:, None].astype(np.float32) * q.astype(np.float32) + min_log_prob[:, None].astype(np.float32)
 
@@ -301,7 +300,6 @@ def _model_path(lm) -> str:
 
 
 def _model_sha(lm) -> str | None:
-    from .models import sha256_file
 
     p = _model_path(lm)
     return sha256_file(p) if p and os.path.exists(p) else None
@@ -314,7 +312,6 @@ def reference_path(model: str | os.PathLike, n_ctx: int = DEFAULT_N_CTX, n_chunk
     Keyed by the model file's sha256, the held-out text's sha256 and the chunking; `tag` separates references of
     the same file under different settings (e.g. "kv-f16" when the reference is a KV cache type, not a file).
     """
-    from .models import resolve_model, sha256_file
 
     sha = sha256_file(resolve_model(model))
     t = text_sha256(heldout_text())[:8]
@@ -329,7 +326,6 @@ def write_reference(lm, path: str | os.PathLike, text: str | None = None, n_ctx:
     Returns the reference's own perplexity row, plus its KLD against the file just written (computed from the
     same logits: 0 up to the encoding's rounding, a check of the encoding) and the file's meta.
     """
-    import numpy as np
 
     text = heldout_text() if text is None else text
     _check_chunking(lm, n_ctx, n_chunks)
@@ -349,7 +345,6 @@ def write_reference(lm, path: str | os.PathLike, text: str | None = None, n_ctx:
         mins.append(mn)
         acc.add(logits, targets, q, sc, mn)
         speeds.append(n_ctx / dt if dt > 0 else float("nan"))
-    import llama_cpp
 
     meta = {
         "format": REFERENCE_FORMAT,
@@ -380,7 +375,6 @@ def write_reference(lm, path: str | os.PathLike, text: str | None = None, n_ctx:
 
 def read_reference(path: str | os.PathLike) -> dict:
     """Load a reference file: arrays tokens, logprob_q, scale, min_log_prob and the parsed meta."""
-    import numpy as np
 
     p = Path(path)
     if not p.exists():
@@ -413,7 +407,6 @@ class _KldAccumulator:
         self.max_p_diff = 0.0
 
     def add(self, logits, targets, q, scale, min_log_prob) -> None:
-        import numpy as np
 
         lq = _log_softmax(logits)
         lpb = decode_logprobs(q, scale, min_log_prob)
@@ -440,7 +433,6 @@ class _KldAccumulator:
         self.chunk_nll.append(round(float(nll.mean()), 6))
 
     def result(self) -> dict:
-        import numpy as np
 
         s, n = self.sums, self.count
         if n < 2:
@@ -513,8 +505,6 @@ def ensure_reference(model_or_settings, path: str | os.PathLike | None = None, n
                      n_chunks: int = DEFAULT_N_CHUNKS, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
                      tag: str = "") -> Path:
     """In process: write the reference file for a model (name, path or Settings) unless it is already cached."""
-    from .config import Settings
-    from .measure import load_model
 
     s = model_or_settings if isinstance(model_or_settings, Settings) else Settings(model=str(model_or_settings))
     if s.n_ctx and s.n_ctx < n_ctx:
@@ -548,7 +538,6 @@ _COMMON_DOC = ("quality: deterministic, evaluated once per trial (repetitions ig
 
 def perplexity_test(lm, test, repetitions: int = 1) -> dict:
     """Sweep test kind: Test("kit.quality:perplexity_test", params={"n_ctx": 256, "n_chunks": 8, "n_batch": None})."""
-    from .measure import summarize
 
     p = dict(test.params or {})
     unknown = set(p) - {"n_ctx", "n_chunks", "n_batch", "max_chars"}
@@ -570,7 +559,6 @@ def kld_test(lm, test, repetitions: int = 1) -> dict:
     params: reference_logits (path, required), reference_sha256 (optional: only this model may write the file),
     n_ctx, n_chunks (used when writing; checked against an existing file), n_batch, create (default True).
     """
-    from .measure import summarize
 
     p = dict(test.params or {})
     unknown = set(p) - {"reference_logits", "reference_sha256", "n_ctx", "n_chunks", "n_batch", "create"}
@@ -604,7 +592,6 @@ def kld_test(lm, test, repetitions: int = 1) -> dict:
 
 def ppl_test(n_ctx: int = DEFAULT_N_CTX, n_chunks: int = DEFAULT_N_CHUNKS, n_batch: int | None = None):
     """A perplexity Test; n_prompt = n_ctx so the sweep checks before any trial that the chunk fits the context."""
-    from .measure import Test
 
     params = {"n_ctx": n_ctx, "n_chunks": n_chunks}
     if n_batch:
@@ -615,7 +602,6 @@ def ppl_test(n_ctx: int = DEFAULT_N_CTX, n_chunks: int = DEFAULT_N_CHUNKS, n_bat
 def kld_test_for(reference_logits: str | os.PathLike, n_ctx: int = DEFAULT_N_CTX, n_chunks: int = DEFAULT_N_CHUNKS,
                  reference_sha256: str | None = None, n_batch: int | None = None):
     """A KLD Test against `reference_logits` (made absolute: trials run in the repository root)."""
-    from .measure import Test
 
     params = {"reference_logits": str(Path(reference_logits).resolve()), "n_ctx": n_ctx, "n_chunks": n_chunks}
     if reference_sha256:

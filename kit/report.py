@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .verdicts import CLAIM_IDS, VERDICTS_FILE
+from kit.verdicts import CLAIM_IDS, VERDICTS_FILE
 
 NOT_RUN = "not run"
 REPORT_DIR = "report"
@@ -199,7 +199,7 @@ def claims_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: str
 
     drift: the run's speed probe summary (`kit.drift.summarize_drift`); a supported or refuted speed effect no
     larger than the machine's drift over the run is flagged (`kit.drift.within_drift`)."""
-    from .drift import within_drift
+    from kit.drift import within_drift
 
     e = html.escape
     root, rep, pages = Path(out_root), Path(page_dir), pages or {}
@@ -239,7 +239,7 @@ def checklist_html(items: list[dict]) -> str:
 
 def render_report(out_root: str | os.PathLike = "outputs", status: dict | None = None) -> Path:
     """Render every executed notebook under out_root and write out_root/report/index.html."""
-    from .runner import read_status
+    from kit.runner import read_status
 
     root = Path(out_root)
     rep = root / REPORT_DIR
@@ -280,7 +280,7 @@ def render_report(out_root: str | os.PathLike = "outputs", status: dict | None =
     if not stems:
         out.append("<tr><td colspan=5 class='not-run'>no executed notebooks yet</td></tr>")
     out.append("</table>")
-    from .drift import DRIFT_FILE, PROBE_DIR, drift_text, within_drift
+    from kit.drift import DRIFT_FILE, PROBE_DIR, drift_text, within_drift
 
     drift_p = root / PROBE_DIR / DRIFT_FILE
     try:

@@ -5,7 +5,11 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
+
+from kit.paths import resolve as resolve_path
+from kit.verdicts import median_ci
+import pandas as pd
 
 RESULTS_FILE = "results.jsonl"
 
@@ -67,9 +71,8 @@ def latest_by_key(rows: list[dict]) -> list[dict]:
 
 def load_results(path: str | os.PathLike, status: str | None = None):
     """One call: a study folder or results.jsonl -> a pandas DataFrame, one row per trial and test."""
-    import pandas as pd
 
-    p = Path(path)
+    p = resolve_path(path)
     if p.is_dir():
         p = p / RESULTS_FILE
     df = pd.DataFrame(latest_by_key(read_rows(p)))
@@ -94,3 +97,29 @@ def pooled_samples(rows, col: str = "samples_ts") -> list[float]:
         if isinstance(v, list):
             out.extend(float(x) for x in v)
     return out
+
+
+def median_table(df, by: Sequence[str] | str, cols: Sequence[str] | str, samples: bool = True):
+    """The one group-by -> median with 95 % bootstrap interval table.
+
+    For each group of `by` and each column in `cols`: `<col>` (median), `<col>_lo`, `<col>_hi` and `n`.
+    With samples=True a list column (samples_ts, samples_ttft_ms ...) is pooled over the group's rows;
+    a scalar column takes one value per row."""
+
+    by = [by] if isinstance(by, str) else list(by)
+    cols = [cols] if isinstance(cols, str) else list(cols)
+    out = []
+    if df is None or df.empty:
+        return pd.DataFrame(columns=by + [x for c in cols for x in (c, f"{c}_lo", f"{c}_hi")] + ["n"])
+    for key, g in df.groupby(by, sort=True, dropna=False):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        n = 0
+        for c in cols:
+            values = pooled_samples(g, c) if samples and c in g and g[c].map(lambda v: isinstance(v, list)).any() \
+                else [float(v) for v in g[c] if v is not None and v == v] if c in g else []
+            m, lo, hi = median_ci(values)
+            row[c], row[f"{c}_lo"], row[f"{c}_hi"] = m, lo, hi
+            n = max(n, len(values))
+        row["n"] = n
+        out.append(row)
+    return pd.DataFrame(out)

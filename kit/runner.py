@@ -239,7 +239,7 @@ def run_notebook(nb: Path, params: dict, out_root: str, kernel_name: str = "pyth
 
 def _probe(model: str | None, out_root: str, phase: str, run_id: str, quick: bool, log) -> None:
     """The drift probe; a failure is logged (and its row kept), never fatal: the studies matter more."""
-    from .drift import run_probe
+    from kit.drift import run_probe
 
     try:
         rows = run_probe(model, out_root, phase, run_id, quick=quick)
@@ -272,7 +272,7 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
     out_root = str(out_root).rstrip("/") or DEFAULT_OUT
     try:
         if model is not None:
-            from .models import resolve_model
+            from kit.models import resolve_model
 
             resolve_model(model)  # a bad model path fails here, not twelve times
         notebooks = discover_notebooks(notebooks_dir, only)
@@ -301,7 +301,7 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
             log(failure_message(nb.stem, rec))
     if probe:
         _probe(model, out_root, "end", run_id, quick, log)
-        from .drift import summarize_drift
+        from kit.drift import summarize_drift
 
         summary = summarize_drift(out_root, run_id)
         if summary:
@@ -310,7 +310,7 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
                 + (" (drifted: see the report)" if summary["drifted"] else ""))
     if report:
         try:
-            from .report import render_report
+            from kit.report import render_report
 
             index = render_report(out_root, status=status)
             log(f"report: {index}")
@@ -369,7 +369,7 @@ def main_run(argv: Sequence[str] | None = None) -> int:
 
 
 def main_report(argv: Sequence[str] | None = None) -> int:
-    from .report import main as report_main
+    from kit.report import main as report_main
 
     return report_main(argv)
 

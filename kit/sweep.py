@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from . import __version__
-from .config import Settings, SettingsError, _check_names
-from .measure import DEFAULT_REPETITIONS, Test
-from .models import model_card
-from .results import RESULTS_FILE, append_rows, load_results, read_rows
+from kit import __version__
+from kit.config import Settings, SettingsError, _check_names
+from kit.measure import DEFAULT_REPETITIONS, Test
+from kit.models import model_card
+from kit.results import RESULTS_FILE, append_rows, load_results, read_rows
 
 DEFAULT_TIMEOUT_S = 600
 STDERR_TAIL_LINES = 15
@@ -238,7 +238,7 @@ CHILD_OVERHEAD_BYTES = 160 * 2**20  # Python, llama-cpp-python and compute buffe
 
 def _child_bytes(plan: _Plan) -> int:
     """A child's memory, estimated before it starts: weights + KV cache at n_ctx + a fixed overhead."""
-    from .models import KV_TYPE_BYTES
+    from kit.models import KV_TYPE_BYTES
 
     c, s = plan.card, plan.settings
     n_ctx = s.n_ctx or c["n_ctx_train"]
@@ -257,14 +257,14 @@ def interleave_group_size(plans: Sequence[_Plan], tests: Sequence[Test], interle
     compete for VRAM, and a failure would be blamed on the wrong configuration), or when two children's
     estimated memory (`_child_bytes`) does not fit in LIVE_MEMORY_SHARE of the available RAM.
     """
-    from .measure import ENGINE_KINDS
+    from kit.measure import ENGINE_KINDS
 
     if interleave is False or len(plans) < 2:
         return 1
     if any(t.kind not in ENGINE_KINDS for t in tests):
         return 1
     if gpu_offload is None and any(p.settings.n_gpu_layers for p in plans):
-        from .gpu import build_supports_gpu_offload
+        from kit.gpu import build_supports_gpu_offload
 
         gpu_offload = build_supports_gpu_offload()
     if gpu_offload and any(p.settings.n_gpu_layers for p in plans):
@@ -506,7 +506,7 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
     Rows go to outputs/<study>/results.jsonl as each trial ends; llama.cpp's log to outputs/<study>/llama.log.
     `extra` columns (e.g. {"claim": "G3"}) are added to every row of this call.
     """
-    from .environment import save_environment
+    from kit.environment import save_environment
 
     configs = [configs] if isinstance(configs, Settings) else list(configs)
     tests = list(tests)
@@ -524,7 +524,7 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
     done = {k for k, st in previous.items() if st == "ok" or (st not in (None, "skipped") and not retry_failed)}
 
     live_plans = [p for p in plans if any(k not in done for k in p.keys)]
-    from .measure import ENGINE_KINDS
+    from kit.measure import ENGINE_KINDS
 
     # engine tests of several configurations alternate; the others (e2e, a study's own) then run back to back
     engine = [t for t in tests if t.kind in ENGINE_KINDS]

@@ -16,6 +16,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
+import pandas as pd
 
 SUPPORTED = "supported"
 REFUTED = "refuted"
@@ -25,6 +26,7 @@ VERDICTS = (SUPPORTED, REFUTED, NO_EFFECT, NOT_TESTABLE)
 CLAIM_IDS = ("G1", "G2", "G3", "M1", "M2", "C1", "C2", "Q1", "Q2", "R1", "R2", "R3", "R4",
              "S1", "S2", "O1", "O2", "O3", "P1", "P2", "X1", "X2", "X3", "X4")
 UNSTABLE_CV = 0.10
+MIN_SAMPLES = 3   # fewest values per side for a bootstrap interval; a study may ask for more, never fewer
 VERDICTS_FILE = "verdicts.json"
 
 
@@ -115,7 +117,7 @@ def paired_log_ratio(candidate_logs: Sequence[float], baseline_logs: Sequence[fl
 
 
 def too_few(claim: str, n_candidate: int, n_baseline: int, hint: str = "repetitions", evidence: Sequence[str] = (),
-            min_samples: int = 3, **details) -> "Verdict | None":
+            min_samples: int = MIN_SAMPLES, **details) -> "Verdict | None":
     """'not testable here' when either side has fewer than min_samples values (a bootstrap of one or two values
     has no honest interval), else None."""
     if min(n_candidate, n_baseline) >= min_samples:
@@ -154,9 +156,32 @@ def bootstrap_ratio(candidate: Sequence[float], baseline: Sequence[float], n_boo
     return point, lo, hi
 
 
+def decide(lo: float, hi: float, *, claimed: str = "better", higher_is_better: bool = True,
+           equivalence: float = 0.0, no_change: float = 1.0) -> str:
+    """The one verdict rule: the label an interval [lo, hi] of an effect (a ratio, no change = 1) earns.
+
+    claimed: "better" (the guide says the change helps), "worse" (it says the change costs), or "same".
+    equivalence: a band around no change (0.02 = +-2 %) inside which a whole interval counts as no effect.
+    Every study's verdict goes through here, directly or through compare()."""
+    if claimed not in ("better", "worse", "same"):
+        raise ValueError("claimed must be 'better', 'worse' or 'same'")
+    up = lo > no_change * (1 + equivalence)          # interval entirely above the band
+    down = hi < no_change * (1 - equivalence)        # entirely below
+    if claimed == "same":
+        inside = lo >= no_change * (1 - equivalence) and hi <= no_change * (1 + equivalence)
+        return SUPPORTED if inside else (REFUTED if (up or down) else NO_EFFECT)
+    improved = up if higher_is_better else down
+    worsened = down if higher_is_better else up
+    if improved:
+        return SUPPORTED if claimed == "better" else REFUTED
+    if worsened:
+        return REFUTED if claimed == "better" else SUPPORTED
+    return NO_EFFECT
+
+
 def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool = True,
             claimed: str = "better", metric: str = "", equivalence: float = 0.0, evidence: Sequence[str] = (),
-            summary: str = "", seed: int = 0, min_samples: int = 3) -> Verdict:
+            summary: str = "", seed: int = 0, min_samples: int = MIN_SAMPLES) -> Verdict:
     """Verdict on "candidate is <claimed> than baseline" from raw samples.
 
     claimed: "better" (the guide says the change helps), "worse" (it says the change costs), or "same".
@@ -172,19 +197,7 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
         few.metric = metric
         return few
     point, lo, hi = bootstrap_ratio(candidate, baseline, seed=seed)
-    up = lo > 1 + equivalence          # interval entirely above the band
-    down = hi < 1 - equivalence        # entirely below
-    improved = up if higher_is_better else down
-    worsened = down if higher_is_better else up
-    if claimed == "same":
-        inside = lo >= 1 - equivalence and hi <= 1 + equivalence
-        verdict = SUPPORTED if inside else (REFUTED if (up or down) else NO_EFFECT)
-    elif improved:
-        verdict = SUPPORTED if claimed == "better" else REFUTED
-    elif worsened:
-        verdict = REFUTED if claimed == "better" else SUPPORTED
-    else:
-        verdict = NO_EFFECT
+    verdict = decide(lo, hi, claimed=claimed, higher_is_better=higher_is_better, equivalence=equivalence)
     cvs = [cv(candidate), cv(baseline)]
     unstable = any(x is not None and x >= UNSTABLE_CV for x in cvs)
     direction = "higher" if point > 1 else "lower"
@@ -194,6 +207,19 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
                    ci_low=round(lo, 4), ci_high=round(hi, 4), metric=metric, evidence=list(evidence),
                    unstable=unstable, n_baseline=len(baseline), n_candidate=len(candidate),
                    reason="unstable samples (CV >= 10 %): repeat on a quieter machine" if unstable else "")
+
+
+def from_interval(claim: str, point: float, lo: float, hi: float, *, claimed: str = "better",
+                  higher_is_better: bool = True, equivalence: float = 0.0, no_change: float = 1.0, metric: str = "",
+                  n_candidate: int = 0, n_baseline: int = 0, summary: str = "", evidence: Sequence[str] = (),
+                  reason: str = "", unstable: bool = False, details: dict | None = None) -> Verdict:
+    """A Verdict from an interval a study computed itself (a paired log ratio, a mean difference, a rank
+    correlation with no_change=0 ...), labelled by the same rule as compare(): decide()."""
+    verdict = decide(lo, hi, claimed=claimed, higher_is_better=higher_is_better, equivalence=equivalence,
+                     no_change=no_change)
+    return Verdict(claim=claim, verdict=verdict, summary=summary, effect=round(point, 4), ci_low=round(lo, 4),
+                   ci_high=round(hi, 4), metric=metric, evidence=list(evidence), reason=reason, unstable=unstable,
+                   n_baseline=n_baseline, n_candidate=n_candidate, details=dict(details or {}))
 
 
 def _point_ratio(candidate: Sequence[float], baseline: Sequence[float]) -> float | None:
@@ -235,7 +261,6 @@ def verdicts_by_claim(path: str | os.PathLike) -> dict[str, dict]:
 
 def verdict_table(verdicts: Sequence[Verdict | dict]):
     """A DataFrame for display: claim, verdict, effect [CI], summary."""
-    import pandas as pd
 
     rows = []
     for v in verdicts:

@@ -18,15 +18,18 @@ import os
 import sys
 import time
 
+import psutil
+
+from kit.config import Settings
+from kit.logs import llama_log_to_file
+from kit.measure import ENGINE_KINDS, EngineRun, ResourceMonitor, Test, load_model, measure_config, with_trial_columns
+
 
 def main(argv: list[str]) -> int:
     if len(argv) > 1 and argv[1] == "--serve":
         return serve(argv[2])
     spec_path, result_path = argv[1], argv[2]
     spec = json.loads(open(spec_path).read())
-    from .config import Settings
-    from .logs import llama_log_to_file
-    from .measure import Test, measure_config
 
     llama_log_to_file(spec.get("log_file"))
     settings = Settings.from_dict(spec["settings"])
@@ -46,11 +49,6 @@ def serve(spec_path: str) -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # fd 1 now goes to stderr: only `reply` writes to the protocol stream
     spec = json.loads(open(spec_path).read())
-    import psutil
-
-    from .config import Settings
-    from .logs import llama_log_to_file
-    from .measure import ENGINE_KINDS, EngineRun, ResourceMonitor, Test, load_model, with_trial_columns
 
     def reply(obj: dict) -> None:
         proto.write(json.dumps(obj) + "\n")

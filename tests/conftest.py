@@ -1,15 +1,42 @@
+"""Shared fixtures. Notebook tests run through `run_notebook` only: the smoke parameters come from
+notebooks/quick.json (the same file `kit run --quick` uses), a test adds what it needs on top."""
+from __future__ import annotations
+
+import json
 import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from kit.models import resolve_model
+from kit.paths import DEFAULT_MODEL, NOTEBOOKS_DIR, OUTPUTS_DIR, QUICK_FILE, REPO_ROOT
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("KIT_LLAMA_LOG", str(REPO_ROOT / "outputs" / "test-llama.log"))
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("KIT_LLAMA_LOG", str(OUTPUTS_DIR / "test-llama.log"))
+
+
+def quick_params(stem: str) -> dict:
+    """notebooks/quick.json's smoke parameters for one notebook."""
+    data = json.loads(QUICK_FILE.read_text())
+    return dict(data.get(stem, {}))
+
+
+@dataclass
+class NotebookRun:
+    out: Path          # the study's out_dir
+    executed: Path     # the executed notebook
+    text: str          # every code cell's text output, joined
+
+    def outputs_of(self, cell_index: int) -> str:
+        nb = json.loads(self.executed.read_text())
+        return _cell_text(nb["cells"][cell_index])
+
+
+def _cell_text(cell: dict) -> str:
+    return "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                     for o in cell.get("outputs", []))
 
 
 @pytest.fixture(scope="session")
@@ -19,25 +46,27 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from kit.models import resolve_model
-
-    return str(resolve_model("smollm2-135m"))
+    return str(resolve_model(DEFAULT_MODEL))
 
 
 @pytest.fixture
 def run_notebook(tmp_path):
-    """Execute notebooks/<stem>.ipynb headless with papermill from the repository root, as the runner does.
+    """Execute notebooks/<stem>.ipynb headless with papermill, as the runner does.
 
-    Returns (out_dir, executed notebook path). out_dir defaults to tmp_path/<stem>.
-    """
+    run(stem, out_dir=None, cwd=None, quick=True, **params) -> NotebookRun. Parameters: quick.json's for the stem
+    (unless quick=False), then **params; out_dir defaults to tmp_path/outputs/<stem>. cwd defaults to the
+    repository root; pass NOTEBOOKS_DIR to run it as JupyterLab does."""
     import papermill as pm
 
-    def run(stem: str, params: dict | None = None, out_dir: Path | None = None) -> tuple[Path, Path]:
-        out = Path(out_dir) if out_dir else tmp_path / stem
+    def run(stem: str, out_dir: Path | str | None = None, cwd: Path | str | None = None, quick: bool = True,
+            **params) -> NotebookRun:
+        out = Path(out_dir) if out_dir else tmp_path / "outputs" / stem
         executed = tmp_path / f"{stem}.executed.ipynb"
-        pm.execute_notebook(str(REPO_ROOT / "notebooks" / f"{stem}.ipynb"), str(executed), cwd=str(REPO_ROOT),
-                            kernel_name="python3", parameters={**(params or {}), "out_dir": str(out)},
-                            progress_bar=False)
-        return out, executed
+        merged = {**(quick_params(stem) if quick else {}), **params, "out_dir": str(out)}
+        pm.execute_notebook(str(NOTEBOOKS_DIR / f"{stem}.ipynb"), str(executed), cwd=str(cwd or REPO_ROOT),
+                            kernel_name="python3", parameters=merged, progress_bar=False)
+        nb = json.loads(executed.read_text())
+        text = "\n".join(_cell_text(c) for c in nb["cells"] if c["cell_type"] == "code")
+        return NotebookRun(out=out, executed=executed, text=text)
 
     return run

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kit import Settings, autotune, verdicts
+from kit import Settings, verdicts
+from kit.studies import autotune
 from kit.config import read_dotenv
 from kit.gpu import build_supports_gpu_offload
 from kit.sweep import run_sweep

@@ -1,4 +1,4 @@
-"""kit.batching: the study config, the decode/micro-batch plan, tables, verdicts, and the cached-depth tests
+"""kit.studies.batch_flash_attn: the study config, the decode/micro-batch plan, tables, verdicts, and the cached-depth tests
 on the real bundled model."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pandas as pd
 import pytest
 
-from kit import batching
+from kit.studies import batch_flash_attn
 from kit.config import Settings, SettingsError
 from kit import measure
 from kit.measure import load_model, pp

@@ -1,4 +1,4 @@
-"""kit.context: statistics, study validation and expansion, model properties, and the verdict logic."""
+"""kit.studies.context_kv: statistics, study validation and expansion, model properties, and the verdict logic."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from kit import context
+from kit.studies import context_kv
 from kit.verdicts import paired_log_ratio
 from kit.config import SettingsError
 from kit.models import model_card

@@ -1,10 +1,11 @@
-"""kit.generation: prompt set, text statistics, study validation, the sampling test kind on the real model, verdicts."""
+"""kit.studies.generation: prompt set, text statistics, study validation, the sampling test kind on the real model, verdicts."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from kit import generation as gen
+from kit.data import load_prompts
+from kit.studies import generation as gen
 from kit.config import Settings, SettingsError
 from kit.measure import Test as KitTest, load_model
 from kit.results import read_rows
@@ -13,23 +14,23 @@ from kit.verdicts import NOT_TESTABLE
 
 # ---- prompts and text ---------------------------------------------------------------------------------------------
 def test_prompt_set_is_valid_and_ordered():
-    prompts = gen.load_prompts()
+    prompts = load_prompts()
     assert 10 <= len(prompts) <= 16
     assert len({p["id"] for p in prompts}) == len(prompts)
     assert all(len(p["prompt"]) > 20 for p in prompts)
-    assert gen.load_prompts(n=3) == prompts[:3]
+    assert load_prompts(n=3) == prompts[:3]
     with pytest.raises(ValueError):
-        gen.load_prompts(n=len(prompts) + 1)
+        load_prompts(n=len(prompts) + 1)
 
 
 def test_load_prompts_rejects_a_bad_file(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
     with pytest.raises(ValueError, match="unique"):
-        gen.load_prompts(f)
+        load_prompts(f)
     f.write_text('{"id": "a"}\n')
     with pytest.raises(ValueError, match="prompt"):
-        gen.load_prompts(f)
+        load_prompts(f)
 
 
 def test_text_stats():
@@ -89,7 +90,7 @@ def lm():
 
 
 def test_sampling_test_greedy_is_deterministic_and_truncated(lm):
-    prompts = gen.load_prompts(n=2)
+    prompts = load_prompts(n=2)
     t = KitTest(gen.SAMPLING_KIND, n_gen=12, params={"temperature": 0.0, "max_tokens": 12, "prompts": prompts,
                                                  "label": "greedy"})
     row = gen.sampling_test(lm, t, repetitions=2)
@@ -117,7 +118,7 @@ def test_unlimited_stops_at_eos_or_n_ctx():
     m = load_model(Settings(n_ctx=128))
     n_ctx = m.effective["n_ctx_effective"]  # llama.cpp may pad n_ctx (to 256 here)
     try:
-        prompts = gen.load_prompts(n=1)
+        prompts = load_prompts(n=1)
         row = gen.sampling_test(m, KitTest(gen.SAMPLING_KIND, params={"max_tokens": None, "temperature": 0.0,
                                                                    "prompts": prompts}), 1)
     finally:

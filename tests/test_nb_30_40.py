@@ -30,7 +30,7 @@ def test_notebook_30_context_kv(tmp_path, run_notebook):
     assert "16384" in v["M1"]["summary"] and "n_ctx_train" in v["M1"]["summary"]
     tg = df[(df["part"] == "allocated") & (df["test_kind"] == "tg")]
     assert all(5 < t < 5000 for t in tg["median_ts"]), tg["median_ts"].tolist()
-    mem = df[df["test_kind"] == "kit.system:memory_probe"]
+    mem = df[df["test_kind"] == "kit.measure:memory_probe"]
     assert (mem["rss_anon_mb"] > 0).all()
     q = df[df["test_kind"] == "kit.quality:kld_test"]
     assert len(q) == 4  # f16 FA (reference), f16 no FA, q4_0 FA, rope 10000
@@ -54,7 +54,7 @@ def test_notebook_40_threads_system(tmp_path, run_notebook):
     df, v = load_results(out), verdicts_by_claim(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
     from kit.environment import numa_nodes
-    from kit.system import cpu_topology
+    from kit.studies.threads_system import cpu_topology
 
     parts = set(df["part"])
     assert {"threads", "priority", "loading"} <= parts

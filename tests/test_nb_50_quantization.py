@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kit import quantize as qz
+from kit.studies import quantization as qz
 from kit.config import SettingsError
 from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, VERDICTS, read_verdicts
 

@@ -61,7 +61,7 @@ def test_notebook_80_profiling(tmp_path, run_notebook):
     run_notebook("80_profiling", {"n_ctx": 512, "max_tokens": 12, "repetitions": 3}, out)
     df, v = load_results(out), verdicts_by_claim(out)
     assert (df["status"] == "ok").all(), df.loc[df["status"] != "ok", ["test", "error"]].to_string()
-    assert set(df["test_kind"]) == {"tg", "kit.profiling:profile_test"}
+    assert set(df["test_kind"]) == {"tg", "kit.studies.profiling:profile_test"}
     assert (out / "request.prof").exists() and (out / "request_native.prof").exists()
     top = pd.read_csv(out / "top20_cumulative.csv")
     assert len(top) == 20 and top["cumtime_s"].is_monotonic_decreasing

@@ -52,7 +52,7 @@ def test_85_writes_verdicts_profiles_and_figure(after_85):
         assert s.n_ctx >= s.max_context_length
         assert "tokens/s" in p.read_text() and "trial_key" in p.read_text()
     rows = [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]
-    req = [r for r in rows if r.get("test_kind") == "kit.autotune:rag_request_test" and r["status"] == "ok"]
+    req = [r for r in rows if r.get("test_kind") == "kit.studies.autotune:rag_request_test" and r["status"] == "ok"]
     assert req and all(r["ttft_ms"] > 0 and r["median_ts"] > 0 for r in req)
 
 

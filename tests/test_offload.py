@@ -1,4 +1,4 @@
-"""kit.offload: the real G1 probes and searches against a fake GPU (fake NVML + fake trial runner), the study
+"""kit.studies.gpu_layers: the real G1 probes and searches against a fake GPU (fake NVML + fake trial runner), the study
 config and its analysis, the CPU-only path on this machine, and one real probe on the bundled model."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 import pytest
 
-from kit import offload
+from kit.studies import gpu_layers
 from kit.config import Settings, SettingsError
 from kit.measure import pp, tg
 from kit.verdicts import NOT_TESTABLE, SUPPORTED, VERDICTS

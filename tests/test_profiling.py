@@ -1,4 +1,4 @@
-"""kit.profiling: exposing native calls to cProfile, reading profiles, profiling a real request, the P2 verdict."""
+"""kit.studies.profiling: exposing native calls to cProfile, reading profiles, profiling a real request, the P2 verdict."""
 from __future__ import annotations
 
 import ctypes
@@ -7,9 +7,9 @@ import pstats
 import pandas as pd
 import pytest
 
-from kit import profiling as prof
+from kit.studies import profiling as prof
 from kit.config import Settings, SettingsError
-from kit.generation import load_prompts
+from kit.data import load_prompts
 from kit.measure import Test as KitTest, load_model
 from kit.verdicts import VERDICTS
 

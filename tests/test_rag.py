@@ -1,4 +1,4 @@
-"""kit.rag: chunking, the embedding cache, retrieval metrics, context packing, index rebuilding, config checks."""
+"""kit.studies.rag: chunking, the embedding cache, retrieval metrics, context packing, index rebuilding, config checks."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from kit import rag as R
+from kit.studies import rag as R
 from kit.config import SettingsError
 
 
@@ -369,7 +369,7 @@ def test_answer_test_runs_as_a_sweep_test_kind(tmp_path):
     from kit.config import Settings
     from kit.measure import Test, load_model, resolve_test_fn
 
-    test = Test("kit.rag:answer_test", n_gen=8, params={"k": 2, "budget": 300, "n_questions": 1, "chunk_size": 300,
+    test = Test("kit.studies.rag:answer_test", n_gen=8, params={"k": 2, "budget": 300, "n_questions": 1, "chunk_size": 300,
                                                          "chunk_overlap": 50, "corpus_topics": ["pass", "break", "while"],
                                                          "cache_dir": str(tmp_path)})
     fn = resolve_test_fn(test.kind)

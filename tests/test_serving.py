@@ -1,4 +1,4 @@
-"""kit.serving: the queue server and load generators (against a fake and the real model), M/G/1 maths, P1 verdict."""
+"""kit.studies.serving_queue: the queue server and load generators (against a fake and the real model), M/G/1 maths, P1 verdict."""
 from __future__ import annotations
 
 import statistics
@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from kit import serving
+from kit.studies import serving_queue
 from kit.config import Settings, SettingsError
-from kit.generation import load_prompts
+from kit.data import load_prompts
 from kit.measure import Test as KitTest, load_model
 from kit.verdicts import VERDICTS
 

@@ -1,4 +1,4 @@
-"""kit.system: topology, page cache, niceness, competing load, study validation, and the verdict logic."""
+"""kit.studies.threads_system: topology, page cache, niceness, competing load, study validation, and the verdict logic."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kit import system
+from kit.studies import threads_system
 from kit.config import SettingsError
 from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED
 
@@ -65,7 +65,7 @@ def test_private_model_copy_is_reused(tmp_path):
 
 def test_set_process_niceness_reaches_every_thread():
     # in a child: a worker thread exists before the change, as llama.cpp's do
-    code = ("import threading, time, json, sys\nsys.path.insert(0, %r)\nfrom kit.system import set_process_niceness\n"
+    code = ("import threading, time, json, sys\nsys.path.insert(0, %r)\nfrom kit.studies.threads_system import set_process_niceness\n"
             "ev = threading.Event()\nt = threading.Thread(target=ev.wait); t.start()\n"
             "r = set_process_niceness(3)\nev.set(); t.join()\nprint(json.dumps(r))") % str(REPO_ROOT)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -139,7 +139,7 @@ def test_niced_bench_in_a_real_trial():
     from kit.models import resolve_model
     from kit.sweep import run_trial
 
-    test = Test("kit.system:niced_bench", params={"nice": 4, "inner": "tg", "n_gen": 4})
+    test = Test("kit.studies.threads_system:niced_bench", params={"nice": 4, "inner": "tg", "n_gen": 4})
     (row,) = run_trial(Settings(n_ctx=64, n_threads=2), [test], 1, str(resolve_model("smollm2-135m")),
                        timeout_s=300)
     assert row["status"] == "ok", row.get("error")

@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .verdicts import median_ci
-from .config import SettingsError
+from kit.verdicts import median_ci
+from kit.config import SettingsError
 
 # llama_ftype values (llama.h)
 FTYPES = {
@@ -92,7 +92,7 @@ class QuantStudy:
             raise SettingsError(f"ppl_n_ctx={self.ppl_n_ctx!r} must be an int >= 16")
         if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
             raise SettingsError(f"n_threads={self.n_threads!r} must be None or a positive int")
-        from .models import resolve_model
+        from kit.models import resolve_model
 
         resolve_model(self.model)  # a bad path fails here, before anything is built
 
@@ -144,7 +144,7 @@ def _child_main(argv: list[str]) -> int:
 
     import llama_cpp
 
-    from .logs import llama_log_to_file
+    from kit.logs import llama_log_to_file
 
     src, dst, ftype, nthread, allow, log = argv[1:7]
     llama_log_to_file(log)
@@ -167,7 +167,7 @@ def parse_fallbacks(log_text: str) -> dict:
 
 def _gguf_tensor_infos(path: str | os.PathLike) -> list[tuple[str, tuple, int, int]]:
     """(name, shape, ggml type id, n_elements) of every tensor, from the header alone (kit.models)."""
-    from .models import read_gguf_header
+    from kit.models import read_gguf_header
 
     return [(t["name"], t["shape"], t["type"], t["n_elements"]) for t in read_gguf_header(path)["tensors"]]
 
@@ -196,7 +196,7 @@ def tensor_types(path: str | os.PathLike) -> dict:
 
 
 def ladder_dir(source: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
-    from .models import resolve_model, sha256_file
+    from kit.models import resolve_model, sha256_file
 
     return Path(cache_dir) / sha256_file(resolve_model(source))[:16]
 
@@ -211,7 +211,7 @@ def build_ladder(source: str | os.PathLike = "smollm2-135m", types=LADDER,
     """
     from tqdm.auto import tqdm
 
-    from .models import model_card
+    from kit.models import model_card
 
     src = model_card(source)
     folder = ladder_dir(source, cache_dir)
@@ -280,11 +280,11 @@ def run_study(cfg: QuantStudy, progress: bool = True):
 
     Returns (ladder, rows DataFrame). Rows go to cfg.out_dir/results.jsonl; the ladder to cfg.out_dir/ladder.json.
     """
-    from . import quality
-    from .config import Settings
-    from .measure import pp, tg
-    from .models import sha256_file
-    from .sweep import run_sweep
+    from kit import quality
+    from kit.config import Settings
+    from kit.measure import pp, tg
+    from kit.models import sha256_file
+    from kit.sweep import run_sweep
 
     ladder = build_ladder(cfg.model, cfg.types, cfg.cache_dir, progress=progress)
     out = Path(cfg.out_dir)
@@ -308,7 +308,7 @@ def study_table(ladder: list[dict], df):
     """One row per type: size, bpw, fallbacks, load, pp/tg medians with 95 % CIs, peak RSS, PPL, KLD, top-1."""
     import pandas as pd
 
-    from .models import sha256_file
+    from kit.models import sha256_file
 
     by_sha = {sha256_file(l["path"]): l for l in ladder}
     rows = []
@@ -370,7 +370,7 @@ def clear_dominators(table, quant_type: str) -> list[dict]:
     more than 1.96 combined standard errors (the KLD values of two types are computed on the same tokens, so
     this is conservative).
     """
-    from .verdicts import bootstrap_ratio
+    from kit.verdicts import bootstrap_ratio
 
     t = table.set_index("quant_type")
     a = t.loc[quant_type]
@@ -411,7 +411,7 @@ def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
     """
     import random
 
-    from .verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict, compare, not_testable
+    from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict, compare, not_testable
 
     t = table.set_index("quant_type")
     present = [q for q in GUIDE_SPEED_ORDER if q in t.index and t.loc[q].get("tg_samples") is not None
@@ -461,7 +461,7 @@ def recommendation_verdict(table, evidence=()):
     refuted: at least one is clearly dominated (another type is faster AND closer to F16 beyond the
     uncertainty, see `clear_dominators`); no measurable effect: some are off the front only within the noise.
     """
-    from .verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict, not_testable
+    from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict, not_testable
 
     recommended = [q for qs in GUIDE_RECOMMENDED.values() for q in qs]
     t = table.dropna(subset=["tg_ts", "kld_mean"])
@@ -490,7 +490,7 @@ def recommendation_verdict(table, evidence=()):
     summary = (f"tg-vs-KLD Pareto front: {', '.join(front)}. " + "; ".join(parts) +
                f". Size-vs-KLD front: {', '.join(size_front)}.")
     share = len([q for q in present if q in front]) / len(present)
-    from .verdicts import UNSTABLE_CV, cv
+    from kit.verdicts import UNSTABLE_CV, cv
 
     noisy = [q for q, s in zip(t["quant_type"], t["tg_samples"])
              if isinstance(s, list) and (cv(s) or 0) >= UNSTABLE_CV]
@@ -508,7 +508,7 @@ def pareto_plot(table, out_dir: str | os.PathLike, name: str = "pareto"):
     """Two panels: tg t/s against mean KLD, size against mean KLD; error bars; the front joined and named."""
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure, setup
+    from kit.plots import save_figure, setup
 
     setup()
     t = table.dropna(subset=["tg_ts", "kld_mean"]).copy()

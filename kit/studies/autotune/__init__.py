@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .config import KV_CACHE_TYPES, UNQUANTIZED_KV, Settings, SettingsError
-from .measure import Test, pp, tg
+from kit.config import KV_CACHE_TYPES, UNQUANTIZED_KV, Settings, SettingsError
+from kit.measure import Test, pp, tg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GUIDE_PROFILES_DIR = REPO_ROOT / "data" / "guide_profiles"
@@ -132,7 +132,7 @@ class Workload:
         return [pp(self.n_prompt), tg(self.n_gen, depth=self.n_prompt)]
 
     def quality_test(self) -> Test:
-        from .quality import ppl_test
+        from kit.quality import ppl_test
 
         return ppl_test(n_ctx=self.ppl_chunk_tokens, n_chunks=self.ppl_chunks)
 
@@ -149,8 +149,8 @@ def quantized_model_candidates(out_root: str | os.PathLike = "outputs", quant: s
 def guide_baseline(model: str = "smollm2-135m", out_root: str | os.PathLike = "outputs",
                    use_quantized: bool = True) -> tuple[Settings, list[str]]:
     """The guide's "good settings" on this build and model, and notes on what had to differ."""
-    from .gpu import build_supports_gpu_offload
-    from .models import model_card
+    from kit.gpu import build_supports_gpu_offload
+    from kit.models import model_card
 
     notes = []
     chosen = model
@@ -187,12 +187,12 @@ def llama_defaults(model: str = "smollm2-135m") -> Settings:
 def load_guide_profile(name: str, model: str = "smollm2-135m",
                        profiles_dir: str | os.PathLike = GUIDE_PROFILES_DIR) -> tuple[Settings, list[str]]:
     """One of the guide's `.env.speed|balanced|quality`, read as written, and what this build does with it."""
-    from .gpu import build_supports_gpu_offload
-    from .models import model_card
+    from kit.gpu import build_supports_gpu_offload
+    from kit.models import model_card
 
     if name not in GUIDE_PROFILE_NAMES:
         raise SettingsError(f"guide profile {name!r}: one of {', '.join(GUIDE_PROFILE_NAMES)}")
-    from .config import read_dotenv
+    from kit.config import read_dotenv
 
     env = read_dotenv(Path(profiles_dir) / f"{name}.env")
     notes = []
@@ -255,7 +255,7 @@ def rag_prompt(lm, question: dict, k: int, max_context_tokens: int, chunk_chars:
 def rag_request_test(lm, test: Test, repetitions: int) -> dict:
     """Streamed chat completions of RAG-shaped prompts sized by the configuration's rag_search_k and
     max_context_length: TTFT and generated tokens/s as a client sees them (retrieval not included)."""
-    from .measure import stream_chat, summarize
+    from kit.measure import stream_chat, summarize
 
     s = lm.settings
     p = test.params
@@ -289,14 +289,14 @@ def rag_request_test(lm, test: Test, repetitions: int) -> dict:
 
 
 def rag_request(max_tokens: int = 32, n_questions: int = 2, chunk_chars: int = 400) -> Test:
-    return Test("kit.autotune:rag_request_test", n_gen=max_tokens,
+    return Test("kit.studies.autotune:rag_request_test", n_gen=max_tokens,
                 params={"n_questions": n_questions, "chunk_chars": chunk_chars})
 
 
 # ---- rows -> numbers ------------------------------------------------------------------------------------------
 def _keys(settings: Settings, tests: Sequence[Test], repetitions: int) -> list[str]:
-    from .models import model_card
-    from .sweep import trial_key
+    from kit.models import model_card
+    from kit.sweep import trial_key
 
     sha = model_card(settings.model).sha256
     return [trial_key(sha, settings, t, repetitions) for t in tests]
@@ -440,7 +440,7 @@ class _Tuner:
 
     def measure(self, configs: list[Settings], stage: str, axis: str, changes: list[dict], reps: int,
                 extra_tests: Sequence[Test] = (), quality_ref: Settings | None = None) -> list[Candidate]:
-        from .sweep import run_sweep
+        from kit.sweep import run_sweep
 
         speed = self.w.speed_tests()
         out = []
@@ -565,9 +565,9 @@ def _axis_configs(axis: str, cur: Settings, values: list) -> tuple[list[Settings
 
 
 def optimal_gpu_layers(settings: Settings, vram_limit_mb: float | None = None) -> dict:
-    """kit.offload.find_optimal_gpu_layers (child-process probes over kit.gpu's bisection) from `settings`;
+    """gpu_layers.find_optimal_gpu_layers (child-process probes over kit.gpu's bisection) from `settings`;
     "not testable here: this build has no GPU offload" on a CPU-only build, with n_gpu_layers 0."""
-    from .offload import find_optimal_gpu_layers
+    from kit.studies.gpu_layers import find_optimal_gpu_layers
 
     base = settings.replace(n_gpu_layers=0)
     return find_optimal_gpu_layers(settings.model, vram_limit_mb=vram_limit_mb, base=base)
@@ -669,7 +669,7 @@ def measure_profiles(profiles: dict[str, Settings], *, study: str = "85_autotune
     the study already holds successful engine rows for the same model and load settings with at least
     `repetitions` runs (the tuner's confirm stage), those are used instead of measuring again.
     """
-    from .sweep import run_sweep
+    from kit.sweep import run_sweep
 
     w = workload or Workload()
     speed = w.speed_tests()
@@ -703,9 +703,9 @@ def _measured_engine_rows(study: str, out_root: str | os.PathLike, s: Settings, 
                           min_repetitions: int) -> list[dict] | None:
     """The study's latest successful rows of these engine tests under the same model and load settings, run with
     at least min_repetitions; None unless every test has one."""
-    from .models import model_card
-    from .results import RESULTS_FILE, read_rows
-    from .sweep import study_dir
+    from kit.models import model_card
+    from kit.results import RESULTS_FILE, read_rows
+    from kit.sweep import study_dir
 
     rows = read_rows(study_dir(study, out_root) / RESULTS_FILE)
     if not rows:
@@ -770,7 +770,7 @@ def _rag_part(out_root: str | os.PathLike, part: str):
     """One part of the RAG study's files (outputs/60_rag/<part>.jsonl) as a DataFrame; empty when absent."""
     import pandas as pd
 
-    from .results import read_rows
+    from kit.results import read_rows
 
     return pd.DataFrame(read_rows(Path(out_root) / "60_rag" / f"{part}.jsonl"))
 
@@ -825,7 +825,7 @@ def choose_kit_profiles(result: TuneResult, guide: dict[str, Settings], rag_floo
     rag_search_k, which the RAG study's recall floor sets where outputs/60_rag exists. n_ctx is raised where the
     RAG budget plus an answer would not fit. Returns (profiles, why) with a reason per profile.
     """
-    from .models import model_card
+    from kit.models import model_card
 
     ref = result.screened[0].settings if result.screened else result.start
     ok = [c for c in result.confirmed if c.score_s is not None and c.status == "ok"]
@@ -907,7 +907,7 @@ MIN_SAMPLES = 3  # fewer samples on either side give no interval worth a verdict
 
 
 def _too_few(claim: str, what: str, a: Sequence, b: Sequence, evidence: Sequence[str]):
-    from .verdicts import too_few
+    from kit.verdicts import too_few
 
     return too_few(claim, len(a), len(b), f"the repetitions ({what})", evidence, MIN_SAMPLES)
 
@@ -918,7 +918,7 @@ def _req_samples(m: dict, col: str) -> list[float]:
 
 def x1_verdict(guide_measured: dict[str, dict], notes: dict[str, list] | None = None, evidence: Sequence[str] = ()):
     """X1: the guide's speed profile is faster than its quality profile (RAG-shaped request, e2e time)."""
-    from .verdicts import compare, not_testable
+    from kit.verdicts import compare, not_testable
 
     a, b = _req_samples(guide_measured.get("speed", {}), "samples_e2e_ms"), \
         _req_samples(guide_measured.get("quality", {}), "samples_e2e_ms")
@@ -941,7 +941,7 @@ def x1_verdict(guide_measured: dict[str, dict], notes: dict[str, list] | None = 
 def x2_verdict(baseline: dict, tuned: dict, rag_samples: dict[int, list[float]] | None = None,
                baseline_k: int = 8, tuned_k: int | None = None, evidence: Sequence[str] = ()):
     """X2: baseline vs tuned on this machine (t/s, TTFT, RAG search), beside the guide's +50-75 % / -50 % / -50 %."""
-    from .verdicts import REFUTED, SUPPORTED, compare, not_testable
+    from kit.verdicts import REFUTED, SUPPORTED, compare, not_testable
 
     metrics = {}
     pairs = {"tokens_per_s": ("samples_ts", True), "ttft": ("samples_ttft_ms", False)}
@@ -991,7 +991,7 @@ def x2_verdict(baseline: dict, tuned: dict, rag_samples: dict[int, list[float]] 
 
 def x3_verdict(result: TuneResult, evidence: Sequence[str] = ()):
     """X3: benchmark_settings finds settings faster than the guide's good settings (request time)."""
-    from .verdicts import compare, not_testable
+    from kit.verdicts import compare, not_testable
 
     best, start = result.confirmed_for(result.best), result.confirmed_for(result.start)
     gpu = result.gpu_layers.get("reason", "")
@@ -1030,7 +1030,7 @@ def x3_verdict(result: TuneResult, evidence: Sequence[str] = ()):
 def x4_verdict(result: TuneResult, evidence: Sequence[str] = ()):
     """X4: "aggressive settings may cost quality" - the fastest quality-changing candidate's per-chunk perplexity
     against the reference (paired ratios), and the tuner's refusals as the record of what it turned down."""
-    from .verdicts import compare, not_testable
+    from kit.verdicts import compare, not_testable
 
     ref = result.screened[0] if result.screened else None
     qc = [c for c in result.screened[1:] if c.samples_ppl and ref is not None and ref.samples_ppl

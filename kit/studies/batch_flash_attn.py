@@ -20,10 +20,10 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from .sweep import planned_rows  # noqa: F401 - part of this module's API (tests, offload)
-from .verdicts import compare, evidence_path, median_ci  # noqa: F401 - evidence_path is used by the notebooks
-from .config import Settings, SettingsError
-from .measure import DEFAULT_REPETITIONS, Test, pp, tg
+from kit.sweep import planned_rows  # noqa: F401 - part of this module's API (tests, offload)
+from kit.verdicts import compare, evidence_path, median_ci  # noqa: F401 - evidence_path is used by the notebooks
+from kit.config import Settings, SettingsError
+from kit.measure import DEFAULT_REPETITIONS, Test, pp, tg
 
 CLAIM_BATCH = "G3"
 CLAIM_FLASH = "G2"
@@ -158,7 +158,7 @@ class BatchFlashStudy:
 
     def batch_configs(self) -> list[Settings]:
         """The grid; combinations our validation rejects (n_ubatch > n_batch) are in `.skipped`."""
-        from .sweep import grid
+        from kit.sweep import grid
 
         return grid(self.batch_base(), skip_invalid=True, n_batch=self.n_batch, n_ubatch=self.n_ubatch)
 
@@ -199,7 +199,7 @@ class BatchFlashStudy:
 
 # ---- running ---------------------------------------------------------------------------------------------------
 def _run_part(study: BatchFlashStudy, out_dir, configs, tests, claim: str, part: str, progress: bool):
-    from .sweep import run_sweep, split_out_dir
+    from kit.sweep import run_sweep, split_out_dir
 
     name, root = split_out_dir(out_dir)
     df = run_sweep(name, configs, tests, study.repetitions, out_root=root, timeout_s=study.timeout_s,
@@ -304,7 +304,7 @@ def _fmt(verdict: str, ratio, lo, hi) -> str:
 
 def _gpu_scope(gpu_offload: bool | None) -> str:
     if gpu_offload is None:
-        from .gpu import build_supports_gpu_offload
+        from kit.gpu import build_supports_gpu_offload
 
         gpu_offload = build_supports_gpu_offload()
     if gpu_offload:
@@ -316,7 +316,7 @@ def _gpu_scope(gpu_offload: bool | None) -> str:
 def verdict_batch(df, study: BatchFlashStudy, evidence: Sequence[str] = (), gpu_offload: bool | None = None):
     """G3: pp t/s of the guide's 1024/512 against the 512/512 baseline, at the longest prompt (where the two cut
     the prompt differently); every prompt length's comparison is kept in `details`."""
-    from .verdicts import not_testable
+    from kit.verdicts import not_testable
 
     gb, gu = study.guide_batch
     bb, bu = study.baseline_batch
@@ -410,7 +410,7 @@ def comparisons_table(verdicts):
 def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = None):
     """G2 in one verdict: if every depth and test agrees, that verdict; otherwise the decode (tg) comparison at the
     deepest context, where attention costs most and a server spends its time, with the disagreement stated."""
-    from .verdicts import not_testable
+    from kit.verdicts import not_testable
 
     comps = flash_comparisons(df, evidence)
     if not comps:
@@ -447,7 +447,7 @@ def plot_batch_heatmaps(table):
     import numpy as np
     import seaborn as sns
 
-    from .plots import setup
+    from kit.plots import setup
 
     setup()
     prompts = sorted(table.loc[table["pp_ts"].notna(), "n_prompt"].unique())
@@ -486,7 +486,7 @@ def plot_flash(df):
     """pp and tg t/s against context depth, flash attention off vs on (median, 95 % CI of the samples)."""
     import matplotlib.pyplot as plt
 
-    from .plots import setup, speed_plot
+    from kit.plots import setup, speed_plot
 
     setup()
     d = df[df.status == "ok"].copy()

@@ -1,7 +1,7 @@
 """Context size and KV cache: the guide's claims M1 (n_ctx) and M2 ("KV-cache optimization").
 
 Parts of one study (`ContextStudy`), each a sweep through `kit.sweep.run_sweep` (one child process per config):
-- allocated: the same short prompt at every n_ctx: memory after loading (test `kit.system:memory_probe`),
+- allocated: the same short prompt at every n_ctx: memory after loading (test `kit.measure:memory_probe`),
   TTFT (engine: a prompt of `prompt_tokens` + the first generated token, `pp<N>+tg1`), tg t/s. Anything that
   changes here is the cost of *allocating* a context.
 - fill: a prompt that fills `fill_fraction` of each n_ctx (up to `fill_max_n_ctx`): TTFT of a full context.
@@ -18,11 +18,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .verdicts import median_ci, paired_log_ratio
-from .results import ok_rows as _ok, pooled_samples as _samples
-from .sweep import StudyLocation
-from .config import KV_CACHE_TYPES, Settings, SettingsError
-from .measure import Test, pp, tg
+from kit.verdicts import median_ci, paired_log_ratio
+from kit.results import ok_rows as _ok, pooled_samples as _samples
+from kit.sweep import StudyLocation
+from kit.config import KV_CACHE_TYPES, Settings, SettingsError
+from kit.measure import Test, pp, tg
 
 GUIDE_N_CTX = (2048, 4096, 8192, 16384)
 GUIDE_MODEL_PROPERTIES = {"n_ctx_train": 131072, "rope_freq_base": 10000.0}
@@ -32,7 +32,7 @@ GUIDE_MODEL_PROPERTIES = {"n_ctx_train": 131072, "rope_freq_base": 10000.0}
 def ppl_verdict(claim: str, candidate_chunk_nll, baseline_chunk_nll, claimed: str = "same", metric: str = "",
                 evidence=(), summary: str = ""):
     """A kit.verdicts.Verdict on perplexity (lower is better) from paired chunks: supported / refuted / no effect."""
-    from .verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict
+    from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict
 
     point, lo, hi = paired_log_ratio(candidate_chunk_nll, baseline_chunk_nll)
     worse, better = lo > 1, hi < 1
@@ -77,7 +77,7 @@ class ContextStudy(StudyLocation):
     timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
-        from .models import model_card
+        from kit.models import model_card
 
         for name in ("repetitions", "prompt_tokens", "n_gen", "fill_repetitions", "depth_repetitions",
                      "kv_n_ctx", "ppl_n_ctx", "ppl_chunks", "fill_max_n_ctx"):
@@ -131,7 +131,7 @@ class ContextStudy(StudyLocation):
     # -- paths
 
     def reference_path(self) -> Path:
-        from .quality import reference_path
+        from kit.quality import reference_path
 
         return reference_path(self.card.path, self.ppl_n_ctx, self.ppl_chunks,
                               cache_dir=Path(self.out_dir) / "cache", tag="kv-f16-fa").resolve()
@@ -150,7 +150,7 @@ class ContextStudy(StudyLocation):
 
     def allocated_plan(self):
         configs = [self.settings(n_ctx=n) for n in self.n_ctx_run]
-        tests = [Test("kit.system:memory_probe"), self.ttft_test(self.prompt_tokens), tg(self.n_gen)]
+        tests = [Test("kit.measure:memory_probe"), self.ttft_test(self.prompt_tokens), tg(self.n_gen)]
         return configs, _tagged(tests, "allocated")
 
     def fill_plans(self):
@@ -179,7 +179,7 @@ class ContextStudy(StudyLocation):
                             "n_chunks": self.ppl_chunks, "reference_sha256": self.card.sha256, "create": False})
 
     def kv_tests(self) -> list[Test]:
-        return _tagged([Test("kit.system:memory_probe"), tg(self.n_gen, depth=self.kv_depth),
+        return _tagged([Test("kit.measure:memory_probe"), tg(self.n_gen, depth=self.kv_depth),
                         pp(self.prompt_tokens)], "kv") + [self.quality_test()]
 
     def rope_configs(self) -> list[Settings]:
@@ -242,8 +242,8 @@ def beyond_train_note(study: ContextStudy) -> str:
 def run_context_study(study: ContextStudy, parts: tuple = ("allocated", "fill", "depth", "kv", "rope"),
                       progress: bool = True):
     """Run the parts in order (kv before rope: it holds the quality reference); returns all rows as a DataFrame."""
-    from .results import load_results
-    from .sweep import run_sweep
+    from kit.results import load_results
+    from kit.sweep import run_sweep
 
     known = ("allocated", "fill", "depth", "kv", "rope")
     for p in parts:
@@ -262,7 +262,7 @@ def run_context_study(study: ContextStudy, parts: tuple = ("allocated", "fill", 
     if "depth" in parts:
         sweep(*study.depth_plan(), study.depth_repetitions, "depth")
     if "kv" in parts or "rope" in parts:
-        from .quality import ensure_reference
+        from kit.quality import ensure_reference
 
         # the reference log-probs: f16 KV with flash attention, the model's own RoPE, written once in this process
         ensure_reference(study.kv_configs()[0], path=study.reference_path(), n_ctx=study.ppl_n_ctx,
@@ -292,7 +292,7 @@ def allocated_table(df, study: ContextStudy):
     d = _ok(df, "allocated")
     rows = []
     for n, g in d.groupby("n_ctx"):
-        mem = g[g["test_kind"] == "kit.system:memory_probe"]
+        mem = g[g["test_kind"] == "kit.measure:memory_probe"]
         ttft = g[g["test_kind"] == "pg"]
         gen = g[g["test_kind"] == "tg"]
         eff = int(g["n_ctx_effective"].iloc[0]) if "n_ctx_effective" in g else int(n)
@@ -363,7 +363,7 @@ def kv_table(df, study: ContextStudy):
     rows, base_mem = [], None
     for (tk, tv, fa), g in d.groupby(["type_k", "type_v", "flash_attn"], sort=False):
         eff = int(g["n_ctx_effective"].iloc[0])
-        mem = g[g["test_kind"] == "kit.system:memory_probe"]
+        mem = g[g["test_kind"] == "kit.measure:memory_probe"]
         gen = g[(g["test_kind"] == "tg")]
         prm = g[(g["test_kind"] == "pp")]
         qq = g[g["test_kind"] == "kit.quality:kld_test"]
@@ -418,7 +418,7 @@ def rope_table(df, study: ContextStudy):
 def m1_verdict(df, study: ContextStudy, evidence=()):
     """M1: the same prompt at a smaller allocated n_ctx (4096) against a larger one (8192), tg t/s; TTFT and the
     used-context (depth) effect in details and in the summary."""
-    from .verdicts import compare, not_testable
+    from kit.verdicts import compare, not_testable
 
     d = _ok(df, "allocated")
     have = sorted(int(n) for n in d["n_ctx"].unique()) if not d.empty else []
@@ -454,7 +454,7 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
                             metric=f"{kind} t/s at depth {hi_d} / depth {lo_d} (n_ctx {study.depth_ctx})")
                 v.details[f"used_{kind}"] = u.to_dict()
                 words.append(f"Using the context: {kind} at depth {hi_d} against depth {lo_d}: {u.effect_text(2)}.")
-    from .verdicts import NO_EFFECT, SUPPORTED
+    from kit.verdicts import NO_EFFECT, SUPPORTED
 
     used = v.details.get("used_tg", {})
     if v.verdict == NO_EFFECT and ttft.verdict == NO_EFFECT:
@@ -478,7 +478,7 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
 def m2_verdict(df, study: ContextStudy, evidence=()):
     """M2: the guide's values are model properties; the rope override's effect on perplexity decides the verdict;
     the real KV levers (type_k / type_v) are reported in details and the summary."""
-    from .verdicts import not_testable
+    from kit.verdicts import not_testable
 
     c = study.card
     q = _quality_rows(df, "kv")
@@ -532,7 +532,7 @@ def figure(df, study: ContextStudy):
     import numpy as np
     import seaborn as sns
 
-    from .plots import samples_long, setup
+    from kit.plots import samples_long, setup
 
     setup()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import Settings, SettingsError
-from .measure import DEFAULT_REPETITIONS, Test, pp, tg
+from kit.config import Settings, SettingsError
+from kit.measure import DEFAULT_REPETITIONS, Test, pp, tg
 
 CLAIM = "G1"
 NOT_TESTABLE_NO_OFFLOAD = "not testable here: this build has no GPU offload"
@@ -40,7 +40,7 @@ def offload_support(nvml: Any = None, build_supports: bool | None = None) -> dic
     Returns {"testable", "build_gpu_offload", "gpus", "reason"}; reason is "" when testable, else one line
     starting with "not testable here".
     """
-    from . import gpu
+    from kit import gpu
 
     build = gpu.build_supports_gpu_offload() if build_supports is None else bool(build_supports)
     gpus = gpu.gpu_inventory(nvml)
@@ -104,7 +104,7 @@ def summarise_probe_rows(rows: Sequence[dict]) -> dict:
 
 
 def _default_runner() -> Callable:
-    from .sweep import run_trial
+    from kit.sweep import run_trial
 
     return run_trial
 
@@ -163,8 +163,8 @@ def find_optimal_gpu_layers(model: str = "smollm2-135m", vram_limit_mb: float | 
 
     Where the build cannot offload (or no GPU is visible) nothing runs: best 0, reason "not testable here: ...".
     """
-    from . import gpu
-    from .models import model_card
+    from kit import gpu
+    from kit.models import model_card
 
     card = model_card(model)
     support = support or offload_support(nvml)
@@ -196,8 +196,8 @@ def find_max_context(model: str = "smollm2-135m", n_gpu_layers: int = 0, candida
                      runner: Callable | None = None, log_file: str | None = None) -> dict:
     """The largest n_ctx among `candidates` (default: powers of two up to n_ctx_train) that still fits at
     `n_gpu_layers`, by the same bisection over child-process probes."""
-    from . import gpu
-    from .models import model_card
+    from kit import gpu
+    from kit.models import model_card
 
     card = model_card(model)
     cands = sorted(set(candidates or context_candidates(card.n_ctx_train)))
@@ -256,7 +256,7 @@ class GpuLayersStudy:
         self.base_settings().check_fits(self.probe_n_prompt + self.probe_n_gen, what="probe test")
 
     def card(self):
-        from .models import model_card
+        from kit.models import model_card
 
         return model_card(self.model)
 
@@ -299,8 +299,8 @@ def run_gpu_layers(study: GpuLayersStudy, out_dir: str | os.PathLike, progress: 
                    support: dict | None = None, runner: Callable | None = None) -> GpuLayersRun:
     """Notebook 10's run: where offload works, the layer search, the context search at the best count, and the
     sweep over layer counts; elsewhere the CPU baseline (n_gpu_layers=0) only. Searches go to gpu_search.json."""
-    from .sweep import planned_rows
-    from .sweep import run_sweep
+    from kit.sweep import planned_rows
+    from kit.sweep import run_sweep
 
     out = Path(out_dir)
     card = study.card()
@@ -336,8 +336,8 @@ def layer_table(df):
     """Per n_gpu_layers: pp and tg t/s (median, 95 % CI), TTFT (= pp time of the prompt), VRAM added, RSS, load."""
     import pandas as pd
 
-    from .batching import _as_list
-    from .verdicts import median_ci
+    from kit.studies.batch_flash_attn import _as_list
+    from kit.verdicts import median_ci
 
     cols = ["n_gpu_layers", "status", "pp_ts", "pp_ts_lo", "pp_ts_hi", "tg_ts", "tg_ts_lo", "tg_ts_hi",
             "ttft_ms", "ttft_ms_lo", "ttft_ms_hi", "vram_added_mb", "rss_peak_mb", "load_ms", "error"]
@@ -377,9 +377,9 @@ def verdict_gpu_layers(run: GpuLayersRun, evidence: Sequence[str] = ()):
     """G1. Not testable without offload (the CPU baseline goes in `details`). With a GPU: tg t/s at the largest
     swept layer count that ran within the VRAM limit against the guide's 30 layers (or against 0 layers when
     30 is not below it); pp in `details`."""
-    from .batching import _fmt, _ratio
-    from .verdicts import compare
-    from .verdicts import not_testable
+    from kit.studies.batch_flash_attn import _fmt, _ratio
+    from kit.verdicts import compare
+    from kit.verdicts import not_testable
 
     table = layer_table(run.rows)
     if not run.support["testable"]:
@@ -403,7 +403,7 @@ def verdict_gpu_layers(run: GpuLayersRun, evidence: Sequence[str] = ()):
     rows = run.rows[run.rows.status == "ok"]
 
     def samples(k, kind):
-        from .batching import _as_list
+        from kit.studies.batch_flash_attn import _as_list
 
         r = rows[(rows.n_gpu_layers == k) & (rows.test_kind == kind)]
         return [float(x) for s in r["samples_ts"] for x in _as_list(s)]
@@ -423,7 +423,7 @@ def plot_gpu_layers(table, title_note: str = ""):
     """t/s, TTFT and memory against n_gpu_layers (median and 95 % CI)."""
     import matplotlib.pyplot as plt
 
-    from .plots import setup
+    from kit.plots import setup
 
     setup()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -462,7 +462,7 @@ def weights_read_per_token(model: str = "smollm2-135m") -> dict:
     output matrix exists (then only one embedding row is read). Tied embeddings are read in full (as output)."""
     import gguf
 
-    from .models import resolve_model
+    from kit.models import resolve_model
 
     path = resolve_model(model)
     reader = gguf.GGUFReader(str(path), "r")
@@ -552,12 +552,12 @@ def run_environment_report(study: EnvironmentStudy, out_dir: str | os.PathLike, 
                            nvml: Any = None) -> EnvironmentReport:
     """Capture the environment fresh, write environment.json and model_card.json under out_dir, measure pp/tg
     once (kit.sweep), and add the decode roofline (read bandwidth / weight bytes per token) to environment.json."""
-    from .batching import _as_list
-    from .sweep import planned_rows
-    from .verdicts import median_ci
-    from .environment import capture_environment, decode_roofline, memory_bandwidth_gbs
-    from .models import model_card
-    from .sweep import run_sweep
+    from kit.studies.batch_flash_attn import _as_list
+    from kit.sweep import planned_rows
+    from kit.verdicts import median_ci
+    from kit.environment import capture_environment, decode_roofline, memory_bandwidth_gbs
+    from kit.models import model_card
+    from kit.sweep import run_sweep
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -604,7 +604,7 @@ def plot_roofline(report: EnvironmentReport):
     """The decode upper bound from memory bandwidth beside the measured tg (median, 95 % CI)."""
     import matplotlib.pyplot as plt
 
-    from .plots import setup
+    from kit.plots import setup
 
     setup()
     r = report.roofline

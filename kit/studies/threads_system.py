@@ -14,10 +14,10 @@ configuration):
   cached (warm): load time, time to the first token after loading, resident and locked memory.
 
 Test kinds defined here run inside a trial's child process (see `kit.measure.Test`):
-  Test("kit.system:memory_probe")                                  memory of the process right now
-  Test("kit.system:niced_bench", params={"nice": -10, "inner": "tg", "n_gen": 64, "max_s": 1.5,
+  Test("kit.measure:memory_probe")                                  memory of the process right now
+  Test("kit.studies.threads_system:niced_bench", params={"nice": -10, "inner": "tg", "n_gen": 64, "max_s": 1.5,
                                          "load_procs": 2, "load_nice": 0, "load_session": "same"})
-  Test("kit.system:load_probe", params={"cache": "cold", "rep": 0, "n_prompt": 32})
+  Test("kit.studies.threads_system:load_probe", params={"cache": "cold", "rep": 0, "n_prompt": 32})
 """
 from __future__ import annotations
 
@@ -34,10 +34,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .results import ok_rows as _ok, pooled_samples as _samples
-from .sweep import StudyLocation
-from .config import NUMA_STRATEGIES, Settings, SettingsError
-from .measure import Test
+from kit.results import ok_rows as _ok, pooled_samples as _samples
+from kit.sweep import StudyLocation
+from kit.config import NUMA_STRATEGIES, Settings, SettingsError
+from kit.measure import Test
 
 CACHE_STATES = ("cold", "warm")
 # A cold trial whose file is still more than this fraction in the page cache is not cold: flagged in the row.
@@ -97,21 +97,6 @@ def autogroup_of(pid: int | str = "self") -> str | None:
         return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
     except (OSError, IndexError):
         return None
-
-
-def proc_memory(pid: int | str = "self") -> dict:
-    """VmRSS, RssAnon, RssFile and VmLck (locked) in MiB, from /proc/<pid>/status (Linux)."""
-    want = {"VmRSS": "proc_rss_mb", "RssAnon": "rss_anon_mb", "RssFile": "rss_file_mb", "VmLck": "vm_lck_mb",
-            "VmHWM": "vm_hwm_mb"}
-    out = {v: None for v in want.values()}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in want:
-                out[want[key]] = round(int(rest.split()[0]) / 1024, 2)
-    except OSError:
-        pass
-    return out
 
 
 def _libc():
@@ -266,12 +251,6 @@ class CompetingLoad:
 
 
 # ---- test kinds (run inside a trial's child) ------------------------------------------------------------------
-def memory_probe(lm, test: Test, repetitions: int = 1) -> dict:
-    """Test kind: the process's memory right now (first test of a trial: just after loading)."""
-    return {"n_prompt": 0, "n_gen": 0, "n_depth": 0, "repetitions": 1, **proc_memory(),
-            "timed_region": "none: /proc/self/status read after loading (memory, no timing)"}
-
-
 def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
     """Test kind: change this process's niceness by params['nice'] (all threads), then the engine bench.
 
@@ -280,7 +259,7 @@ def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
     (see `timeboxed_tg`). If raising priority is not permitted the bench still runs at the old niceness and the row says so
     (nice_applied False, nice_error).
     """
-    from .measure import bench_engine
+    from kit.measure import bench_engine
 
     p = dict(test.params or {})
     unknown = set(p) - {"nice", "inner", "n_gen", "n_prompt", "n_depth", "condition", "max_s", "load_procs",
@@ -319,7 +298,7 @@ def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
 
 def timeboxed_tg(lm, n_gen: int, max_s: float, repetitions: int = 5, warmup: bool = True, seed: int = 0) -> dict:
     """tg from an empty cache, each timed run stopped after n_gen tokens or max_s seconds (`bench_engine` max_s)."""
-    from .measure import bench_engine, tg
+    from kit.measure import bench_engine, tg
 
     return bench_engine(lm, tg(n_gen), repetitions, warmup=warmup, seed=seed, max_s=max_s)
 
@@ -330,7 +309,7 @@ def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
     The load itself is timed by the trial (row column load_ms); this adds first_decode_ms, and memory before and
     after it. One sample per trial: repeat with params['rep'].
     """
-    from .measure import Test as _T, bench_engine
+    from kit.measure import Test as _T, bench_engine
 
     p = dict(test.params or {})
     n_prompt = int(p.get("n_prompt", 32))
@@ -376,7 +355,7 @@ class SystemStudy(StudyLocation):
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        from .models import model_card
+        from kit.models import model_card
 
         for name in ("repetitions", "n_ctx", "n_gen", "n_prompt", "load_repetitions", "first_prompt"):
             v = getattr(self, name)
@@ -423,13 +402,13 @@ class SystemStudy(StudyLocation):
         return [self.base().replace(n_threads=t, n_threads_batch=t) for t in self.thread_counts]
 
     def thread_tests(self) -> list[Test]:
-        from .measure import pp, tg
+        from kit.measure import pp, tg
 
         return [tg(self.n_gen), pp(self.n_prompt)]
 
     # -- numa
     def numa_nodes(self) -> list[dict]:
-        from .environment import numa_nodes
+        from kit.environment import numa_nodes
 
         return numa_nodes()
 
@@ -474,7 +453,7 @@ class SystemStudy(StudyLocation):
         if cond["load_nice"] is not None:
             params.update(load_procs=self.load_procs or self.topology["logical"], load_nice=cond["load_nice"],
                           load_session=cond["load_session"])
-        return Test("kit.system:niced_bench", params=params)
+        return Test("kit.studies.threads_system:niced_bench", params=params)
 
     # -- loading
     def loading_conditions(self) -> list[tuple[Settings, str]]:
@@ -486,7 +465,7 @@ class SystemStudy(StudyLocation):
         return out
 
     def load_test(self, cache: str, rep: int) -> Test:
-        return Test("kit.system:load_probe", params={"cache": cache, "rep": rep, "n_prompt": self.first_prompt})
+        return Test("kit.studies.threads_system:load_probe", params={"cache": cache, "rep": rep, "n_prompt": self.first_prompt})
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -497,7 +476,7 @@ class SystemStudy(StudyLocation):
 # ---- running ----------------------------------------------------------------------------------------------------
 def _sweep(study: SystemStudy, configs, tests, repetitions: int, part: str, extra: dict | None = None,
            progress: bool = True):
-    from .sweep import run_sweep
+    from kit.sweep import run_sweep
 
     return run_sweep(study.study, configs, tests, repetitions=repetitions, out_root=study.out_root,
                      timeout_s=study.timeout_s, progress=progress, extra={"part": part, **(extra or {})})
@@ -510,7 +489,7 @@ def run_threads(study: SystemStudy, progress: bool = True):
 
 def run_numa(study: SystemStudy, progress: bool = True):
     """Runs only where there is more than one NUMA node; returns the study's rows either way."""
-    from .results import load_results
+    from kit.results import load_results
 
     ok, _ = study.numa_testable()
     if ok:
@@ -521,7 +500,7 @@ def run_numa(study: SystemStudy, progress: bool = True):
 def run_priority(study: SystemStudy, progress: bool = True):
     """Each condition is one trial; its child starts the competing load after loading the model and kills it at
     the end (so the load shares the bench's session, or not, exactly as the condition says)."""
-    from .results import load_results
+    from kit.results import load_results
 
     permitted, why = priority_permitted(study.nice)
     s = study.priority_settings()
@@ -540,9 +519,9 @@ def run_loading(study: SystemStudy, progress: bool = True):
     One trial per load (a load happens once per trial); conditions are interleaved per repetition so a slow
     phase of a shared machine does not land on one condition only.
     """
-    from .results import load_results
+    from kit.results import load_results
 
-    from .models import model_card
+    from kit.models import model_card
 
     copy = private_model_copy(study.card.path, Path(study.out_dir) / "model_copy")
     model_card(copy)  # hashes the copy now (memoised): the sweep's own check must not re-read, and so re-cache, it
@@ -563,7 +542,7 @@ def run_loading(study: SystemStudy, progress: bool = True):
 def run_system_study(study: SystemStudy, parts: tuple = ("threads", "numa", "priority", "loading"),
                      progress: bool = True):
     """Every part in turn; returns all rows of the study folder as a DataFrame."""
-    from .results import load_results
+    from kit.results import load_results
 
     runners = {"threads": run_threads, "numa": run_numa, "priority": run_priority, "loading": run_loading}
     for p in parts:
@@ -580,7 +559,7 @@ def thread_table(df, study: SystemStudy):
     """Median t/s with its 95 % interval per thread count, for tg (n_threads) and pp (n_threads_batch)."""
     import pandas as pd
 
-    from .verdicts import median_ci
+    from kit.verdicts import median_ci
 
     rows = []
     d = _ok(df, "threads")
@@ -595,7 +574,7 @@ def thread_table(df, study: SystemStudy):
 
 
 def _thread_verdict(df, study: SystemStudy, kind: str, evidence):
-    from .verdicts import compare, not_testable
+    from kit.verdicts import compare, not_testable
 
     d = _ok(df, "threads")
     d = d[d["test_kind"] == kind] if not d.empty else d
@@ -636,7 +615,7 @@ def thread_verdict(df, study: SystemStudy, evidence=()):
 
 
 def numa_verdict(df, study: SystemStudy, evidence=()):
-    from .verdicts import compare, not_testable
+    from kit.verdicts import compare, not_testable
 
     ok, why = study.numa_testable()
     if not ok:
@@ -654,7 +633,7 @@ def numa_verdict(df, study: SystemStudy, evidence=()):
 def priority_table(df):
     import pandas as pd
 
-    from .verdicts import median_ci
+    from kit.verdicts import median_ci
 
     d = _ok(df, "priority")
     rows = []
@@ -672,7 +651,7 @@ def priority_table(df):
 def priority_verdict(df, study: SystemStudy, evidence=()):
     """O1: tg under a competing load, raised priority vs normal. Falls back to the no-root equivalent (the load
     lowered by the same amount: CFS shares CPU by the niceness *difference*) where raising is not permitted."""
-    from .verdicts import compare, not_testable
+    from kit.verdicts import compare, not_testable
 
     d = _ok(df, "priority")
     conds = {c: g for c, g in d.groupby("condition")} if not d.empty else {}
@@ -720,7 +699,7 @@ def loading_table(df):
     """Per use_mmap x use_mlock x cache: load_ms, first_decode_ms, load + first, memory, residency (medians + CI)."""
     import pandas as pd
 
-    from .verdicts import median_ci
+    from kit.verdicts import median_ci
 
     d = _ok(df, "loading")
     rows = []
@@ -745,8 +724,8 @@ def loading_table(df):
 
 def loading_verdicts(df, study: SystemStudy, evidence=()):
     """O2 (huge pages, swappiness: kernel settings, reported; not changed) and O3 (cold vs warm load)."""
-    from .environment import memory_settings
-    from .verdicts import compare, not_testable
+    from kit.environment import memory_settings
+    from kit.verdicts import compare, not_testable
 
     mem = memory_settings()
     tab = loading_table(df)
@@ -805,7 +784,7 @@ def figure(df, study: SystemStudy):
     import numpy as np
     import seaborn as sns
 
-    from .plots import samples_long, setup
+    from kit.plots import samples_long, setup
 
     setup()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))

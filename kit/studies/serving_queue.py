@@ -15,7 +15,7 @@ measured at the start of the same test by a few requests sent one at a time). Qu
 offered load rho = lambda / mu approaches 1; the Pollaczek-Khinchine formula for an M/G/1 queue,
 Wq = lambda * E[S^2] / (2 (1 - rho)), computed from the measured service times, is kept beside it.
 
-Each load level is one test of kind ``kit.serving:queue_test``; the closed-loop levels share one trial (one
+Each load level is one test of kind ``kit.studies.serving_queue:queue_test``; the closed-loop levels share one trial (one
 child process, one model load) and the Poisson levels another, so a rerun resumes per trial and one crash
 costs one trial. The model load sits outside every timed region.
 """
@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .config import Settings, SettingsError
-from .generation import load_prompts
-from .sweep import split_out_dir
-from .verdicts import too_few
-from .measure import Test, _pct, stream_chat, summarize
+from kit.config import Settings, SettingsError
+from kit.data import load_prompts
+from kit.sweep import split_out_dir
+from kit.verdicts import too_few
+from kit.measure import Test, _pct, stream_chat, summarize
 
-QUEUE_KIND = "kit.serving:queue_test"
+QUEUE_KIND = "kit.studies.serving_queue:queue_test"
 TIMED_REGION = ("per request, on one clock: submit -> worker takes it (queue_ms) -> streamed chat completion from a "
                 "fresh prompt cache -> last chunk (service_ms); ttft and e2e from submit, as the client sees them")
 # What the guide says to track (section 8) -> the row column that carries it.
@@ -396,8 +396,8 @@ class ServingStudy:
 
 def run_serving_study(study: ServingStudy, progress: bool = True):
     """Two trials (closed loop, Poisson), each one child process with one model load. Returns all rows."""
-    from .results import load_results
-    from .sweep import run_sweep
+    from kit.results import load_results
+    from kit.sweep import run_sweep
 
     name, root = split_out_dir(study.out_dir)
     base = study.settings()
@@ -458,7 +458,7 @@ def p1_verdict(df, evidence: Sequence[str] = ()):
     time exceeds the median service time with a 95 % interval above 1 (queue time, not decode, dominates).
     no measurable effect: the columns are there but the loads run did not make queue time dominate.
     """
-    from .verdicts import NO_EFFECT, SUPPORTED, Verdict, bootstrap_ratio, not_testable
+    from kit.verdicts import NO_EFFECT, SUPPORTED, Verdict, bootstrap_ratio, not_testable
 
     cov = metric_coverage(df[df["status"] == "ok"])
     missing = cov[~cov["present"]]["metric"].tolist()
@@ -532,7 +532,7 @@ def plot_queue(df):
     import numpy as np
     import seaborn as sns
 
-    from .plots import setup
+    from kit.plots import setup
 
     setup()
     req = requests_frame(df)
@@ -576,7 +576,7 @@ def coverage_across_studies(out_root: str | Path = "outputs", metrics: dict[str,
     """The P1 metrics' columns in every study's results.jsonl under out_root: filled share per study and metric."""
     import pandas as pd
 
-    from .results import load_results
+    from kit.results import load_results
 
     rows = []
     for f in sorted(Path(out_root).glob("*/results.jsonl")):

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .config import Settings, SettingsError
-from .generation import SAMPLING_KEYS, load_prompts
-from .sweep import split_out_dir
-from .verdicts import too_few
-from .measure import Test, stream_chat, tg
+from kit.config import Settings, SettingsError
+from kit.config import SAMPLING_KEYS
+from kit.data import load_prompts
+from kit.sweep import split_out_dir
+from kit.verdicts import too_few
+from kit.measure import Test, stream_chat, tg
 
-PROFILE_KIND = "kit.profiling:profile_test"
+PROFILE_KIND = "kit.studies.profiling:profile_test"
 NATIVE_FILE = "<llama.cpp native>"
 PLAIN_PROF = "request.prof"
 NATIVE_PROF = "request_native.prof"
@@ -341,8 +342,8 @@ class ProfilingStudy:
 
 def run_profiling_study(study: ProfilingStudy, progress: bool = True):
     """One trial: llama-bench-style tg, then the profiled request; writes the top-n CSV. Returns all rows."""
-    from .results import load_results
-    from .sweep import run_sweep
+    from kit.results import load_results
+    from kit.sweep import run_sweep
 
     name, root = split_out_dir(study.out_dir)
     run_sweep(name, study.settings(), study.tests(), repetitions=study.repetitions, out_root=root,
@@ -421,7 +422,7 @@ def p2_verdict(df, evidence: Sequence[str] = (), equivalence: float = 0.10):
     supported: the ratio's 95 % interval lies inside 1 +- equivalence and the profile covers the wall time;
     refuted: it lies outside; otherwise no measurable effect. The summary states what cProfile cannot see.
     """
-    from .verdicts import bootstrap_ratio, compare, not_testable
+    from kit.verdicts import bootstrap_ratio, compare, not_testable
 
     row = _ok(df, PROFILE_KIND)
     if row is None:
@@ -468,7 +469,7 @@ def plot_split(df):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from .plots import setup
+    from kit.plots import setup
 
     setup()
     split, gap = split_table(df), gap_table(df)

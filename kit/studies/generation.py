@@ -1,7 +1,7 @@
 """Generation settings (claims S1, S2): what sampling settings and a max_tokens cap do to speed, length and text.
 
 Sampling settings are request-time arguments, so one loaded model serves the whole sweep: each sampling
-configuration is one test of the kind ``kit.generation:sampling_test`` inside a trial (a child process,
+configuration is one test of the kind ``kit.studies.generation:sampling_test`` inside a trial (a child process,
 `kit.sweep.run_sweep`), and its row lands in ``results.jsonl`` as usual. The study runs two trials: the
 sampling sweep (S1) and the max_tokens sweep (S2); a rerun skips the tests already in the file.
 
@@ -26,17 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .sweep import split_out_dir
-from .verdicts import evidence_path, too_few  # noqa: F401 - evidence_path is used by the notebooks
-from .config import Settings, SettingsError
-from .measure import Test, _pct, stream_chat, summarize
+from kit.sweep import split_out_dir
+from kit.verdicts import evidence_path, too_few  # noqa: F401 - evidence_path is used by the notebooks
+from kit.config import SAMPLING_KEYS
+from kit.data import load_prompts
+from kit.config import Settings, SettingsError
+from kit.measure import Test, _pct, stream_chat, summarize
 
-PROMPTS_FILE = Path(__file__).resolve().parent.parent / "data" / "prompts.jsonl"
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens")
 # The guide's "speeding up generation" settings (section 6).
 GUIDE_SAMPLING = {"temperature": 0.1, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
 GUIDE_MAX_TOKENS = 512
-SAMPLING_KIND = "kit.generation:sampling_test"
+SAMPLING_KIND = "kit.studies.generation:sampling_test"
 TIMED_REGION = ("streamed create_chat_completion from a fresh prompt cache, per request; per-token cost = mean "
                 "inter-token latency between streamed chunks (decode + sampling + detokenize; prompt excluded); "
                 "engine_decode_ms_per_token = llama.cpp's own decode time / decoded tokens")
@@ -49,22 +49,6 @@ def default_sampling() -> dict:
 
 
 # ---- prompts ------------------------------------------------------------------------------------------------
-def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[dict]:
-    """The shipped prompt set (data/prompts.jsonl: id, kind, prompt), the first `n` of it if given."""
-    p = Path(path) if path else PROMPTS_FILE
-    rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    for r in rows:
-        if not isinstance(r.get("id"), str) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
-            raise ValueError(f"{p}: every line needs a string 'id' and a non-empty 'prompt': {r!r}")
-    if len({r["id"] for r in rows}) != len(rows):
-        raise ValueError(f"{p}: prompt ids are not unique")
-    if n is not None:
-        if n < 1 or n > len(rows):
-            raise ValueError(f"n={n}: the prompt file {p.name} has {len(rows)} prompts")
-        rows = rows[:n]
-    return [{"id": r["id"], "prompt": r["prompt"]} for r in rows]
-
-
 # ---- what the text looks like -----------------------------------------------------------------------------------
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -299,8 +283,8 @@ class GenerationStudy:
 
 def run_generation_study(study: GenerationStudy, progress: bool = True):
     """Two trials, one model load each: the sampling sweep (S1) and the max_tokens sweep (S2). Returns all rows."""
-    from .results import load_results
-    from .sweep import run_sweep
+    from kit.results import load_results
+    from kit.sweep import run_sweep
 
     name, root = split_out_dir(study.out_dir)
     base = study.settings()
@@ -344,7 +328,7 @@ def sampling_table(df, part: str | None = "sampling"):
     """Per configuration: per-token cost (median [95 % CI]), length, truncation, text diversity, determinism."""
     import pandas as pd
 
-    from .verdicts import bootstrap_ratio
+    from kit.verdicts import bootstrap_ratio
 
     rows = []
     df = request_sampling_view(df)
@@ -381,7 +365,7 @@ def _row(df, label: str):
 
 def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
     """S1: per-token decode speed, guide sampling vs llama-cpp-python defaults; output length reported apart."""
-    from .verdicts import bootstrap_ratio, compare, not_testable
+    from kit.verdicts import bootstrap_ratio, compare, not_testable
 
     g, d = _row(df, "guide"), _row(df, "default")
     if g is None or d is None:
@@ -410,7 +394,7 @@ def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
 
 def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
     """S2: e2e latency with max_tokens=cap against unlimited, on the prompts both ran; truncation rates beside it."""
-    from .verdicts import bootstrap_ratio, compare, not_testable
+    from kit.verdicts import bootstrap_ratio, compare, not_testable
 
     req = requests_frame(df)
     if req.empty:
@@ -466,7 +450,7 @@ def plot_sampling(df):
     import numpy as np
     import seaborn as sns
 
-    from .plots import setup
+    from kit.plots import setup
 
     setup()
     req = requests_frame(df)
@@ -495,7 +479,7 @@ def plot_caps(df):
     import numpy as np
     import seaborn as sns
 
-    from .plots import setup
+    from kit.plots import setup
 
     setup()
     req = requests_frame(df)

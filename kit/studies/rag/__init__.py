@@ -691,8 +691,8 @@ class LlamaTokenCounter:
         if llm is None:
             import llama_cpp
 
-            from .logs import llama_log_to_file
-            from .models import resolve_model
+            from kit.logs import llama_log_to_file
+            from kit.models import resolve_model
 
             llama_log_to_file()
             llm = llama_cpp.Llama(model_path=str(resolve_model(model)), vocab_only=True, verbose=False)
@@ -747,7 +747,7 @@ class RagStudyConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .config import SettingsError
+        from kit.config import SettingsError
 
         problems = []
 
@@ -835,8 +835,8 @@ def run_rag_study(cfg: RagStudyConfig, progress: bool = True) -> RagStudyResult:
     Answers already measured for the same prompt, model and max_tokens (answers.jsonl) are reused, so an
     interrupted run resumes where it stopped; the cheap parts are measured again.
     """
-    from .environment import save_environment
-    from .models import model_card
+    from kit.environment import save_environment
+    from kit.models import model_card
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -998,8 +998,8 @@ def run_rag_study(cfg: RagStudyConfig, progress: bool = True) -> RagStudyResult:
 
     # answers: the bundled LLM on the first n dev questions, every answer_k x answer_budget; identical prompts
     # (a budget that does not bind, or k beyond what the budget holds) are measured once and shared
-    from .config import Settings
-    from .measure import load_model
+    from kit.config import Settings
+    from kit.measure import load_model
 
     ans_q = dev[:cfg.n_answer_questions]
     conc_q = dev[:cfg.n_concurrency_queries]
@@ -1060,8 +1060,8 @@ def _answer_key(card: dict, messages: list[dict], max_tokens: int) -> str:
 
 
 def _run_answers(lm, plans, card, embedder, out: Path, cfg: RagStudyConfig, progress: bool) -> list[dict]:
-    from .measure import stream_chat
-    from .results import append_rows, read_rows
+    from kit.measure import stream_chat
+    from kit.results import append_rows, read_rows
 
     journal = out / "answer_requests.jsonl"
     done = {r["prompt_key"]: r for r in read_rows(journal) if r.get("status") == "ok"}
@@ -1115,7 +1115,7 @@ def _run_concurrency(lm, retriever: Retriever, counter, questions: list[Question
     """R4: N queries submitted at once to a pool of c workers. Retrieval (embedding + search) runs in parallel
     threads; generation uses the one model behind a lock, as a llama-cpp-python server serializes requests.
     Two measurements per level: retrieval alone (repeated), then full RAG requests (once)."""
-    from .measure import stream_chat
+    from kit.measure import stream_chat
 
     rows = []
     k, budget = cfg.concurrency_k, GUIDE["max_context_length"]
@@ -1176,7 +1176,7 @@ def load_rag_results(out_dir: str | os.PathLike) -> RagStudyResult:
     """Read a finished (or partial) study back from its files: report notebooks never re-measure."""
     import pandas as pd
 
-    from .results import read_rows
+    from kit.results import read_rows
 
     out = Path(out_dir)
     meta_p = out / "meta.json"
@@ -1192,13 +1192,13 @@ def _nan(triple: tuple) -> tuple:
 
 
 def _median_ci(xs: Sequence[float]) -> tuple[float, float, float]:
-    from .verdicts import median_ci
+    from kit.verdicts import median_ci
 
     return _nan(median_ci(xs))
 
 
 def _mean_ci(xs: Sequence[float]) -> tuple[float, float, float]:
-    from .verdicts import mean_ci
+    from kit.verdicts import mean_ci
 
     return _nan(mean_ci(xs))
 
@@ -1408,7 +1408,7 @@ def plot_retrieval(result: RagStudyResult, out_dir: str | None = None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from .plots import save_figure, setup
+    from kit.plots import save_figure, setup
 
     setup()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -1447,7 +1447,7 @@ def plot_budget(result: RagStudyResult, out_dir: str | None = None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from .plots import save_figure, setup
+    from kit.plots import save_figure, setup
 
     setup()
     d = result.retrieval
@@ -1469,7 +1469,7 @@ def plot_pareto(result: RagStudyResult, out_dir: str | None = None):
     """Answer accuracy (Wilson 95 % CI) and retrieval recall against median TTFT, per k x budget; front circled."""
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure, setup
+    from kit.plots import save_figure, setup
 
     setup()
     t = answer_table(result)
@@ -1504,7 +1504,7 @@ def plot_cache_concurrency(result: RagStudyResult, out_dir: str | None = None):
     import numpy as np
     import seaborn as sns
 
-    from .plots import save_figure, setup
+    from kit.plots import save_figure, setup
 
     setup()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -1553,7 +1553,7 @@ MIN_SAMPLES = 5
 
 def _guard(v, min_samples: int = MIN_SAMPLES):
     """A bootstrap interval of 2-4 samples says nothing: such a comparison is reported, but not as an effect."""
-    from . import verdicts as V
+    from kit import verdicts as V
 
     n = min(v.n_baseline, v.n_candidate)
     if v.verdict in (V.SUPPORTED, V.REFUTED) and n < min_samples:
@@ -1573,7 +1573,7 @@ def rag_verdicts(result: RagStudyResult, equivalence: float = 0.05) -> list:
 
 
 def _rag_verdicts(result: RagStudyResult, equivalence: float) -> list:
-    from . import verdicts as V
+    from kit import verdicts as V
 
     out = []
     ev = lambda *names: [str(Path(result.out_dir) / n) for n in names]  # noqa: E731
@@ -1600,7 +1600,7 @@ def _rag_verdicts(result: RagStudyResult, equivalence: float) -> list:
             a = ans[(ans["status"] == "ok") & (ans["budget"] == budget)]
             t5, t8 = _paired(a, "question_id", "k", ka, kb, "ttft_ms")
             if t5:
-                from .verdicts import bootstrap_ratio
+                from kit.verdicts import bootstrap_ratio
 
                 p, lo, hi = bootstrap_ratio(t5, t8)
                 acc5, acc8 = _paired(a, "question_id", "k", ka, kb, "correct")
@@ -1651,7 +1651,7 @@ def _rag_verdicts(result: RagStudyResult, equivalence: float) -> list:
             s = small[0]
             c2, b2 = _paired(a, "question_id", "budget", s, big, "ttft_ms")
             if c2:
-                from .verdicts import bootstrap_ratio
+                from kit.verdicts import bootstrap_ratio
 
                 p, lo, hi = bootstrap_ratio(c2, b2)
                 rs = r[(r["k"] == kb) & (r["budget"] == s)] if (r["k"] == kb).any() else r.iloc[0:0]
@@ -1679,7 +1679,7 @@ def _rag_verdicts(result: RagStudyResult, equivalence: float) -> list:
                       evidence=ev("cache.jsonl", "figures/cache_concurrency.png"))
         qc = cache[(cache["phase"] == "cold") & (cache["what"] == "query")]["batch_ms"].tolist()
         qw = cache[(cache["phase"] == "warm") & (cache["what"] == "query")]["batch_ms"].tolist()
-        from .verdicts import bootstrap_ratio
+        from kit.verdicts import bootstrap_ratio
 
         qp, qlo, qhi = bootstrap_ratio(qw, qc)
         tot = cache[cache["what"] == "total"].set_index("phase")
@@ -1707,7 +1707,7 @@ def _rag_verdicts(result: RagStudyResult, equivalence: float) -> list:
                       metric="time between completed RAG requests (1/throughput), 2 concurrent / 1",
                       evidence=ev("concurrency.jsonl", "figures/cache_concurrency.png"))
         ret = cc[cc["stage"] == "retrieval"].groupby(["concurrency", "repetition"])["throughput_qps"].first()
-        from .verdicts import bootstrap_ratio
+        from kit.verdicts import bootstrap_ratio
 
         rp, rlo, rhi = bootstrap_ratio(ret.loc[2].tolist(), ret.loc[1].tolist())
         rag = cc[cc["stage"] == "rag"]
@@ -1737,10 +1737,10 @@ def pd_concat(a, b, col: str):
 
 # ---- as a kit.sweep test kind -------------------------------------------------------------------------------------------------
 def answer_test(lm, test, repetitions: int) -> dict:
-    """Test("kit.rag:answer_test", params={k, budget, n_questions, chunk_size, chunk_overlap, corpus_topics,
+    """Test("kit.studies.rag:answer_test", params={k, budget, n_questions, chunk_size, chunk_overlap, corpus_topics,
     cache_dir, max_tokens}): RAG answers inside a kit.sweep trial's child process (the model loaded with the
     trial's settings); vectors come from the embedding cache. Returns accuracy, TTFT and e2e samples."""
-    from .measure import stream_chat
+    from kit.measure import stream_chat
 
     p = dict(test.params)
     k, budget = int(p.get("k", GUIDE["k_after"])), int(p.get("budget", GUIDE["max_context_length"]))
