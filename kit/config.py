@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from kit.data import PROMPTS_PATH
 from kit.paths import DEFAULT_MODEL, resolve as resolve_path
 
 ENV_PREFIX = "LLAMACPP_"
@@ -267,6 +268,11 @@ def _check_names(names) -> None:
             raise SettingsError(f"unknown setting {n!r}{hint} (llama-cpp-python would silently ignore it)")
 
 
+def check_setting_names(names) -> None:
+    """Raise SettingsError for any name that is not a Settings field (with the closest one), e.g. a grid axis."""
+    _check_names(names)
+
+
 def _unknown_env(key: str, by_env: Mapping[str, str]) -> None:
     name = key[len(ENV_PREFIX):].lower()
     if name in NOT_SETTINGS:
@@ -500,3 +506,13 @@ def check_rule(ok: bool, message: str) -> None:
     """One cross-field rule of a study config: raise StudyConfigError(message) unless ok."""
     if not ok:
         raise StudyConfigError(message)
+
+
+@dataclass
+class ChatStudyConfig(StudyConfig):
+    """Base of the studies that send chat requests from a prompt set to one loaded model (notebooks 70, 75, 80):
+    the context size, the generation threads and the prompt set, with their help texts, once."""
+
+    n_ctx: int = param(2048, "context size", ge=1)
+    n_threads: int | None = param(None, "generation threads (None: llama-cpp-python's default)", ge=1)
+    prompts_file: str = param(PROMPTS_PATH, "the prompt set (JSON lines: id, prompt); relative: from the repository root")

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kit.paths import PROMPTS_FILE, resolve
+from kit.paths import PROMPTS_FILE, REPO_ROOT, resolve
+
+# The shipped prompt set as a study config and its notebook write it (relative: from the repository root).
+PROMPTS_PATH = PROMPTS_FILE.relative_to(REPO_ROOT).as_posix()
 
 
 def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[dict]:
-    """The shipped prompt set (data/prompts.jsonl: id, kind, prompt), the first `n` of it if given."""
+    """A prompt set (JSON lines: id, kind, prompt; the shipped data/prompts.jsonl unless `path` names another,
+    relative paths from the repository root), the first `n` of it if given."""
     p = resolve(path) if path else PROMPTS_FILE
     rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     for r in rows:

@@ -14,7 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
+
+from kit.config import Settings
+from kit.measure import Test, pp, tg
+from kit.paths import DEFAULT_MODEL, resolve
+from kit.results import read_rows
+from kit.sweep import run_sweep
+from kit.verdicts import bootstrap_ratio
 
 PROBE_DIR = "speed_probe"
 DRIFT_FILE = "drift.json"
@@ -24,8 +30,6 @@ SPEED_METRIC = re.compile(r"t/s|tokens/s|latency|ttft|load ms|request time|e2e t
 
 
 def probe_tests(quick: bool = False):
-    from kit.measure import pp, tg
-
     return [tg(16), pp(32)] if quick else [tg(64), pp(128)]
 
 
@@ -36,13 +40,9 @@ def run_probe(model: str | None, out_root: str | os.PathLike, phase: str, run_id
     Rows land in <out>/speed_probe/results.jsonl with the usual provenance plus `phase` and `run_id`; the run id
     and phase are in the tests' params too, so each probe is a trial of its own and never a resumed one.
     """
-    from kit.config import Settings
-    from kit.measure import Test
-    from kit.sweep import run_sweep
-
     tests = [Test(t.kind, t.n_prompt, t.n_gen, t.n_depth, {"phase": phase, "run_id": run_id})
              for t in probe_tests(quick)]
-    s = Settings(model=model or "smollm2-135m", n_ctx=max(t.tokens_needed() for t in tests) + 64)
+    s = Settings(model=model or DEFAULT_MODEL, n_ctx=max(t.tokens_needed() for t in tests) + 64)
     df = run_sweep(PROBE_DIR, s, tests, repetitions, out_root=out_root, timeout_s=300, progress=False,
                    extra={"phase": phase, "run_id": run_id})
     mine = df[(df["run_id"] == run_id) & (df["phase"] == phase)]
@@ -55,10 +55,7 @@ def summarize_drift(out_root: str | os.PathLike, run_id: str | None = None) -> d
     Writes and returns {"run_id", "tests": [{test, start_ts, end_ts, ratio, ci_low, ci_high, drifted}], ...};
     None when no run has both phases measured.
     """
-    from kit.results import read_rows
-    from kit.verdicts import bootstrap_ratio
-
-    out = Path(out_root) / PROBE_DIR
+    out = resolve(out_root) / PROBE_DIR
     rows = [r for r in read_rows(out / "results.jsonl") if r.get("status") == "ok" and r.get("samples_ts")]
     # the last row per (run, test, phase): one pass over the file instead of a scan per test and phase
     last = {(r["run_id"], r["test"], r["phase"]): r for r in rows}

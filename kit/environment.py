@@ -1,12 +1,31 @@
-"""The machine, the build and the model, captured once per study so every number can be traced to them."""
+"""The machine, the build and the model, captured by every run so every number can be traced to them.
+
+`capture_environment()` is the whole picture (a sweep writes it to <study>/environment.json at its start,
+replacing the previous run's); `process_provenance()` is the part every row carries, taken in the process that
+measured the row (the trial's child), so a row measured after an upgrade names the new build and machine.
+"""
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import psutil
+
+from kit import gpu
+from kit.paths import resolve as resolve_path
+
+ENVIRONMENT_FILE = "environment.json"
+# file names of ggml's base library, which exports ggml_version() and ggml_commit()
+_GGML_BASE_LIBS = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")
 
 
 def cpu_model() -> str:
@@ -48,8 +67,6 @@ def memory_settings() -> dict:
 
 def _memlock_limit() -> str | None:
     try:
-        import resource
-
         soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
     except Exception:
@@ -62,8 +79,6 @@ def memory_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> dict:
     Decode of a dense model reads every weight once per token, so read bandwidth / model bytes bounds
     tokens/s from above (the roofline). The buffer is much larger than any CPU cache.
     """
-    import numpy as np
-
     n = size_mb * (1 << 20) // 8
     a = np.ones(n, dtype=np.float64)
     b = np.empty_like(a)
@@ -83,11 +98,34 @@ def memory_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> dict:
     }
 
 
-def llama_build_info() -> dict:
-    import llama_cpp
+def ggml_build() -> dict:
+    """ggml's version and the commit its CMake stamped in at build time (the vendored llama.cpp's ggml).
 
+    llama-cpp-python exposes no llama.cpp build number; ggml_commit() is the closest: the commit of the source
+    tree the library was built from, "-dirty" when that tree had local changes. None where the library is not
+    found (another packaging) or predates these functions."""
+    lib_dir = Path(llama_cpp.__file__).resolve().parent / "lib"
+    for name in _GGML_BASE_LIBS:
+        if not (lib_dir / name).exists():
+            continue
+        try:
+            lib = ctypes.CDLL(str(lib_dir / name))
+            out = {}
+            for key, fn in (("ggml_version", "ggml_version"), ("ggml_commit", "ggml_commit")):
+                f = getattr(lib, fn)
+                f.restype = ctypes.c_char_p
+                out[key] = f().decode("utf-8", "replace")
+            return out
+        except (OSError, AttributeError):
+            break
+    return {"ggml_version": None, "ggml_commit": None}
+
+
+def llama_build_info() -> dict:
     info = {
         "llama_cpp_python": getattr(llama_cpp, "__version__", "unknown"),
+        "llama_version": llama_cpp.llama_version().decode("utf-8", "replace"),
+        **ggml_build(),
         "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         "mmap_supported": bool(llama_cpp.llama_supports_mmap()),
         "mlock_supported": bool(llama_cpp.llama_supports_mlock()),
@@ -99,10 +137,6 @@ def llama_build_info() -> dict:
 
 def capture_environment(bandwidth: bool = True) -> dict:
     """Hardware, OS, Python, llama.cpp build and GPU inventory (empty without a GPU)."""
-    import psutil
-
-    from kit import gpu
-
     env = {
         "captured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "hostname": platform.node(),
@@ -127,15 +161,37 @@ def capture_environment(bandwidth: bool = True) -> dict:
     return env
 
 
-def save_environment(study_dir: str | os.PathLike, env: dict | None = None) -> dict:
-    """Write environment.json under the study folder (once per study: an existing file is kept)."""
-    path = Path(study_dir) / "environment.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    env = env or capture_environment()
+def save_environment(study_dir: str | os.PathLike, env: dict | None = None, bandwidth: bool = False) -> dict:
+    """Capture the environment now (or take `env`) and write it to <study_dir>/environment.json, replacing the
+    file of an earlier run: the file describes the latest run; each row carries its own (`process_provenance`).
+
+    bandwidth: also measure the RAM bandwidth (about a second; notebook 00 reports it, sweeps skip it)."""
+    env = env or capture_environment(bandwidth=bandwidth)
+    path = resolve_path(study_dir) / ENVIRONMENT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(env, indent=2, default=str))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(env, indent=2, default=str))
+    os.replace(tmp, path)
     return env
+
+
+@functools.lru_cache(maxsize=1)
+def process_provenance() -> dict:
+    """The build and the machine of this process, as row columns (cached: they do not change while it runs).
+
+    build_commit is ggml's build commit (`ggml_build`), not a llama.cpp release tag; llama_cpp_python_version
+    names the Python binding."""
+    build = llama_build_info()
+    gpus = gpu.gpu_inventory()
+    return {
+        "build_commit": build["ggml_commit"],
+        "ggml_version": build["ggml_version"],
+        "llama_cpp_python_version": build["llama_cpp_python"],
+        "cpu_info": cpu_model(),
+        "gpu_info": ", ".join(g["name"] for g in gpus if "name" in g),
+        "backends": build["backends"],
+        "hostname": platform.node(),
+    }
 
 
 def decode_roofline(model_bytes: int, mem_read_gbs: float) -> float:

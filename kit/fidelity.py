@@ -17,15 +17,21 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
-CACHE = Path("outputs") / "cache" / "llama-bench"
+from kit.config import Settings
+from kit.measure import pp, tg
+from kit.models import resolve_model
+from kit.paths import DEFAULT_MODEL, OUTPUTS, OUTPUTS_DIR, resolve
+from kit.sweep import run_trial
+from kit.verdicts import bootstrap_ratio, cv
+
+CACHE = OUTPUTS_DIR / "cache" / "llama-bench"
 
 
 def llama_cpp_python_version() -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version("llama-cpp-python")
+    return metadata.version("llama-cpp-python")
 
 
 def build_llama_bench(cache: Path = CACHE, jobs: int | None = None, log=print) -> Path:
@@ -49,12 +55,12 @@ def build_llama_bench(cache: Path = CACHE, jobs: int | None = None, log=print) -
             shutil.copytree(vendor, src)
     log(f"building llama-bench (a few minutes) in {root / 'build'}")
     build = root / "build"
-    logf = open(root / "build.log", "w")
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                    "-DLLAMA_OPENSSL=OFF"], check=True, stdout=logf, stderr=subprocess.STDOUT)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(jobs or os.cpu_count() or 2)],
-                   check=True, stdout=logf, stderr=subprocess.STDOUT)
+    with open(root / "build.log", "w") as logf:
+        subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                        "-DLLAMA_OPENSSL=OFF"], check=True, stdout=logf, stderr=subprocess.STDOUT)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j",
+                        str(jobs or os.cpu_count() or 2)], check=True, stdout=logf, stderr=subprocess.STDOUT)
     return exe
 
 
@@ -66,14 +72,9 @@ def run_llama_bench(exe: Path, model: str, n_prompt: int, n_gen: int, reps: int,
     return json.loads(out.stdout)
 
 
-def run_fidelity(model: str = "smollm2-135m", n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
-                 threads: int | None = None, rounds: int = 3, out_root: str = "outputs", log=print) -> dict:
+def run_fidelity(model: str = DEFAULT_MODEL, n_prompt: int = 512, n_gen: int = 128, reps: int = 5,
+                 threads: int | None = None, rounds: int = 3, out_root: str = OUTPUTS, log=print) -> dict:
     """Alternate llama-bench and the kit `rounds` times (so drift hits both), then compare medians."""
-    from kit.config import Settings
-    from kit.measure import pp, tg
-    from kit.models import resolve_model
-    from kit.sweep import run_trial
-
     threads = threads or (os.cpu_count() or 1)
     path = str(resolve_model(model))
     exe = build_llama_bench(log=log)
@@ -95,8 +96,6 @@ def run_fidelity(model: str = "smollm2-135m", n_prompt: int = 512, n_gen: int = 
             kit_[kind] += rows[0]["samples_ts"]
     result = {"model": path, "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
               "rounds": rounds, "llama_cpp_python": llama_cpp_python_version(), "tests": {}}
-    from kit.verdicts import bootstrap_ratio, cv
-
     for kind, target in (("pp", 0.05), ("tg", 0.03)):
         ratio, lo, hi = bootstrap_ratio(kit_[kind], ref[kind])
         result["tests"][kind] = {
@@ -107,7 +106,7 @@ def run_fidelity(model: str = "smollm2-135m", n_prompt: int = 512, n_gen: int = 
             "target": f"within {target:.0%}", "within_target": abs(ratio - 1) <= target,
             "llama_bench_samples_ts": ref[kind], "kit_samples_ts": kit_[kind],
         }
-    out = Path(out_root) / "fidelity"
+    out = resolve(out_root) / "fidelity"
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(result, indent=2))
     return result

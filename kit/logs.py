@@ -11,17 +11,20 @@ import os
 import threading
 from pathlib import Path
 
+import llama_cpp
+
+from kit.paths import OUTPUTS_DIR, resolve
+
 _state: dict = {"callback": None, "fh": None, "path": None}
 _lock = threading.Lock()
 
-DEFAULT_LOG = Path("outputs") / "llama.log"
+DEFAULT_LOG = OUTPUTS_DIR / "llama.log"
 
 
 def llama_log_to_file(path: str | os.PathLike | None = None) -> Path:
-    """Send every llama.cpp/ggml log line of this process to `path` (appending). Idempotent."""
-    import llama_cpp
-
-    target = Path(path or os.environ.get("KIT_LLAMA_LOG") or DEFAULT_LOG).resolve()
+    """Send every llama.cpp/ggml log line of this process to `path` (appending; relative: from the repository
+    root). Idempotent."""
+    target = resolve(path or os.environ.get("KIT_LLAMA_LOG") or DEFAULT_LOG).resolve()
     with _lock:
         if _state["path"] != target:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +44,3 @@ def llama_log_to_file(path: str | os.PathLike | None = None) -> Path:
             _state["callback"] = _callback  # the reference that keeps the callback alive
             llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
     return target
-
-
-def current_log_path() -> Path | None:
-    return _state["path"]

@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kit.config import Settings
+from kit.config import Settings, SettingsError
 import llama_cpp
 import psutil
 from kit.logs import llama_log_to_file
 from kit.models import resolve_model
 from kit.gpu import GpuSampler
+from kit.environment import process_provenance
 
 DEFAULT_REPETITIONS = 5
 
@@ -53,6 +54,13 @@ class Test:
     n_gen: int = 0
     n_depth: int = 0
     params: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # token counts are checked like Settings' fields: a negative count would "run" and report nonsense speeds
+        for name in ("n_prompt", "n_gen", "n_depth"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise SettingsError(f"{name}={v!r} must be an integer >= 0 (test {self.kind})")
 
     @property
     def name(self) -> str:
@@ -394,14 +402,21 @@ def _r(x, digits: int = 3):
     return None if x is None else round(x, digits)
 
 
-def requests_row(reqs: Sequence[dict]) -> dict:
+def requests_row(reqs: Sequence[dict], speed: str = "e2e") -> dict:
     """The one place where stream_chat results become row columns: tokens/s samples (avg_ts, stddev_ts ...),
     TTFT, ITL p50/p95, e2e with their raw samples, token counts, finish reasons and the engine's share of
-    the decode wall time. Requests that produced no token count in n_requests and n_empty, not in the speeds."""
+    the decode wall time. Requests that produced no token count in n_requests and n_empty, not in the speeds.
+
+    Per-token decode cost per request: mean ITL (decode_ms_per_token) and llama.cpp's own decode time per token
+    (engine_decode_ms_per_token), with their samples. speed="decode" makes the tokens/s samples 1000 / each
+    request's mean ITL (decode + sampling + detokenize, the prompt excluded) instead of tokens / e2e time."""
     reqs = list(reqs)
     got = [r for r in reqs if r.get("ttft_ms") is not None]
     itl = [x for r in got for x in r["itl_ms"]]
-    ts = [r["n_gen_tokens"] / (r["e2e_ms"] / 1e3) for r in got if r["e2e_ms"] > 0]
+    per_tok = [statistics.fmean(r["itl_ms"]) for r in got if r["itl_ms"]]
+    engine_per_tok = [r["engine_tg_ms"] / r["n_gen_tokens"] for r in got if r["n_gen_tokens"]]
+    ts = ([1e3 / x for x in per_tok if x > 0] if speed == "decode" else
+          [r["n_gen_tokens"] / (r["e2e_ms"] / 1e3) for r in got if r["e2e_ms"] > 0])
     decode_wall = sum(r["e2e_ms"] - r["ttft_ms"] for r in got)
     decode_engine = sum(r["engine_tg_ms"] for r in got)
     finish: dict[str, int] = {}
@@ -422,6 +437,11 @@ def requests_row(reqs: Sequence[dict]) -> dict:
         "n_gen_tokens_mean": round(statistics.fmean(r["n_gen_tokens"] for r in reqs), 2) if reqs else None,
         "finish_reasons": finish,
         "engine_share_of_decode": round(decode_engine / decode_wall, 4) if decode_wall > 0 else None,
+        "samples_decode_ms_per_token": [round(x, 4) for x in per_tok],
+        "decode_ms_per_token": _r(statistics.median(per_tok), 4) if per_tok else None,
+        "samples_engine_decode_ms_per_token": [round(x, 4) for x in engine_per_tok],
+        "engine_decode_ms_per_token": _r(statistics.median(engine_per_tok), 4) if engine_per_tok else None,
+        "samples_n_gen_tokens": [r["n_gen_tokens"] for r in reqs],
     }
 
 
@@ -518,9 +538,10 @@ def resolve_test_fn(kind: str) -> Callable:
 
 
 def with_trial_columns(row: dict, lm: LoadedModel, test: Test, mon: ResourceMonitor) -> dict:
-    """A test's row as a trial's child reports it: the test, the load and the resources after the measurement."""
+    """A test's row as a trial's child reports it: the test, the load, the resources after the measurement, and
+    the build and machine of this process (`kit.environment.process_provenance`: the one that measured it)."""
     return {**row, "test": test.name, "test_kind": test.kind, "load_ms": round(lm.load_ms, 3), **lm.effective,
-            **mon.snapshot()}
+            **mon.snapshot(), **process_provenance()}
 
 
 def measure_config(settings: Settings, tests: list[Test], repetitions: int = DEFAULT_REPETITIONS,

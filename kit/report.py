@@ -2,6 +2,8 @@
 evidence, and every executed notebook rendered to HTML (inputs hidden, figures embedded) behind one index page.
 
 Reads files only; never re-measures. `python -m kit report [--out outputs]` renders <out>/report/index.html.
+Relative output roots are taken from the repository root (kit.paths.resolve). The runner (kit.runner) imports this
+module for the report and the run's status file; this module never imports the runner.
 """
 from __future__ import annotations
 
@@ -13,10 +15,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+
+from kit.drift import DRIFT_FILE, PROBE_DIR, drift_text, within_drift
+from kit.paths import OUTPUTS, resolve
 from kit.verdicts import CLAIM_IDS, VERDICTS_FILE
 
 NOT_RUN = "not run"
 REPORT_DIR = "report"
+STATUS_FILE = "run_status.json"  # what `kit run` did with each notebook (written by kit.runner)
 
 CLAIM_TITLES = {
     "G1": "Raise n_gpu_layers as far as VRAM allows", "G2": "Flash attention speeds things up",
@@ -45,14 +52,29 @@ MEASURED = ("supported", "refuted", "no measurable effect")
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
-def study_dirs(out_root: str | os.PathLike = "outputs") -> list[Path]:
-    root = Path(out_root)
+def status_path(out_root: str | os.PathLike = OUTPUTS) -> Path:
+    return resolve(out_root) / STATUS_FILE
+
+
+def read_status(out_root: str | os.PathLike = OUTPUTS) -> dict[str, dict]:
+    """The last `kit run`'s record per notebook (status, duration, failing cell); {} before any run."""
+    p = status_path(out_root)
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text()).get("notebooks", {})
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def study_dirs(out_root: str | os.PathLike = OUTPUTS) -> list[Path]:
+    root = resolve(out_root)
     if not root.is_dir():
         return []
     return sorted(d for d in root.iterdir() if d.is_dir() and (d / VERDICTS_FILE).exists())
 
 
-def collect_verdicts(out_root: str | os.PathLike = "outputs") -> list[dict]:
+def collect_verdicts(out_root: str | os.PathLike = OUTPUTS) -> list[dict]:
     """One entry per claim in CLAIM_IDS order: its verdict(s) from any study, or verdict "not run"."""
     found: dict[str, list[dict]] = {c: [] for c in CLAIM_IDS}
     problems = []
@@ -82,12 +104,11 @@ def collect_verdicts(out_root: str | os.PathLike = "outputs") -> list[dict]:
     return out
 
 
-def findings_table(out_root: str | os.PathLike = "outputs"):
-    """A DataFrame: claim, title, verdict, effect, 95 % CI, study, summary, evidence."""
-    import pandas as pd
-
+def findings_table(out_root: str | os.PathLike = OUTPUTS, verdicts: list[dict] | None = None):
+    """A DataFrame: claim, title, verdict, effect, 95 % CI, study, summary, evidence (from `verdicts` when given,
+    else read under out_root)."""
     rows = []
-    for v in collect_verdicts(out_root):
+    for v in verdicts if verdicts is not None else collect_verdicts(out_root):
         ci = (f"[{v['ci_low']:.3g}, {v['ci_high']:.3g}]" if v.get("ci_low") is not None
               and v.get("ci_high") is not None else "")
         rows.append({"claim": v["claim"], "title": v.get("title", ""), "verdict": v["verdict"],
@@ -97,7 +118,7 @@ def findings_table(out_root: str | os.PathLike = "outputs"):
     return pd.DataFrame(rows)
 
 
-def checklist(out_root: str | os.PathLike = "outputs", verdicts: list[dict] | None = None) -> list[dict]:
+def checklist(out_root: str | os.PathLike = OUTPUTS, verdicts: list[dict] | None = None) -> list[dict]:
     """The guide's 8 checklist items: ticked where a claim behind it has a measured verdict on this machine."""
     verdicts = verdicts if verdicts is not None else collect_verdicts(out_root)
     by: dict[str, list[dict]] = {}
@@ -116,27 +137,24 @@ def checklist(out_root: str | os.PathLike = "outputs", verdicts: list[dict] | No
     return out
 
 
-def checklist_table(out_root: str | os.PathLike = "outputs"):
-    import pandas as pd
-
+def checklist_table(out_root: str | os.PathLike = OUTPUTS, verdicts: list[dict] | None = None):
     return pd.DataFrame([{"": "[x]" if c["ticked"] else "[ ]", "item": c["item"], "state": c["state"],
-                          "claims": ", ".join(c["claims"]), "evidence": c["evidence"]} for c in checklist(out_root)])
+                          "claims": ", ".join(c["claims"]), "evidence": c["evidence"]}
+                         for c in checklist(out_root, verdicts)])
 
 
-def write_findings(out_root: str | os.PathLike = "outputs", out_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+def write_findings(out_root: str | os.PathLike = OUTPUTS, out_dir: str | os.PathLike | None = None,
+                   verdicts: list[dict] | None = None) -> dict[str, Path]:
     """findings.json and findings.md (one page, plain text) under out_dir (default <out_root>/90_findings)."""
-    out = Path(out_dir) if out_dir else Path(out_root) / "90_findings"
+    out = resolve(out_dir) if out_dir else resolve(out_root) / "90_findings"
     out.mkdir(parents=True, exist_ok=True)
-    vs = collect_verdicts(out_root)
+    vs = verdicts if verdicts is not None else collect_verdicts(out_root)
     cl = checklist(out_root, vs)
     (out / "findings.json").write_text(json.dumps({"verdicts": vs, "checklist": cl}, indent=2, default=str))
     lines = ["# Findings", "", "| claim | verdict | effect [95 % CI] | study | summary |", "|---|---|---|---|---|"]
     for v in vs:
-        eff = f"{v['effect']:.3g}" if isinstance(v.get("effect"), (int, float)) else ""
-        if v.get("ci_low") is not None and v.get("ci_high") is not None:
-            eff += f" [{v['ci_low']:.3g}, {v['ci_high']:.3g}]"
-        summ = str(v.get("summary") or v.get("reason") or "").replace("|", "/").replace("\n", " ")
-        lines.append(f"| {v['claim']} | {v['verdict']} | {eff} | {v.get('study', '')} | {summ} |")
+        summ = _summary(v).replace("|", "/").replace("\n", " ")
+        lines.append(f"| {v['claim']} | {v['verdict']} | {_effect(v)} | {v.get('study', '')} | {summ} |")
     lines += ["", "## The guide's checklist", ""]
     lines += [f"- [{'x' if c['ticked'] else ' '}] {c['item']} - {c['state']}: {c['evidence']}" for c in cl]
     (out / "findings.md").write_text("\n".join(lines) + "\n")
@@ -146,8 +164,10 @@ def write_findings(out_root: str | os.PathLike = "outputs", out_dir: str | os.Pa
 # ---- rendering -------------------------------------------------------------------------------------------------
 def render_notebook(nb_path: str | os.PathLike, html_path: str | os.PathLike) -> Path:
     """One executed notebook -> a self-contained HTML page (inputs hidden, images embedded)."""
+    # nbconvert and nbformat take seconds to import; kit.runner imports this module before it validates a run,
+    # which must answer within seconds, so only rendering pays for them
     import nbformat
-    from nbconvert import HTMLExporter
+    from nbconvert import HTMLExporter  # (the same reason)
 
     nb = nbformat.read(str(nb_path), as_version=4)
     exporter = HTMLExporter(exclude_input=True, embed_images=True, exclude_input_prompt=True,
@@ -173,7 +193,7 @@ def _executed_notebooks(out_root: Path) -> dict[str, Path]:
 def _link(path: str, out_root: Path, report_dir: Path) -> str | None:
     """Evidence paths are written relative to the repo root ("outputs/..."), to outputs/, or absolute."""
     p = Path(path)
-    cands = [p] if p.is_absolute() else [out_root / p, Path.cwd() / p]
+    cands = [p] if p.is_absolute() else [out_root / p, resolve(p)]
     if not p.is_absolute() and p.parts and p.parts[0] == "outputs":
         cands.insert(0, out_root.joinpath(*p.parts[1:]))
     for c in cands:
@@ -193,22 +213,29 @@ def _cls(verdict: str) -> str:
     return verdict.replace(" ", "-")
 
 
+def _effect(v: dict) -> str:
+    """'1.12 [1.05, 1.2]': the effect and its 95 % interval, as far as the verdict has them."""
+    eff = f"{v['effect']:.3g}" if isinstance(v.get("effect"), (int, float)) else ""
+    if v.get("ci_low") is not None and v.get("ci_high") is not None:
+        eff += f" [{v['ci_low']:.3g}, {v['ci_high']:.3g}]"
+    return eff
+
+
+def _summary(v: dict) -> str:
+    return str(v.get("summary") or v.get("reason") or "")
+
+
 def claims_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: str | os.PathLike,
                 pages: dict[str, str] | None = None, drift: dict | None = None) -> str:
     """The claims table as HTML; evidence and study links are relative to page_dir (where the page lives).
 
     drift: the run's speed probe summary (`kit.drift.summarize_drift`); a supported or refuted speed effect no
     larger than the machine's drift over the run is flagged (`kit.drift.within_drift`)."""
-    from kit.drift import within_drift
-
     e = html.escape
-    root, rep, pages = Path(out_root), Path(page_dir), pages or {}
+    root, rep, pages = resolve(out_root), resolve(page_dir), pages or {}
     out = ["<table><tr><th>claim</th><th>the guide says</th><th>verdict</th>"
            "<th>effect [95 % CI]</th><th>study</th><th>summary</th><th>evidence</th></tr>"]
     for v in verdicts:
-        eff = f"{v['effect']:.3g}" if isinstance(v.get("effect"), (int, float)) else ""
-        if v.get("ci_low") is not None and v.get("ci_high") is not None:
-            eff += f" [{v['ci_low']:.3g}, {v['ci_high']:.3g}]"
         links = []
         for ev in v.get("evidence") or []:
             href = _link(str(ev), root, rep)
@@ -220,8 +247,8 @@ def claims_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: str
         if moved:
             flag += f" (within the run's machine drift, x{moved:.2f})"
         out.append(f"<tr class='{_cls(v['verdict'])}'><td>{e(v['claim'])}</td><td>{e(v.get('title', ''))}</td>"
-                   f"<td>{e(v['verdict'])}{flag}</td><td>{e(eff)}</td><td>{study}</td>"
-                   f"<td>{e(str(v.get('summary') or v.get('reason') or ''))}</td><td>{' '.join(links)}</td></tr>")
+                   f"<td>{e(v['verdict'])}{flag}</td><td>{e(_effect(v))}</td><td>{study}</td>"
+                   f"<td>{e(_summary(v))}</td><td>{' '.join(links)}</td></tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -237,23 +264,16 @@ def checklist_html(items: list[dict]) -> str:
     return "\n".join(out)
 
 
-def render_report(out_root: str | os.PathLike = "outputs", status: dict | None = None) -> Path:
+def render_report(out_root: str | os.PathLike = OUTPUTS, status: dict | None = None) -> Path:
     """Render every executed notebook under out_root and write out_root/report/index.html."""
-    from kit.runner import read_status
-
-    root = Path(out_root)
+    root = resolve(out_root)
     rep = root / REPORT_DIR
     rep.mkdir(parents=True, exist_ok=True)
     status = status if status is not None else read_status(root)
     executed = _executed_notebooks(root)
-    pages, errors = {}, {}
-    for stem, nb in executed.items():
-        try:
-            pages[stem] = render_notebook(nb, rep / f"{stem}.html")
-        except Exception as exc:  # noqa: BLE001 - one broken notebook must not hide the others
-            errors[stem] = f"{type(exc).__name__}: {exc}"
+    pages, errors = _render_pages(executed, rep)
     vs = collect_verdicts(root)
-    cl = checklist(root, vs)
+    drift = _read_drift(root)
     e = html.escape
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>llama.cpp tuning: findings</title>"
            f"<style>{_CSS}</style></head><body><h1>llama.cpp tuning guide: findings on this machine</h1>",
@@ -261,7 +281,47 @@ def render_report(out_root: str | os.PathLike = "outputs", status: dict | None =
            f"studies' result files; nothing here was re-measured.</p>"]
     if (root / "90_findings" / "findings.md").exists():
         out.append("<p>Plain-text summary: <a href='../90_findings/findings.md'>findings.md</a></p>")
-    out.append("<h2>Studies</h2><table><tr><th>notebook</th><th>status</th><th>time</th><th>page</th><th>detail</th></tr>")
+    out.append(_studies_html(executed, status, pages, errors))
+    out.append(f"<h2>Machine speed during the run</h2><p class='{'unstable' if drift and drift.get('drifted') else ''}'>"
+               f"{e(drift_text(drift))}</p>")
+    out.append("<h2>Claims</h2>")
+    if any(within_drift(v, drift) for v in vs):
+        out.append("<p class='unstable'>Flagged below: speed effects no larger than the machine's own speed moved "
+                   "during the run (the probe's tg for generation, pp for prompts). Where the compared trials ran "
+                   "minutes apart, drift alone could explain them; rerun those studies on a quiet machine before "
+                   "acting on them.</p>")
+    out.append(claims_html(vs, root, rep, {k: v.name for k, v in pages.items()}, drift=drift))
+    out.append("<h2>The guide's checklist</h2>")
+    out.append(checklist_html(checklist(root, vs)))
+    out.append(_profiles_html(root, rep))
+    out.append("</body></html>")
+    index = rep / "index.html"
+    index.write_text("\n".join(out), encoding="utf-8")
+    return index
+
+
+def _render_pages(executed: dict[str, Path], rep: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    pages, errors = {}, {}
+    for stem, nb in executed.items():
+        try:
+            pages[stem] = render_notebook(nb, rep / f"{stem}.html")
+        except Exception as exc:  # noqa: BLE001 - one broken notebook must not hide the others
+            errors[stem] = f"{type(exc).__name__}: {exc}"
+    return pages, errors
+
+
+def _read_drift(root: Path) -> dict | None:
+    p = root / PROBE_DIR / DRIFT_FILE
+    try:
+        return json.loads(p.read_text()) if p.exists() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _studies_html(executed: dict[str, Path], status: dict, pages: dict[str, Path], errors: dict[str, str]) -> str:
+    """The table of notebooks: status of the last run, its time, the rendered page, where a failure happened."""
+    e = html.escape
+    out = ["<h2>Studies</h2><table><tr><th>notebook</th><th>status</th><th>time</th><th>page</th><th>detail</th></tr>"]
     stems = sorted(set(executed) | set(status))
     for stem in stems:
         st = status.get(stem, {})
@@ -280,43 +340,24 @@ def render_report(out_root: str | os.PathLike = "outputs", status: dict | None =
     if not stems:
         out.append("<tr><td colspan=5 class='not-run'>no executed notebooks yet</td></tr>")
     out.append("</table>")
-    from kit.drift import DRIFT_FILE, PROBE_DIR, drift_text, within_drift
+    return "\n".join(out)
 
-    drift_p = root / PROBE_DIR / DRIFT_FILE
-    try:
-        drift = json.loads(drift_p.read_text()) if drift_p.exists() else None
-    except json.JSONDecodeError:
-        drift = None
-    out.append(f"<h2>Machine speed during the run</h2><p class='{'unstable' if drift and drift.get('drifted') else ''}'>"
-               f"{e(drift_text(drift))}</p>")
-    out.append("<h2>Claims</h2>")
-    if any(within_drift(v, drift) for v in vs):
-        out.append("<p class='unstable'>Flagged below: speed effects no larger than the machine's own speed moved "
-                   "during the run (the probe's tg for generation, pp for prompts). Where the compared trials ran "
-                   "minutes apart, drift alone could explain them; rerun those studies on a quiet machine before "
-                   "acting on them.</p>")
-    out.append(claims_html(vs, root, rep, {k: v.name for k, v in pages.items()}, drift=drift))
-    out.append("<h2>The guide's checklist</h2>")
-    out.append(checklist_html(cl))
+
+def _profiles_html(root: Path, rep: Path) -> str:
     prof = root / "profiles"
-    if prof.is_dir() and list(prof.glob("*.env")):
-        out.append("<h2>Profiles</h2><ul>")
-        for p in sorted(prof.glob("*.env")):
-            out.append(f"<li><a href='{e(os.path.relpath(p.resolve(), rep.resolve()))}'>{e(p.name)}</a></li>")
-        out.append("</ul>")
-    out.append("</body></html>")
-    index = rep / "index.html"
-    index.write_text("\n".join(out), encoding="utf-8")
-    return index
+    envs = sorted(prof.glob("*.env")) if prof.is_dir() else []
+    if not envs:
+        return ""
+    e = html.escape
+    items = [f"<li><a href='{e(os.path.relpath(p.resolve(), rep.resolve()))}'>{e(p.name)}</a></li>" for p in envs]
+    return "<h2>Profiles</h2><ul>" + "".join(items) + "</ul>"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kit report", description="Render the findings report to HTML.")
-    ap.add_argument("--out", default="outputs", help="output root the studies wrote to (default: outputs)")
+    ap.add_argument("--out", default=OUTPUTS, help="output root the studies wrote to (default: outputs, from the "
+                                                  "repository root)")
     args = ap.parse_args(list(argv) if argv is not None else None)
     index = render_report(args.out)
     print(index)
     return 0
-
-
-main_report = main  # `python -m kit report` (kit/__main__.py delegates here)

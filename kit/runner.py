@@ -1,18 +1,23 @@
 """The one-command study: every notebooks/NN_*.ipynb through papermill, in order, then the report.
 
-`python -m kit run [--model PATH] [--quick] [--only 10,20] [--out DIR]`
+`python -m kit run [--model PATH] [--quick] [--only 10,20] [--out DIR] [-p STEM.NAME=JSON]`
 
 - Executed copies go to <out>/<stem>/<stem>.ipynb; a failed one is kept there for inspection, named in the
   output with its cell, and the run goes on with the next notebook; the command then exits non-zero.
 - Resumable: the notebooks' sweeps skip trials already in results.jsonl, so a rerun reuses them.
-- Parameters are validated for every notebook before anything runs (names known to the notebook via
-  papermill.inspect_notebook, values of JSON types): a typo is one clear error, not a notebook half-run.
+- Validated before anything runs, for every selected notebook: parameter names (known to the notebook via
+  papermill.inspect_notebook) and JSON values, then the study config itself (`kit.studies.study_class(stem)`
+  built from the notebook's defaults with this run's values on top: types, ranges, cross-field rules). Every
+  problem of every notebook is one error listing them all; nothing is measured.
 - `--quick` passes notebooks/quick.json's smoke parameters ({"stem": {param: value}}); with `--out` the
   outputs go to another root. String parameters whose default lies under "outputs" are moved under it.
+  Relative roots are taken from the repository root (kit.paths.resolve), whatever the working directory.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import keyword
 import os
@@ -23,22 +28,25 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-QUICK_FILE = NOTEBOOKS_DIR / "quick.json"
+from kit.config import StudyConfig
+from kit.drift import run_probe, summarize_drift
+from kit.models import resolve_model
+from kit.paths import NOTEBOOKS_DIR, OUTPUTS, QUICK_FILE, REPO_ROOT, resolve
+from kit.report import read_status, render_report, status_path
+from kit.studies import STUDIES, study_class
+
 NOTEBOOK_NAME = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
-STATUS_FILE = "run_status.json"
-DEFAULT_OUT = "outputs"
+DEFAULT_OUT = OUTPUTS
 
 
 class RunnerError(ValueError):
-    """Bad input to the runner (unknown notebook, unknown parameter, non-JSON value)."""
+    """Bad input to the runner (unknown notebook, unknown parameter, non-JSON value, invalid study config)."""
 
 
 # ---- discovery and parameters -------------------------------------------------------------------------------
 def discover_notebooks(notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR, only: Sequence[str] | None = None) -> list[Path]:
     """notebooks/NN_name.ipynb in reading order; `only` keeps stems or their NN prefixes ("10", "10_gpu_layers")."""
-    d = Path(notebooks_dir)
+    d = resolve(notebooks_dir)
     found = sorted(p for p in d.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name))
     if not only:
         return found
@@ -55,34 +63,28 @@ def discover_notebooks(notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR, only: S
 
 
 def notebook_parameters(path: str | os.PathLike) -> dict[str, dict]:
-    """The parameters cell: name -> {inferred_type_name, default, help}.
+    """The parameters cell (the code cell tagged "parameters"): name -> {name, default (its source text), help}.
 
-    papermill.inspect_notebook's line parser skips a line whose comment holds '=' ("0 = no limit"); the
-    cell's own assignments (read with ast) fill those in, so a real parameter is never called unknown.
+    Read with json and ast, not papermill.inspect_notebook: its line parser skips a line whose comment holds '='
+    ("0 = no limit"), and importing papermill takes seconds that the up-front validation should not spend.
     """
-    import ast
-
-    import nbformat
-    import papermill as pm
-
-    known = dict(pm.inspect_notebook(str(path)))
-    nb = nbformat.read(str(path), as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type != "code" or "parameters" not in cell.metadata.get("tags", []):
+    nb = json.loads(resolve(path).read_text(encoding="utf-8"))
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code" or "parameters" not in cell.get("metadata", {}).get("tags", []):
             continue
-        try:
-            tree = ast.parse(cell.source)
-        except SyntaxError:
-            break
-        for node in tree.body:
+        source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+        lines = source.splitlines()
+        known = {}
+        for node in ast.parse(source).body:
             targets = node.targets if isinstance(node, ast.Assign) else \
                 [node.target] if isinstance(node, ast.AnnAssign) else []
             for t in targets:
-                if isinstance(t, ast.Name) and t.id not in known:
-                    default = ast.get_source_segment(cell.source, node.value) if node.value is not None else None
-                    known[t.id] = {"name": t.id, "inferred_type_name": "None", "default": default, "help": ""}
-        break
-    return known
+                if isinstance(t, ast.Name):
+                    default = ast.get_source_segment(source, node.value) if node.value is not None else None
+                    comment = lines[node.end_lineno - 1][node.end_col_offset:].strip()
+                    known[t.id] = {"name": t.id, "default": default, "help": comment.lstrip("#").strip()}
+        return known
+    return {}
 
 
 def _json_type_ok(v: Any) -> bool:
@@ -104,8 +106,6 @@ def validate_parameters(stem: str, params: dict, known: dict) -> dict:
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             problems.append(f"{name!r} is not a valid parameter name")
         elif name not in known:
-            import difflib
-
             close = difflib.get_close_matches(name, list(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"unknown parameter {name!r}{hint}; the notebook declares: {', '.join(known) or 'none'}")
@@ -116,8 +116,30 @@ def validate_parameters(stem: str, params: dict, known: dict) -> dict:
     return params
 
 
+def build_study_config(stem: str, known: dict, params: dict) -> StudyConfig | None:
+    """The notebook's study config as this run would build it: the parameters cell's defaults, `params` on top.
+
+    None for a notebook with no registered study (kit.studies.STUDIES), e.g. one of your own: its names and
+    JSON values are checked, nothing more. Raises RunnerError for a config that cannot be built."""
+    if stem not in STUDIES:
+        return None
+    try:
+        cls = study_class(stem)
+    except Exception as exc:  # noqa: BLE001 - a study module that does not import is this run's problem too
+        raise RunnerError(f"{stem}: cannot load its study config {STUDIES[stem]} "
+                          f"({type(exc).__name__}: {exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, StudyConfig)):
+        raise RunnerError(f"{stem}: {STUDIES[stem]} is not a kit.config.StudyConfig")
+    values = {name: _default_value(spec) for name, spec in known.items()}
+    values.update(params)
+    try:
+        return cls.from_params(values)
+    except (ValueError, TypeError) as exc:  # StudyConfigError, or a SettingsError from a study's check()
+        raise RunnerError(f"{stem}: {exc}") from None
+
+
 def load_quick(path: str | os.PathLike = QUICK_FILE) -> dict[str, dict]:
-    p = Path(path)
+    p = resolve(path)
     if not p.exists():
         return {}
     data = json.loads(p.read_text())
@@ -132,8 +154,6 @@ def _default_value(spec: dict) -> Any:
     if raw is None:
         return None
     try:
-        import ast
-
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return raw
@@ -146,11 +166,35 @@ def _relocate(value: Any, out_root: str) -> Any:
     return value
 
 
+def _notebook_params(known: dict, model: str | None, out_root: str, quick: dict, extra: dict) -> dict:
+    """What papermill gets for one notebook: relocated output defaults, --model, quick.json, then -p (as given)."""
+    params: dict[str, Any] = {}
+    if out_root != DEFAULT_OUT:
+        for name, spec in known.items():
+            v = _default_value(spec)
+            moved = _relocate(v, out_root)
+            if moved != v:
+                params[name] = moved
+    if model is not None and "model" in known:
+        params["model"] = model
+    params.update(quick)
+    if out_root != DEFAULT_OUT:
+        params = {k: _relocate(v, out_root) for k, v in params.items()}
+    params.update(extra)
+    return params
+
+
 def plan_parameters(notebooks: Sequence[Path], model: str | None, quick: bool, out_root: str,
                     quick_params: dict | None = None, extra: dict[str, dict] | None = None) -> dict[str, dict]:
-    """Every notebook's parameters, validated up front (all problems in one error)."""
+    """Every notebook's parameters, and its study config built from them, validated up front: all problems of
+    all notebooks in one RunnerError."""
     quick_params = (load_quick() if quick_params is None else quick_params) if quick else {}
+    extra = extra or {}
     plans, problems = {}, []
+    # a -p for a registered notebook that --only left out is ignored; one for no notebook at all is a typo
+    unknown_stems = sorted(set(extra) - {nb.stem for nb in notebooks} - set(STUDIES))
+    if unknown_stems:
+        problems.append(f"-p names no notebook: {', '.join(unknown_stems)}")
     for nb in notebooks:
         stem = nb.stem
         try:
@@ -158,46 +202,22 @@ def plan_parameters(notebooks: Sequence[Path], model: str | None, quick: bool, o
         except Exception as exc:  # noqa: BLE001 - a notebook papermill cannot read
             problems.append(f"{stem}: cannot read its parameters ({type(exc).__name__}: {exc})")
             continue
-        params: dict[str, Any] = {}
-        if out_root != DEFAULT_OUT:
-            for name, spec in known.items():
-                v = _default_value(spec)
-                moved = _relocate(v, out_root)
-                if moved != v:
-                    params[name] = moved
-        if model is not None and "model" in known:
-            params["model"] = model
-        params.update(quick_params.get(stem, {}))
-        params.update((extra or {}).get(stem, {}))
-        if out_root != DEFAULT_OUT:
-            params = {k: _relocate(v, out_root) if k not in (extra or {}).get(stem, {}) else v
-                      for k, v in params.items()}
+        params = _notebook_params(known, model, out_root, quick_params.get(stem, {}), extra.get(stem, {}))
         try:
-            plans[stem] = validate_parameters(stem, params, known)
+            validate_parameters(stem, params, known)
+            build_study_config(stem, known, params)
         except RunnerError as exc:
             problems.append(str(exc))
+            continue
+        plans[stem] = params
     if problems:
         raise RunnerError("invalid parameters, nothing was run:\n  " + "\n  ".join(problems))
     return plans
 
 
 # ---- running -------------------------------------------------------------------------------------------------
-def _status_path(out_root: str) -> Path:
-    return Path(out_root) / STATUS_FILE
-
-
-def read_status(out_root: str | os.PathLike = DEFAULT_OUT) -> dict[str, dict]:
-    p = _status_path(str(out_root))
-    if not p.exists():
-        return {}
-    try:
-        return json.loads(p.read_text()).get("notebooks", {})
-    except (json.JSONDecodeError, AttributeError):
-        return {}
-
-
 def _write_status(out_root: str, status: dict) -> None:
-    p = _status_path(out_root)
+    p = status_path(out_root)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps({"schema": 1, "notebooks": status}, indent=2, default=str))
@@ -206,9 +226,7 @@ def _write_status(out_root: str, status: dict) -> None:
 
 def describe_failure(exc: BaseException) -> dict:
     """Cell index, execution count, exception name and value from papermill's error (or any other)."""
-    from papermill.exceptions import PapermillExecutionError
-
-    if isinstance(exc, PapermillExecutionError):
+    if type(exc).__name__ == "PapermillExecutionError":  # papermill's class, without importing papermill here
         return {"cell_index": exc.cell_index, "exec_count": exc.exec_count, "ename": exc.ename,
                 "evalue": str(exc.evalue)[:2000]}
     return {"cell_index": None, "exec_count": None, "ename": type(exc).__name__, "evalue": str(exc)[:2000]}
@@ -217,9 +235,11 @@ def describe_failure(exc: BaseException) -> dict:
 def run_notebook(nb: Path, params: dict, out_root: str, kernel_name: str = "python3", cwd: str | None = None,
                  progress: bool = True) -> dict:
     """One notebook with papermill; returns its status record (never raises for a failing notebook)."""
+    # papermill (with nbformat's jsonschema) takes seconds to import: only a run that executes a notebook pays
+    # them, so that `kit run` with a bad value answers within seconds (validation needs only json and ast)
     import papermill as pm
 
-    out_dir = Path(out_root) / nb.stem
+    out_dir = resolve(out_root) / nb.stem
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / f"{nb.stem}.ipynb"
     t0 = time.perf_counter()
@@ -239,8 +259,6 @@ def run_notebook(nb: Path, params: dict, out_root: str, kernel_name: str = "pyth
 
 def _probe(model: str | None, out_root: str, phase: str, run_id: str, quick: bool, log) -> None:
     """The drift probe; a failure is logged (and its row kept), never fatal: the studies matter more."""
-    from kit.drift import run_probe
-
     try:
         rows = run_probe(model, out_root, phase, run_id, quick=quick)
         bad = [r for r in rows if r.get("status") != "ok"]
@@ -252,11 +270,55 @@ def _probe(model: str | None, out_root: str, phase: str, run_id: str, quick: boo
         log(f"speed probe ({phase}) failed: {type(exc).__name__}: {exc}")
 
 
+def _log_drift(out_root: str, run_id: str, log) -> None:
+    summary = summarize_drift(out_root, run_id)
+    if summary:
+        log("machine speed, end / start: " + ", ".join(
+            f"{t['test']} x{t['ratio']:.2f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" for t in summary["tests"])
+            + (" (drifted: see the report)" if summary["drifted"] else ""))
+
+
 def failure_message(stem: str, rec: dict) -> str:
     where = (f"cell {rec['cell_index']} (execution count {rec['exec_count']})"
              if rec.get("cell_index") is not None else "before or outside a cell")
     return (f"FAILED {stem}: {where}: {rec.get('ename')}: {rec.get('evalue')}\n"
             f"  executed notebook kept for inspection: {rec.get('executed')}")
+
+
+def _prepare(model, quick, only, out_root, notebooks_dir, quick_file, params) -> tuple[list[Path], dict[str, dict]]:
+    """Everything checked before the first notebook starts (model file, notebooks, parameters, study configs)."""
+    if model is not None:
+        resolve_model(model)  # a bad model path fails here, not twelve times
+    notebooks = discover_notebooks(notebooks_dir, only)
+    if not notebooks:
+        raise RunnerError(f"no notebooks named NN_name.ipynb in {notebooks_dir}")
+    quick_params = load_quick(quick_file or resolve(notebooks_dir) / QUICK_FILE.name) if quick else None
+    return notebooks, plan_parameters(notebooks, model, quick, out_root, quick_params, params)
+
+
+def _run_notebooks(notebooks: list[Path], plans: dict, out_root: str, status: dict, log, **kw) -> list[str]:
+    """Each notebook in order, the status file updated after each; returns the stems that failed."""
+    failed = []
+    for i, nb in enumerate(notebooks, 1):
+        log(f"[{i}/{len(notebooks)}] {nb.stem} {json.dumps(plans[nb.stem]) if plans[nb.stem] else ''}".rstrip())
+        rec = run_notebook(nb, plans[nb.stem], out_root, **kw)
+        status[nb.stem] = rec
+        _write_status(out_root, status)
+        if rec["status"] == "ok":
+            log(f"    ok in {rec['duration_s']:.0f} s")
+        else:
+            failed.append(nb.stem)
+            log(failure_message(nb.stem, rec))
+    return failed
+
+
+def _render(out_root: str, status: dict, log) -> bool:
+    try:
+        log(f"report: {render_report(out_root, status=status)}")
+        return True
+    except Exception as exc:  # noqa: BLE001 - a report failure is a failure, but after the studies ran
+        log(f"FAILED report: {type(exc).__name__}: {exc}")
+        return False
 
 
 def run_study(model: str | None = None, quick: bool = False, only: Sequence[str] | None = None,
@@ -271,53 +333,23 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
     (`kit.drift`): the report says how much the machine's speed moved during the run."""
     out_root = str(out_root).rstrip("/") or DEFAULT_OUT
     try:
-        if model is not None:
-            from kit.models import resolve_model
-
-            resolve_model(model)  # a bad model path fails here, not twelve times
-        notebooks = discover_notebooks(notebooks_dir, only)
-        if not notebooks:
-            raise RunnerError(f"no notebooks named NN_name.ipynb in {notebooks_dir}")
-        quick_params = load_quick(quick_file or Path(notebooks_dir) / "quick.json") if quick else None
-        plans = plan_parameters(notebooks, model, quick, out_root, quick_params, params)
+        notebooks, plans = _prepare(model, quick, only, out_root, notebooks_dir, quick_file, params)
     except (RunnerError, ValueError) as exc:
         log(f"error: {exc}")
         return 2
     status = read_status(out_root)
-    failed = []
     t_start = time.perf_counter()
     run_id = time.strftime("%Y%m%dT%H%M%S")
     if probe:
         _probe(model, out_root, "start", run_id, quick, log)
-    for i, nb in enumerate(notebooks, 1):
-        log(f"[{i}/{len(notebooks)}] {nb.stem} {json.dumps(plans[nb.stem]) if plans[nb.stem] else ''}".rstrip())
-        rec = run_notebook(nb, plans[nb.stem], out_root, kernel_name=kernel_name, cwd=cwd, progress=progress)
-        status[nb.stem] = rec
-        _write_status(out_root, status)
-        if rec["status"] == "ok":
-            log(f"    ok in {rec['duration_s']:.0f} s")
-        else:
-            failed.append(nb.stem)
-            log(failure_message(nb.stem, rec))
+    failed = _run_notebooks(notebooks, plans, out_root, status, log, kernel_name=kernel_name, cwd=cwd,
+                            progress=progress)
     if probe:
         _probe(model, out_root, "end", run_id, quick, log)
-        from kit.drift import summarize_drift
-
-        summary = summarize_drift(out_root, run_id)
-        if summary:
-            log("machine speed, end / start: " + ", ".join(
-                f"{t['test']} x{t['ratio']:.2f} [{t['ci_low']:.2f}, {t['ci_high']:.2f}]" for t in summary["tests"])
-                + (" (drifted: see the report)" if summary["drifted"] else ""))
-    if report:
-        try:
-            from kit.report import render_report
-
-            index = render_report(out_root, status=status)
-            log(f"report: {index}")
-        except Exception as exc:  # noqa: BLE001 - a report failure is a failure, but after the studies ran
-            log(f"FAILED report: {type(exc).__name__}: {exc}")
-            failed.append("report")
-    profiles = Path(out_root) / "profiles"
+        _log_drift(out_root, run_id, log)
+    if report and not _render(out_root, status, log):
+        failed.append("report")
+    profiles = resolve(out_root) / "profiles"
     if profiles.is_dir():
         log(f"profiles: {', '.join(str(p) for p in sorted(profiles.glob('*.env')))}")
     log(f"{len(notebooks)} notebooks in {(time.perf_counter() - t_start) / 60:.1f} min")
@@ -332,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="bundled model name or path to a GGUF (default: the bundled model)")
     ap.add_argument("--quick", action="store_true", help="smoke parameters from notebooks/quick.json (CI)")
     ap.add_argument("--only", default=None, help="comma-separated stems or NN prefixes, e.g. 10,20_batch_flash_attn")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="output root (default: outputs)")
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="output root (default: outputs; relative: to the repository root)")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="STEM.NAME=JSON",
                     help="one parameter for one notebook, e.g. 20_batch_flash_attn.repetitions=3")
     ap.add_argument("--no-report", action="store_true", help="skip rendering the HTML report")
@@ -366,12 +399,6 @@ def main_run(argv: Sequence[str] | None = None) -> int:
     only = [s for s in args.only.split(",")] if args.only else None
     return run_study(model=args.model, quick=args.quick, only=only, out_root=args.out, params=params,
                      report=not args.no_report, probe=not args.no_probe)
-
-
-def main_report(argv: Sequence[str] | None = None) -> int:
-    from kit.report import main as report_main
-
-    return report_main(argv)
 
 
 if __name__ == "__main__":

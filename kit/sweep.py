@@ -11,7 +11,10 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import re
+import resource
+import select
 import signal
 import subprocess
 import sys
@@ -21,10 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import psutil
+from tqdm.auto import tqdm
+
 from kit import __version__
-from kit.config import Settings, SettingsError, _check_names
-from kit.measure import DEFAULT_REPETITIONS, Test
-from kit.models import model_card
+from kit.config import Settings, SettingsError, check_setting_names
+from kit.environment import process_provenance, save_environment
+from kit.gpu import build_supports_gpu_offload
+from kit.measure import DEFAULT_REPETITIONS, ENGINE_KINDS, Test
+from kit.models import KV_TYPE_BYTES, model_card
+from kit.paths import OUTPUTS, REPO_ROOT, resolve as resolve_path
 from kit.results import RESULTS_FILE, append_rows, load_results, read_rows
 
 DEFAULT_TIMEOUT_S = 600
@@ -40,7 +49,7 @@ def grid(base: Settings | None = None, skip_invalid: bool = False, **axes: Seque
     skip_invalid=True, left out (`grid.skipped` on the returned list says which and why).
     """
     base = base or Settings()
-    _check_names(axes)
+    check_setting_names(axes)
     for name, values in axes.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
             raise SettingsError(f"axis {name!r} must be a list of values, got {values!r}")
@@ -64,8 +73,9 @@ class _Grid(list):
 
 
 def split_out_dir(out_dir: str | os.PathLike) -> tuple[str, Path]:
-    """outputs/<study> -> (study name, output root), the two arguments run_sweep takes."""
-    p = Path(out_dir)
+    """outputs/<study> -> (study name, absolute output root), the two arguments run_sweep takes; a relative
+    out_dir is taken from the repository root (kit.paths.resolve), whatever the working directory."""
+    p = resolve_path(out_dir)
     return p.name, p.parent
 
 
@@ -110,12 +120,12 @@ class _Plan:
     keys: list[str]
 
 
-def _provenance(card: dict, env: dict) -> dict:
+def _provenance(card: dict) -> dict:
+    """Build, machine and model columns of a row. The build and machine are this process's, captured live
+    (`process_provenance`); a trial's child reports its own, which replace these in its rows, so only a row of a
+    child that died before reporting carries the parent's. The model's sha256 is of the file at planning time."""
     return {
-        "build_commit": env.get("llama_cpp_python"),
-        "cpu_info": env.get("cpu_info"),
-        "gpu_info": env.get("gpu_info"),
-        "backends": env.get("backends"),
+        **process_provenance(),
         "model_filename": card["file_name"],
         "model_type": card["model_type"],
         "model_size": card["size_bytes"],
@@ -139,8 +149,6 @@ def _child_setup(mem_limit_mb: int | None):
         except OSError:
             pass
         if mem_limit_mb:
-            import resource
-
             lim = mem_limit_mb * 2**20
             resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     return setup
@@ -156,7 +164,7 @@ def _child_env() -> dict:
 def _spawn_worker(args: list[str], mem_limit_mb: int | None, **streams) -> subprocess.Popen:
     """`python -m kit.worker ARGS` in its own session, dying with its parent, under an optional memory limit."""
     return subprocess.Popen([sys.executable, "-m", "kit.worker", *args],
-                            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True,
+                            cwd=str(REPO_ROOT), start_new_session=True,
                             env=_child_env(), preexec_fn=_child_setup(mem_limit_mb), **streams)
 
 
@@ -238,8 +246,6 @@ CHILD_OVERHEAD_BYTES = 160 * 2**20  # Python, llama-cpp-python and compute buffe
 
 def _child_bytes(plan: _Plan) -> int:
     """A child's memory, estimated before it starts: weights + KV cache at n_ctx + a fixed overhead."""
-    from kit.models import KV_TYPE_BYTES
-
     c, s = plan.card, plan.settings
     n_ctx = s.n_ctx or c["n_ctx_train"]
     per_cell = c["n_layers"] * c["n_head_kv"] * c["head_dim"]
@@ -257,21 +263,15 @@ def interleave_group_size(plans: Sequence[_Plan], tests: Sequence[Test], interle
     compete for VRAM, and a failure would be blamed on the wrong configuration), or when two children's
     estimated memory (`_child_bytes`) does not fit in LIVE_MEMORY_SHARE of the available RAM.
     """
-    from kit.measure import ENGINE_KINDS
-
     if interleave is False or len(plans) < 2:
         return 1
     if any(t.kind not in ENGINE_KINDS for t in tests):
         return 1
     if gpu_offload is None and any(p.settings.n_gpu_layers for p in plans):
-        from kit.gpu import build_supports_gpu_offload
-
         gpu_offload = build_supports_gpu_offload()
     if gpu_offload and any(p.settings.n_gpu_layers for p in plans):
         return 1
     if available_bytes is None:
-        import psutil
-
         available_bytes = psutil.virtual_memory().available
     need = max(_child_bytes(p) for p in plans)
     if mem_limit_mb:
@@ -319,8 +319,6 @@ class LiveTrial:
             self.gone = ChildGone("error", self.load.get("error") or "the model did not load")
 
     def _read(self) -> dict:
-        import select
-
         left = self.timeout_s - self.used_s
         t0 = time.perf_counter()
         ready, _, _ = select.select([self.proc.stdout], [], [], max(left, 0.0))
@@ -391,18 +389,10 @@ def run_interleaved(group: Sequence[_Plan], todo: Sequence[list], repetitions: i
     `record(plan, [(test, key)], rows)` is called for every test as soon as all configurations finished it, so a
     crash later loses nothing. A child that dies costs only its own configuration's remaining tests.
     """
-    import random
-
     rng = random.Random(seed)
     t_origin = time.perf_counter()
     lives: list[LiveTrial] = []
     died: dict[int, Test] = {}  # configuration -> the test its child died in
-
-    def failure(j: int, test: Test, g: ChildGone) -> dict:
-        if died.setdefault(j, test) is not test:
-            return _failed_row(test, "skipped", f"not run: an earlier test in the trial failed ({g.status})")
-        return _failed_row(test, g.status, g.error)
-
     try:
         for plan, pairs in zip(group, todo):
             lives.append(LiveTrial(plan, [t for t, _ in pairs], timeout_s, log_file, mem_limit_mb, t_origin))
@@ -412,32 +402,7 @@ def run_interleaved(group: Sequence[_Plan], todo: Sequence[list], repetitions: i
         pending = [len(pairs) for pairs in todo]
         for test in order:
             members = [j for j, pairs in enumerate(todo) if any(t == test for t, _ in pairs)]
-            idx = {j: [t for t, _ in todo[j]].index(test) for j in members}
-            rows: dict[int, dict] = {}
-
-            def step(j: int, op: str) -> dict | None:
-                try:
-                    r = lives[j].call(op, idx[j])
-                except ChildGone as g:
-                    rows[j] = failure(j, test, g)
-                    return None
-                if not r.get("ok"):
-                    rows[j] = _failed_row(test, "error", r.get("error"))
-                    return None
-                return r
-
-            for j in members:
-                step(j, "prepare")
-            for _ in range(repetitions):
-                turn = [j for j in members if j not in rows]
-                rng.shuffle(turn)
-                for j in turn:
-                    step(j, "rep")
-            for j in members:
-                if j not in rows:
-                    r = step(j, "finish")
-                    if r is not None:
-                        rows[j] = r["row"]
+            rows = _interleave_test(test, lives, todo, members, repetitions, rng, died)
             for j in members:
                 row = rows[j]
                 row.update(interleaved=True, interleave_group=len(group),
@@ -451,11 +416,47 @@ def run_interleaved(group: Sequence[_Plan], todo: Sequence[list], repetitions: i
             lv.close()
 
 
+def _interleave_test(test: Test, lives: list[LiveTrial], todo: Sequence[list], members: list[int],
+                     repetitions: int, rng: random.Random, died: dict[int, Test]) -> dict[int, dict]:
+    """One test across the group's children: prepare each, `repetitions` rounds in a fresh random order, then
+    each child's row (or its failure's). Returns configuration index -> row."""
+    idx = {j: [t for t, _ in todo[j]].index(test) for j in members}
+    rows: dict[int, dict] = {}
+
+    def step(j: int, op: str) -> dict | None:
+        try:
+            r = lives[j].call(op, idx[j])
+        except ChildGone as g:
+            first = died.setdefault(j, test) is test
+            rows[j] = (_failed_row(test, g.status, g.error) if first else
+                       _failed_row(test, "skipped", f"not run: an earlier test in the trial failed ({g.status})"))
+            return None
+        if not r.get("ok"):
+            rows[j] = _failed_row(test, "error", r.get("error"))
+            return None
+        return r
+
+    for j in members:
+        step(j, "prepare")
+    for _ in range(repetitions):
+        turn = [j for j in members if j not in rows]
+        rng.shuffle(turn)
+        for j in turn:
+            step(j, "rep")
+    for j in members:
+        if j not in rows:
+            r = step(j, "finish")
+            if r is not None:
+                rows[j] = r["row"]
+    return rows
+
+
 # ---- the sweep ----------------------------------------------------------------------------------------------------
-def study_dir(study: str, out_root: str | os.PathLike = "outputs") -> Path:
+def study_dir(study: str, out_root: str | os.PathLike = OUTPUTS) -> Path:
+    """<out_root>/<study>, absolute: a relative out_root is taken from the repository root (kit.paths.resolve)."""
     if not STUDY_NAME.match(study):
         raise SettingsError(f"study name {study!r}: use letters, digits, '_', '-', '.' (it becomes a folder name)")
-    return Path(out_root) / study
+    return resolve_path(out_root) / study
 
 
 def plan_trials(configs: Sequence[Settings], tests: Sequence[Test], repetitions: int) -> list[_Plan]:
@@ -492,7 +493,7 @@ def _short(s: Settings) -> str:
 
 
 def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequence[Test],
-              repetitions: int = DEFAULT_REPETITIONS, out_root: str | os.PathLike = "outputs",
+              repetitions: int = DEFAULT_REPETITIONS, out_root: str | os.PathLike = OUTPUTS,
               timeout_s: float = DEFAULT_TIMEOUT_S, retry_failed: bool = False, progress: bool = True,
               mem_limit_mb: int | None = None, extra: dict | None = None, interleave: bool | None = None):
     """Run every configuration x test, each configuration in its own child process; returns the study's DataFrame.
@@ -506,26 +507,16 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
     Rows go to outputs/<study>/results.jsonl as each trial ends; llama.cpp's log to outputs/<study>/llama.log.
     `extra` columns (e.g. {"claim": "G3"}) are added to every row of this call.
     """
-    from kit.environment import save_environment
-
     configs = [configs] if isinstance(configs, Settings) else list(configs)
     tests = list(tests)
     out = study_dir(study, out_root)
     plans = plan_trials(configs, tests, repetitions)
     out.mkdir(parents=True, exist_ok=True)
-    env = save_environment(out)
+    save_environment(out)  # this run's machine and build, replacing an earlier run's file
     results = out / RESULTS_FILE
-    log_file = str((out / "llama.log").resolve())
-
-    previous = {}
-    for r in read_rows(results):
-        previous[r.get("trial_key")] = r.get("status")
-    # 'skipped' tests never ran (an earlier test of their trial died): always run them again
-    done = {k for k, st in previous.items() if st == "ok" or (st not in (None, "skipped") and not retry_failed)}
-
+    trial_kw = dict(timeout_s=timeout_s, log_file=str((out / "llama.log").resolve()), mem_limit_mb=mem_limit_mb)
+    done = _done_keys(results, retry_failed)
     live_plans = [p for p in plans if any(k not in done for k in p.keys)]
-    from kit.measure import ENGINE_KINDS
-
     # engine tests of several configurations alternate; the others (e2e, a study's own) then run back to back
     engine = [t for t in tests if t.kind in ENGINE_KINDS]
     group_size = interleave_group_size(live_plans, engine, interleave, mem_limit_mb) if engine else 1
@@ -535,15 +526,7 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
 
     def record(plan: _Plan, pairs: list, rows: list[dict]) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        full = []
-        settings_cols = _settings_columns(plan.settings)
-        for (test, key), row in zip(pairs, rows):
-            merged = {"study": study, "trial_key": key, "test_time": stamp, **_provenance(plan.card, env),
-                      **settings_cols, **(extra or {})}
-            for k, v in row.items():
-                # a test's own value never overwrites the configuration it ran under (e.g. a chunk n_ctx)
-                merged[f"test_{k}" if k in settings_cols and v != settings_cols[k] else k] = v
-            full.append(merged)
+        full = [merge_row(study, key, plan, row, extra, stamp) for (_, key), row in zip(pairs, rows)]
         append_rows(results, full)
         bar.set_postfix_str(f"{full[-1]['status']}: {_short(plan.settings)}"[:60])
 
@@ -553,25 +536,45 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
                 group = live_plans[g:g + group_size]
                 todo = [[(t, k) for t, k in zip(p.tests, p.keys) if k not in done and t.kind in ENGINE_KINDS]
                         for p in group]
-                run_interleaved(group, todo, repetitions, record, timeout_s=timeout_s, log_file=log_file,
-                                mem_limit_mb=mem_limit_mb, on_trial_done=None if split else lambda: bar.update(1))
+                run_interleaved(group, todo, repetitions, record,
+                                on_trial_done=None if split else lambda: bar.update(1), **trial_kw)
         if group_size == 1 or split:
             for plan in live_plans:
-                todo = [(t, k) for t, k in zip(plan.tests, plan.keys)
-                        if k not in done and not (split and t.kind in ENGINE_KINDS)]
-                if todo:
-                    rows = run_trial(plan.settings, [t for t, _ in todo], repetitions, plan.model_path,
-                                     timeout_s=timeout_s, log_file=log_file, mem_limit_mb=mem_limit_mb)
-                    for r in rows:
-                        r["interleaved"] = False
-                    record(plan, todo, rows)
+                _run_back_to_back(plan, done, split, repetitions, record, **trial_kw)
                 bar.update(1)
     finally:
         bar.close()
     return load_results(out)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+def _done_keys(results: Path, retry_failed: bool) -> set[str]:
+    """Trial keys a rerun skips: ok rows, and failed ones unless retry_failed. 'skipped' tests never ran (an
+    earlier test of their trial died): they always run again."""
+    previous = {r.get("trial_key"): r.get("status") for r in read_rows(results)}
+    return {k for k, st in previous.items() if st == "ok" or (st not in (None, "skipped") and not retry_failed)}
 
+
+def merge_row(study: str, key: str, plan: _Plan, row: dict, extra: dict | None, stamp: str) -> dict:
+    """One row as results.jsonl holds it: study, key, time, provenance, the configuration, `extra`, then what the
+    child measured (its build and machine replace the parent's). A test's own value of a setting never overwrites
+    the configuration it ran under (e.g. a chunk's n_ctx): it goes to test_<name>."""
+    settings_cols = _settings_columns(plan.settings)
+    merged = {"study": study, "trial_key": key, "test_time": stamp, **_provenance(plan.card), **settings_cols,
+              **(extra or {})}
+    for k, v in row.items():
+        merged[f"test_{k}" if k in settings_cols and v != settings_cols[k] else k] = v
+    return merged
+
+
+def _run_back_to_back(plan: _Plan, done: set[str], split: bool, repetitions: int, record, **trial_kw) -> None:
+    """One configuration's tests not yet done in one child (with `split`, those the interleaved part left)."""
+    todo = [(t, k) for t, k in zip(plan.tests, plan.keys) if k not in done and not (split and t.kind in ENGINE_KINDS)]
+    if todo:
+        rows = run_trial(plan.settings, [t for t, _ in todo], repetitions, plan.model_path, **trial_kw)
+        for r in rows:
+            r["interleaved"] = False
+        record(plan, todo, rows)
+
+
+def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="trial", disable=not enabled, leave=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Sequence
 import pandas as pd
 
+from kit.paths import resolve as resolve_path
+
 SUPPORTED = "supported"
 REFUTED = "refuted"
 NO_EFFECT = "no measurable effect"
@@ -128,8 +130,9 @@ def too_few(claim: str, n_candidate: int, n_baseline: int, hint: str = "repetiti
 
 
 def evidence_path(path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
-    """A figure or file as verdict evidence: relative to the outputs root (the study folder's parent)."""
-    return os.path.relpath(Path(path).resolve(), Path(out_dir).resolve().parent)
+    """A figure or file as verdict evidence: relative to the outputs root (the study folder's parent).
+    Relative paths are taken from the repository root (kit.paths.resolve), not the working directory."""
+    return os.path.relpath(resolve_path(path).resolve(), resolve_path(out_dir).resolve().parent)
 
 
 def bootstrap_ratio(candidate: Sequence[float], baseline: Sequence[float], n_boot: int = 4000,
@@ -234,8 +237,9 @@ def not_testable(claim: str, reason: str, evidence: Sequence[str] = (), **detail
 
 
 def write_verdicts(study_dir: str | os.PathLike, verdicts: Sequence[Verdict]) -> Path:
-    """Write outputs/<study>/verdicts.json, replacing earlier verdicts of the same claims in that file."""
-    path = Path(study_dir) / VERDICTS_FILE
+    """Write outputs/<study>/verdicts.json, replacing earlier verdicts of the same claims in that file.
+    A relative study_dir is taken from the repository root (kit.paths.resolve)."""
+    path = resolve_path(study_dir) / VERDICTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = {v["claim"]: v for v in read_verdicts(path)} if path.exists() else {}
     for v in verdicts:
@@ -257,6 +261,21 @@ def read_verdicts(path: str | os.PathLike) -> list[dict]:
 def verdicts_by_claim(path: str | os.PathLike) -> dict[str, dict]:
     """A study's verdicts.json as {claim: verdict dict}."""
     return {v["claim"]: v for v in read_verdicts(path)}
+
+
+def ratio_of(v: Verdict) -> float | None:
+    """A verdict's ratio: its effect, or the point ratio a "too few samples" verdict keeps in details."""
+    return v.effect if v.effect is not None else (v.details or {}).get("point_ratio")
+
+
+def ratio_text(v: Verdict) -> str:
+    """'x1.234 [1.100, 1.350] supported', or the point ratio marked as such when there is no interval."""
+    ratio = ratio_of(v)
+    if ratio is None:
+        return v.verdict
+    if v.ci_low is None:
+        return f"x{ratio:.3f} (point estimate, no interval) {v.verdict}"
+    return f"x{ratio:.3f} [{v.ci_low:.3f}, {v.ci_high:.3f}] {v.verdict}"
 
 
 def verdict_table(verdicts: Sequence[Verdict | dict]):

@@ -9,15 +9,27 @@ import pandas as pd
 import pytest
 
 from kit.studies import batch_flash_attn
-from kit.config import Settings, SettingsError
 from kit import measure
+from kit.config import Settings, SettingsError, StudyConfigError
 from kit.measure import load_model, pp
-from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, VERDICTS
+from kit.sweep import planned_rows
+from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, evidence_path, median_ci
 
 
 # ---- config -------------------------------------------------------------------------------------------------------
-def test_default_study_expands_to_the_briefed_grid() -> None:
-    s = batching.BatchFlashStudy()
+def test_default_study_is_the_notebooks_grid() -> None:
+    s = batch_flash_attn.BatchFlashStudy()
+    pairs = {(c.n_batch, c.n_ubatch) for c in s.batch_configs()}
+    assert pairs == {(512, 128), (512, 512), (1024, 128), (1024, 512)}  # every cell valid: nothing skipped
+    assert s.skipped_combos().empty
+    assert all(c.n_ctx == 640 for c in s.batch_configs())  # the longest prompt
+    assert s.out_path.is_absolute() and s.out_path.name == "20_batch_flash_attn"
+
+
+def test_a_grid_with_invalid_cells_skips_them() -> None:
+    s = batch_flash_attn.BatchFlashStudy(n_batch=[128, 256, 512, 1024], n_ubatch=[128, 256, 512],
+                                         prompt_lengths=[256, 1024], depths=[0, 1024, 2048], fa_n_prompt=128,
+                                         fa_n_gen=32)
     configs = s.batch_configs()
     pairs = {(c.n_batch, c.n_ubatch) for c in configs}
     assert (512, 512) in pairs and (1024, 512) in pairs
@@ -31,6 +43,7 @@ def test_default_study_expands_to_the_briefed_grid() -> None:
     fa = s.flash_configs()
     assert [c.flash_attn for c in fa] == [False, True]
     assert fa[0].n_ctx >= 2048 + 128
+    assert fa[0].n_threads is None  # 0 = llama-cpp-python's default
     tests = s.flash_tests()
     assert {(t.n_depth, t.n_prompt, t.n_gen) for t in tests} == {(d, 128, 0) for d in (0, 1024, 2048)} | {
         (d, 0, 32) for d in (0, 1024, 2048)}
@@ -41,18 +54,26 @@ def test_default_study_expands_to_the_briefed_grid() -> None:
 @pytest.mark.parametrize("bad, match", [
     (dict(n_batch=[]), "must not be empty"),
     (dict(n_batch=[512, 512]), "duplicates"),
-    (dict(n_ubatch=[0, 512]), "integer >= 1"),
-    (dict(prompt_lengths="256"), "list of integers"),
-    (dict(depths=[-1]), "integer >= 0"),
+    (dict(n_ubatch=[0, 512]), "must be >= 1"),
+    (dict(prompt_lengths="256"), "expected list"),
+    (dict(prompt_lengths=[256.0]), "expected list"),
+    (dict(depths=[-1]), "must be >= 0"),
     (dict(guide_batch=[2048, 512]), "must be in the grid"),
-    (dict(baseline_batch=[512]), "two positive integers"),
+    (dict(baseline_batch=[512]), "must have 2 elements"),
     (dict(batch_n_ctx=512), "cannot hold the longest prompt"),
-    (dict(repetitions=0), "positive integer"),
-    (dict(n_threads=0), "n_threads=0 must be positive"),
+    (dict(repetitions=0), "must be >= 1"),
+    (dict(repetitions="3"), "expected int"),
+    (dict(n_threads=-1), "must be >= 0"),
+    (dict(timeout_s=0), "must be > 0"),
 ])
 def test_study_rejects_bad_parameters(bad, match) -> None:
-    with pytest.raises(SettingsError, match=match):
-        batching.BatchFlashStudy(**bad)
+    with pytest.raises(StudyConfigError, match=match):
+        batch_flash_attn.BatchFlashStudy(**bad)
+
+
+def test_study_rejects_bad_fixed_settings_before_any_trial() -> None:
+    with pytest.raises(SettingsError, match="n_ubatch"):  # Settings' own rule: n_ubatch > n_batch
+        batch_flash_attn.BatchFlashStudy(fa_n_batch=256, fa_n_ubatch=512)
 
 
 # ---- micro-batch plan -----------------------------------------------------------------------------------------------
@@ -64,17 +85,17 @@ def test_study_rejects_bad_parameters(bad, match) -> None:
     (200, 64, 64, 4, (64, 64, 64, 8)),
 ])
 def test_ubatch_plan(n_prompt, nb, nub, calls, sizes) -> None:
-    assert batching.ubatch_plan(n_prompt, nb, nub) == (calls, sizes)
-    assert sum(batching.ubatch_plan(n_prompt, nb, nub)[1]) == n_prompt
+    assert batch_flash_attn.ubatch_plan(n_prompt, nb, nub) == (calls, sizes)
+    assert sum(batch_flash_attn.ubatch_plan(n_prompt, nb, nub)[1]) == n_prompt
 
 
 def test_median_ci_brackets_the_median() -> None:
     rng = random.Random(1)
     xs = [100 + rng.gauss(0, 5) for _ in range(30)]
-    med, lo, hi = batching.median_ci(xs)
+    med, lo, hi = median_ci(xs)
     assert lo <= med <= hi and hi - lo < 10
-    assert batching.median_ci([7.0]) == (7.0, None, None)  # one sample: no interval
-    assert batching.median_ci([]) == (None, None, None)
+    assert median_ci([7.0]) == (7.0, None, None)  # one sample: no interval
+    assert median_ci([]) == (None, None, None)
 
 
 # ---- tables and verdicts on synthetic rows ------------------------------------------------------------------------
@@ -99,7 +120,7 @@ def _grid_rows(speed):
 
 
 def test_batch_table_flags_clamps_and_identical_work() -> None:
-    t = batching.batch_table(_grid_rows(lambda n, nb, nub: 300.0))
+    t = batch_flash_attn.batch_table(_grid_rows(lambda n, nb, nub: 300.0))
     r = t[(t.n_prompt == 1024) & (t.n_batch == 2048) & (t.n_ubatch == 512)].iloc[0]
     assert r.n_batch_effective == 1024 and r.clamped == "n_batch 2048->1024"
     assert r.duplicate_of == "1024/512"  # llama.cpp ran the same configuration
@@ -118,8 +139,9 @@ def test_batch_table_flags_clamps_and_identical_work() -> None:
 
 
 def test_g3_verdict_follows_the_data() -> None:
-    study = batching.BatchFlashStudy(n_batch=[256, 512, 1024, 2048], n_ubatch=[256, 512])
-    faster = batching.verdict_batch(_grid_rows(lambda n, nb, nub: 400.0 if (nb, nub) == (1024, 512) else 300.0),
+    study = batch_flash_attn.BatchFlashStudy(n_batch=[256, 512, 1024, 2048], n_ubatch=[256, 512],
+                                         prompt_lengths=[256, 1024])
+    faster = batch_flash_attn.verdict_batch(_grid_rows(lambda n, nb, nub: 400.0 if (nb, nub) == (1024, 512) else 300.0),
                                     study, gpu_offload=False)
     assert faster.claim == "G3" and faster.verdict == SUPPORTED
     assert faster.effect == pytest.approx(4 / 3, rel=0.02)
@@ -127,14 +149,14 @@ def test_g3_verdict_follows_the_data() -> None:
     assert [p["n_prompt"] for p in faster.details["per_prompt"]] == [256, 1024]
     assert faster.details["per_prompt"][0]["same_work"] is True  # 256 tokens: both one call, one micro-batch
     assert faster.details["per_prompt"][1]["same_work"] is False
-    slower = batching.verdict_batch(_grid_rows(lambda n, nb, nub: 200.0 if (nb, nub) == (1024, 512) else 300.0),
+    slower = batch_flash_attn.verdict_batch(_grid_rows(lambda n, nb, nub: 200.0 if (nb, nub) == (1024, 512) else 300.0),
                                     study, gpu_offload=True)
     assert slower.verdict == REFUTED and slower.details["scope"] == "gpu" and "not testable" not in slower.reason
-    same = batching.verdict_batch(_grid_rows(lambda n, nb, nub: 300.0), study, gpu_offload=False)
+    same = batch_flash_attn.verdict_batch(_grid_rows(lambda n, nb, nub: 300.0), study, gpu_offload=False)
     assert same.verdict == NO_EFFECT
     failed = _grid_rows(lambda n, nb, nub: 300.0)
     failed["status"] = "error"
-    assert batching.verdict_batch(failed, study).verdict == NOT_TESTABLE
+    assert batch_flash_attn.verdict_batch(failed, study).verdict == NOT_TESTABLE
 
 
 def _flash_rows(on_factor):
@@ -150,15 +172,15 @@ def _flash_rows(on_factor):
 
 
 def test_g2_verdict_agreeing_and_mixed() -> None:
-    v = batching.verdict_flash(_flash_rows(lambda m, d: 1.3), gpu_offload=False)
+    v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: 1.3), gpu_offload=False)
     assert v.claim == "G2" and v.verdict == SUPPORTED and v.details["mixed"] is False
     assert len(v.details["comparisons"]) == 4
     # faster prompts, slower decode at depth: the deepest tg decides, the mix is stated
-    v = batching.verdict_flash(_flash_rows(lambda m, d: 1.3 if m == "pp" else (0.8 if d else 1.0)), gpu_offload=False)
+    v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: 1.3 if m == "pp" else (0.8 if d else 1.0)), gpu_offload=False)
     assert v.verdict == REFUTED and v.details["mixed"] is True and "mixed" in v.summary
     assert v.details["comparisons"][0]["verdict"] == SUPPORTED
-    assert batching.verdict_flash(pd.DataFrame()).verdict == NOT_TESTABLE
-    t = batching.flash_table(_flash_rows(lambda m, d: 1.0))
+    assert batch_flash_attn.verdict_flash(pd.DataFrame()).verdict == NOT_TESTABLE
+    t = batch_flash_attn.flash_table(_flash_rows(lambda m, d: 1.0))
     assert set(t.test) == {"pp128", "tg32"} and len(t) == 8
 
 
@@ -170,13 +192,13 @@ def test_planned_rows_drops_rows_of_other_parameters() -> None:
     sha = model_card("smollm2-135m").sha256
     keep = trial_key(sha, s, pp(64), 2)
     df = pd.DataFrame([{"trial_key": keep, "x": 1}, {"trial_key": trial_key(sha, s, pp(64), 3), "x": 2}])
-    out = batching.planned_rows(df, [s], [pp(64)], 2)
+    out = planned_rows(df, [s], [pp(64)], 2)
     assert list(out.x) == [1]
 
 
 def test_evidence_path_is_relative_to_outputs_root(tmp_path) -> None:
     out = tmp_path / "outputs" / "20_x"
-    assert batching.evidence_path(out / "figures" / "a.png", out) == "20_x/figures/a.png"
+    assert evidence_path(out / "figures" / "a.png", out) == "20_x/figures/a.png"
 
 
 # ---- depth tests on the real model (in process) ------------------------------------------------------------------
@@ -191,7 +213,7 @@ def test_pp_at_depth_rolls_back_to_the_depth(lm) -> None:
     import llama_cpp
 
     # 200 + 3 x 40 tokens would overflow n_ctx=256 unless every repetition starts again at depth 200
-    test = batching.depth_test("pp", 40, 200)
+    test = batch_flash_attn.depth_test("pp", 40, 200)
     row = measure.bench_engine(lm, test, repetitions=3)
     assert len(row["samples_ts"]) == 3 and all(x > 0 for x in row["samples_ts"])
     assert row["n_depth"] == 200 and row["n_prompt"] == 40
@@ -205,10 +227,10 @@ def test_pp_at_depth_rolls_back_to_the_depth(lm) -> None:
 def test_tg_at_depth_and_no_depth(lm) -> None:
     import llama_cpp
 
-    row = measure.bench_engine(lm, batching.depth_test("tg", 8, 100), repetitions=2)
+    row = measure.bench_engine(lm, batch_flash_attn.depth_test("tg", 8, 100), repetitions=2)
     assert row["n_gen"] == 8 and len(row["samples_ns"]) == 2
     assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(lm.ctx), 0) == 100 + 8 - 1
-    row = measure.bench_engine(lm, batching.depth_test("tg", 8, 0), repetitions=2)
+    row = measure.bench_engine(lm, batch_flash_attn.depth_test("tg", 8, 0), repetitions=2)
     assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(lm.ctx), 0) == 8 - 1
     assert math.isfinite(row["median_ts"]) and "depth_fill_ms" not in row
 
@@ -218,11 +240,11 @@ def test_depth_fill_is_paid_once_per_test(lm, monkeypatch) -> None:
     real = measure._decode_prompt
     monkeypatch.setattr(measure, "_decode_prompt", lambda m, n, rng: (calls.append(n), real(m, n, rng)))
     measure._clear_kv(lm.ctx)
-    row = measure.bench_engine(lm, batching.depth_test("tg", 4, 150), repetitions=4)
+    row = measure.bench_engine(lm, batch_flash_attn.depth_test("tg", 4, 150), repetitions=4)
     assert calls == [150] and row["depth_reused"] is False  # one fill; the runs only decode single tokens
     # the next test at a depth the cache already holds keeps those tokens: no fill at all
     calls.clear()
-    row = measure.bench_engine(lm, batching.depth_test("pp", 16, 120), repetitions=2)
+    row = measure.bench_engine(lm, batch_flash_attn.depth_test("pp", 16, 120), repetitions=2)
     assert calls == [16, 16, 16] and row["depth_reused"] is True and row["depth_fill_ms"] == 0
     # a pp test at depth 0 leaves its prompt in the cache: a tg at that depth reuses it, as pp256 -> tg32 @ d256
     measure.bench_engine(lm, measure.pp(100), repetitions=1)
@@ -232,26 +254,29 @@ def test_depth_fill_is_paid_once_per_test(lm, monkeypatch) -> None:
 
 def test_depth_test_refuses_what_does_not_fit_or_mixes_modes(lm) -> None:
     with pytest.raises(ValueError, match="smaller than the test pp100 @ d200"):
-        measure.bench_engine(lm, batching.depth_test("pp", 100, 200), repetitions=1)
+        measure.bench_engine(lm, batch_flash_attn.depth_test("pp", 100, 200), repetitions=1)
     with pytest.raises(ValueError):
-        batching.depth_test("pg", 8, 0)
+        batch_flash_attn.depth_test("pg", 8, 0)
 
 
-def test_verdict_strings_are_valid() -> None:
-    v = batching.verdict_flash(_flash_rows(lambda m, d: 1.0))
-    assert v.verdict in VERDICTS
+def test_equal_speeds_give_no_effect_at_every_depth() -> None:
+    v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: 1.0), gpu_offload=True)
+    assert v.verdict == NO_EFFECT and v.details["mixed"] is False and v.details["scope"] == "gpu"
+    assert all(c["verdict"] == NO_EFFECT and c["ci_low"] <= 1.0 <= c["ci_high"] for c in v.details["comparisons"])
+    assert v.metric.endswith("(all depths agree)") and v.details["n_depth"] == 1024 and v.details["test"] == "tg"
 
 
 def test_too_few_samples_give_no_verdict() -> None:
     """One sample per side makes a zero-width interval: a point estimate must not become a verdict."""
     df = _flash_rows(lambda m, d: 1.5)
     df["samples_ts"] = [s[:1] for s in df["samples_ts"]]
-    v = batching.verdict_flash(df, gpu_offload=True)
+    v = batch_flash_attn.verdict_flash(df, gpu_offload=True)
     assert v.verdict == NOT_TESTABLE and "too few samples" in v.reason
     assert v.details["comparisons"][0]["ratio"] == pytest.approx(1.5, rel=0.05)
     assert "point estimate" in v.summary
     rows = _grid_rows(lambda n, nb, nub: 400.0 if (nb, nub) == (1024, 512) else 300.0)
     rows["samples_ts"] = [s[:2] for s in rows["samples_ts"]]
-    study = batching.BatchFlashStudy(n_batch=[256, 512, 1024, 2048], n_ubatch=[256, 512])
-    g3 = batching.verdict_batch(rows, study, gpu_offload=False)
+    study = batch_flash_attn.BatchFlashStudy(n_batch=[256, 512, 1024, 2048], n_ubatch=[256, 512],
+                                         prompt_lengths=[256, 1024])
+    g3 = batch_flash_attn.verdict_batch(rows, study, gpu_offload=False)
     assert g3.verdict == NOT_TESTABLE and g3.details["per_prompt"][-1]["effect"] == pytest.approx(4 / 3, rel=0.02)

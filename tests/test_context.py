@@ -6,18 +6,11 @@ import math
 import pandas as pd
 import pytest
 
-from kit.studies import context_kv
-from kit.verdicts import paired_log_ratio
-from kit.config import SettingsError
+from kit.config import StudyConfigError
 from kit.models import model_card
-from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED
-
-
-def test_median_ci():
-    med, lo, hi = context.median_ci([1, 2, 3, 4, 100])
-    assert med == 3 and lo <= med <= hi
-    assert context.median_ci([5.0]) == (5.0, None, None)
-    assert context.median_ci([]) == (None, None, None)
+from kit.paths import DEFAULT_MODEL, REPO_ROOT
+from kit.studies import context_kv as context
+from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED, decide, paired_log_ratio
 
 
 def test_paired_ppl_ratio():
@@ -32,18 +25,28 @@ def test_paired_ppl_ratio():
         paired_log_ratio([1.0], [1.0, 2.0])
 
 
-def test_ppl_verdict_directions():
+def test_ppl_ratio_verdict_directions_follow_the_one_rule():
     base = [2.0, 2.5, 1.8, 2.2, 2.9, 2.1]
     worse = [x + 0.2 for x in base]
-    assert context.ppl_verdict("M2", worse, base, claimed="better").verdict == REFUTED
-    assert context.ppl_verdict("M2", worse, base, claimed="worse").verdict == SUPPORTED
+    v = context.ppl_ratio_verdict("M2", worse, base, claimed="better")
+    assert v.verdict == REFUTED and v.effect == pytest.approx(math.exp(0.2), abs=1e-4) and v.ci_low > 1
+    assert v.n_candidate == v.n_baseline == 6 and "paired over 6 chunks" in v.summary
+    assert context.ppl_ratio_verdict("M2", worse, base, claimed="worse").verdict == SUPPORTED
+    better = [x - 0.2 for x in base]
+    assert context.ppl_ratio_verdict("M2", better, base, claimed="better").verdict == SUPPORTED
     noisy = [x + (0.05 if i % 2 else -0.05) for i, x in enumerate(base)]
-    assert context.ppl_verdict("M2", noisy, base, claimed="better").verdict == NO_EFFECT
+    v = context.ppl_ratio_verdict("M2", noisy, base, claimed="better")
+    assert v.verdict == NO_EFFECT and v.ci_low < 1 < v.ci_high
+    # the label is kit.verdicts.decide's on the paired interval, lower perplexity being better
+    for cand in (worse, better, noisy):
+        _, lo, hi = paired_log_ratio(cand, base)
+        assert context.ppl_ratio_verdict("M2", cand, base, claimed="better").verdict == \
+            decide(lo, hi, claimed="better", higher_is_better=False)
 
 
 def test_study_excludes_beyond_train_and_says_so():
     s = context.ContextStudy(n_ctx_values=[512, 4096, 16384], depths=[0, 1024])
-    train = model_card("smollm2-135m").n_ctx_train
+    train = model_card(DEFAULT_MODEL).n_ctx_train
     assert s.beyond_train == [16384] and s.n_ctx_run == [512, 4096] and 16384 > train
     note = context.beyond_train_note(s)
     assert "16384" in note and str(train) in note and "not run" in note
@@ -57,12 +60,22 @@ def test_study_excludes_beyond_train_and_says_so():
     {"rope_freq_bases": [0]}, {"kv_depth": 2040}, {"repetitions": 0}, {"ppl_n_ctx": 4096},
 ])
 def test_study_validation(bad):
-    with pytest.raises(SettingsError):
+    with pytest.raises(StudyConfigError):
         context.ContextStudy(**bad)
 
 
+def test_defaults_are_the_notebook_values_and_resolve_from_the_repository_root():
+    s = context.ContextStudy()
+    assert s.n_ctx_values == [1024, 4096, 8192, 16384] and s.ppl_chunks == 3 and s.prompt_tokens == 128
+    assert s.n_ctx_run == [1024, 4096, 8192] and s.beyond_train == [16384] and s.depth_ctx == 8192
+    assert s.out_path == REPO_ROOT / "outputs" / "30_context_kv"
+    assert s.reference_path().is_relative_to(REPO_ROOT / "outputs" / "30_context_kv" / "cache")
+    assert all(context.ContextStudy.help()[name] for name in context.ContextStudy.defaults())
+
+
 def test_study_expansion():
-    s = context.ContextStudy(n_ctx_values=[512, 2048], depths=[0, 1024], kv_types=["f16", "q8_0", "q4_0"])
+    s = context.ContextStudy(n_ctx_values=[512, 2048], depths=[0, 1024], kv_types=["f16", "q8_0", "q4_0"],
+                             prompt_tokens=256, n_gen=64, fill_max_n_ctx=2048)
     cfgs, tests = s.allocated_plan()
     assert [c.n_ctx for c in cfgs] == [512, 2048]
     assert [t.name for t in tests] == ["memory_probe", "pp256+tg1", "tg64"]
@@ -107,6 +120,7 @@ def _alloc_rows(tg_small, tg_large, small=4096, large=8192):
 
 def test_m1_verdict():
     s = context.ContextStudy(n_ctx_values=[512, 4096, 8192, 16384], depths=[0, 2048])
+    assert s.depth_ctx == 8192
     v = context.m1_verdict(_alloc_rows([100, 101, 99, 100, 102], [100, 99, 101, 100, 98]), s)
     assert v.claim == "M1" and v.verdict == NO_EFFECT
     assert v.details["ttft"]["verdict"] == NO_EFFECT
@@ -128,3 +142,20 @@ def test_m2_verdict_from_rope_perplexity():
     assert v.claim == "M2" and v.verdict == REFUTED and v.effect > 1.3
     assert "damages" in v.summary and "n_ctx_train" in v.summary
     assert v.details["model_rope_freq_base"] == s.card.rope_freq_base
+
+
+def test_tables_on_synthetic_rows():
+    s = context.ContextStudy(n_ctx_values=[4096, 8192], depths=[0, 2048])
+    df = _alloc_rows([100, 101, 99, 100, 102], [90, 91, 89, 90, 92])
+    t = context.allocated_table(df, s).set_index("n_ctx")
+    assert list(t.index) == [4096, 8192]
+    assert t.loc[4096, "tg_ts"] == 100 and t.loc[8192, "tg_ts"] == 90
+    assert t.loc[4096, "ttft_ms"] == pytest.approx(100.0) and t.loc[4096, "ttft_ci"].startswith("[")
+    assert t.loc[8192, "kv_mib_computed"] == pytest.approx(2 * t.loc[4096, "kv_mib_computed"], rel=0.01)
+    d = context.depth_table(df)
+    assert list(zip(d["depth"], d["median_ts"])) == [(0, 100.0), (2048, 60.0)] and set(d["n_ctx"]) == {8192}
+    fill = pd.DataFrame([{"part": "fill", "status": "ok", "n_ctx": 1024, "n_prompt": 920, "test_kind": "pg",
+                          "samples_ns": [2_000_000_000, 2_100_000_000, 1_900_000_000]}])
+    f = context.fill_table(fill)
+    assert f.loc[0, "ttft_ms"] == pytest.approx(2000.0) and f.loc[0, "prompt_ts"] == pytest.approx(460.0)
+    assert context.fill_table(pd.DataFrame()).empty and context.allocated_table(pd.DataFrame(), s).empty

@@ -4,12 +4,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from kit.data import load_prompts
-from kit.studies import generation as gen
-from kit.config import Settings, SettingsError
+from kit.config import Settings, SettingsError, StudyConfigError
+from kit.data import PROMPTS_PATH, load_prompts
 from kit.measure import Test as KitTest, load_model
+from kit.paths import PROMPTS_FILE
 from kit.results import read_rows
-from kit.verdicts import NOT_TESTABLE
+from kit.studies import generation as gen
+from kit.verdicts import NOT_TESTABLE, SUPPORTED
 
 
 # ---- prompts and text ---------------------------------------------------------------------------------------------
@@ -21,6 +22,8 @@ def test_prompt_set_is_valid_and_ordered():
     assert load_prompts(n=3) == prompts[:3]
     with pytest.raises(ValueError):
         load_prompts(n=len(prompts) + 1)
+    assert load_prompts(PROMPTS_PATH) == prompts  # a relative path is taken from the repository root
+    assert (PROMPTS_FILE.parent.parent / PROMPTS_PATH) == PROMPTS_FILE
 
 
 def test_load_prompts_rejects_a_bad_file(tmp_path):
@@ -46,12 +49,16 @@ def test_text_stats():
 
 # ---- the study config ----------------------------------------------------------------------------------------------
 def test_study_validation_fails_early():
-    with pytest.raises(SettingsError, match="temperature"):
+    with pytest.raises(StudyConfigError, match="temperature"):
         gen.GenerationStudy(temperatures=[-1.0])
-    with pytest.raises(SettingsError, match="top_p"):
+    with pytest.raises(StudyConfigError, match="top_p"):
         gen.GenerationStudy(top_ps=[1.5])
-    with pytest.raises(SettingsError, match="must be a list"):
+    with pytest.raises(StudyConfigError, match="expected list"):
         gen.GenerationStudy(temperatures="0.1")
+    with pytest.raises(StudyConfigError, match="repetitions"):
+        gen.GenerationStudy(repetitions="abc")
+    with pytest.raises(StudyConfigError, match="caps"):
+        gen.GenerationStudy(caps=[64, 0, 512])
     with pytest.raises(SettingsError, match="n_ctx"):
         gen.GenerationStudy(caps=[64, 4096], n_ctx=2048)
     with pytest.raises(SettingsError, match="n_unlimited_prompts"):
@@ -62,8 +69,16 @@ def test_study_validation_fails_early():
         gen.GenerationStudy(n_prompts=99)
 
 
+def test_defaults_are_what_make_study_runs():
+    st = gen.GenerationStudy()
+    assert st.temperatures == [0.0] and st.caps == [64, 512] and st.sweep_max_tokens == 48 and st.n_ctx == 1024
+    assert list(st.sampling_variants()) == ["guide", "default", "temperature=0.0", "repeat_penalty=1.1"]
+    assert st.out_path.is_absolute() and st.out_path.parts[-2:] == ("outputs", "70_generation")
+
+
 def test_sampling_variants_and_tests():
-    st = gen.GenerationStudy(temperatures=[0.0, 0.8], top_ps=[0.9], top_ks=[], repeat_penalties=[1.1])
+    st = gen.GenerationStudy(temperatures=[0.0, 0.8], top_ps=[0.9], top_ks=[], repeat_penalties=[1.1],
+                             caps=[64, 128, 256, 512])
     v = st.sampling_variants()
     assert list(v)[:2] == ["guide", "default"]
     assert v["guide"] == gen.GUIDE_SAMPLING
@@ -102,6 +117,11 @@ def test_sampling_test_greedy_is_deterministic_and_truncated(lm):
     assert all(r["n_gen_tokens"] >= 10 for r in row["requests"])
     assert 0.5 < row["decode_ms_per_token"] < 2000
     assert 5 < row["median_ts"] < 2000
+    # the row's speed columns come from kit.measure.requests_row, decode speed: 1000 / mean ITL per request
+    assert row["samples_ts"] == pytest.approx([1e3 / x for x in row["samples_decode_ms_per_token"]], rel=1e-3)
+    assert row["samples_n_gen_tokens"] == [r["n_gen_tokens"] for r in row["requests"]]
+    assert row["finish_reasons"] == {"length": 4} and row["n_empty"] == 0
+    assert all(0 < r["itl_p50_ms"] <= r["itl_p95_ms"] for r in row["requests"])
     # llama.cpp's decode is part of the per-token latency, not more than it
     assert row["engine_decode_ms_per_token"] <= row["decode_ms_per_token"] * 1.25
     assert len(row["samples_ts"]) == 4 and all(r["text"] for r in row["requests"])
@@ -187,13 +207,22 @@ def test_s2_verdict_counts_latency_and_truncation():
     assert v.details["unlimited_max_tokens_seen"] == 1500
 
 
-def test_s1_verdict_same_speed_is_no_effect():
+def _s1_rows(guide_ts: list[float]):
     base = {"status": "ok", "samples_n_gen_tokens": [100, 120, 80, 90], "samples_e2e_ms": [900.0, 1000, 800, 850],
             "decode_ms_per_token": 8.0, "overhead_ms_per_token": 1.0, "max_tokens": 128}
-    df = pd.DataFrame([{**base, "label": "guide", "samples_ts": [120.0, 121, 119, 120.5, 119.5]},
-                       {**base, "label": "default", "samples_ts": [120.2, 120.8, 119.2, 120.1, 119.9]}])
+    return pd.DataFrame([{**base, "label": "guide", "samples_ts": guide_ts},
+                         {**base, "label": "default", "samples_ts": [120.2, 120.8, 119.2, 120.1, 119.9]}])
+
+
+def test_s1_verdict_same_speed_is_no_effect():
+    df = _s1_rows([120.0, 121, 119, 120.5, 119.5])
     v = gen.s1_verdict(df, equivalence=0.03)
     assert v.verdict == "no measurable effect"
     assert v.details["output_tokens_ratio"] == 1.0
     v = gen.s1_verdict(df[df["label"] == "guide"])
     assert v.verdict == NOT_TESTABLE
+
+
+def test_s1_verdict_faster_guide_is_supported():
+    v = gen.s1_verdict(_s1_rows([150.0, 151, 149, 150.5, 149.5]), equivalence=0.03)
+    assert v.verdict == SUPPORTED and v.ci_low > 1.2 and v.effect == pytest.approx(150.0 / 120.1, rel=1e-3)

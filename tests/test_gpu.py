@@ -1,4 +1,5 @@
-"""Tests for kit.gpu against a fake NVML, plus the real pynvml on a GPU-less machine."""
+"""Tests for kit.gpu (NVML inventory and sampler) and kit.search's pure bisections against a fake NVML, plus the
+real pynvml on a GPU-less machine."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kit import gpu
+from kit import gpu, search
 
 MIB = 1024 * 1024
 
@@ -312,7 +313,7 @@ def max_probes(n_candidates: int) -> int:
 def test_layer_search_finds_exact_threshold(n_layers: int, k_frac: float) -> None:
     k = round(k_frac * n_layers)
     probe, calls = oom_above(k)
-    res = gpu.find_optimal_gpu_layers(probe, n_layers, vram_limit_mb=1e9)
+    res = search.bisect_gpu_layers(probe, n_layers, vram_limit_mb=1e9)
     assert res["best_n_gpu_layers"] == k
     assert calls[0] == n_layers  # all layers are tried first
     assert len(calls) == len(res["probes"]) <= max_probes(n_layers + 1)
@@ -324,14 +325,14 @@ def test_layer_search_finds_exact_threshold(n_layers: int, k_frac: float) -> Non
 
 def test_layer_search_all_layers_fit_costs_one_probe() -> None:
     probe, calls = oom_above(99)
-    res = gpu.find_optimal_gpu_layers(probe, 40, vram_limit_mb=1e9)
+    res = search.bisect_gpu_layers(probe, 40, vram_limit_mb=1e9)
     assert res["best_n_gpu_layers"] == 40 and calls == [40]
     assert res["reason"].startswith("all fits")
 
 
 def test_layer_search_nothing_fits() -> None:
     probe, _ = oom_above(-1)
-    res = gpu.find_optimal_gpu_layers(probe, 32, vram_limit_mb=1e9)
+    res = search.bisect_gpu_layers(probe, 32, vram_limit_mb=1e9)
     assert res["best_n_gpu_layers"] is None
     assert res["probes"][-1]["n_gpu_layers"] == 0
     assert "nothing fits" in res["reason"]
@@ -341,7 +342,7 @@ def test_layer_search_other_failures_count_as_not_fitting() -> None:
     def probe(n: int) -> dict[str, Any]:
         return {"status": "ok" if n <= 10 else ("crashed" if n % 2 else "timeout")}
 
-    res = gpu.find_optimal_gpu_layers(probe, 32, vram_limit_mb=1e9)
+    res = search.bisect_gpu_layers(probe, 32, vram_limit_mb=1e9)
     assert res["best_n_gpu_layers"] == 10
 
 
@@ -355,7 +356,7 @@ def vram_growing(base_mb: float, per_layer_mb: float) -> Any:
 
 
 def test_layer_search_respects_explicit_vram_limit() -> None:
-    res = gpu.find_optimal_gpu_layers(vram_growing(300, 200), 32, vram_limit_mb=4000)
+    res = search.bisect_gpu_layers(vram_growing(300, 200), 32, vram_limit_mb=4000)
     assert res["best_n_gpu_layers"] == 18  # 300 + 200*18 = 3900 <= 4000 < 4100
     assert res["vram_limit_mb"] == 4000
     over = [p for p in res["probes"] if p["over_limit"]]
@@ -366,14 +367,14 @@ def test_layer_search_respects_explicit_vram_limit() -> None:
 
 def test_layer_search_default_limit_is_free_vram_minus_margin() -> None:
     fake = FakeNvml(total_mb=8192, base_used_mb=1024)  # 7168 MiB free
-    res = gpu.find_optimal_gpu_layers(vram_growing(500, 200), 40, margin_mb=512, nvml=fake)
+    res = search.bisect_gpu_layers(vram_growing(500, 200), 40, margin_mb=512, nvml=fake)
     assert res["vram_limit_mb"] == 7168 - 512
     assert res["best_n_gpu_layers"] == 30  # 500 + 200*30 = 6500 <= 6656 < 6700
 
 
 def test_layer_search_without_gpu_is_not_testable() -> None:
     probe, calls = oom_above(10)
-    res = gpu.find_optimal_gpu_layers(probe, 32, nvml=NoGpuNvml())
+    res = search.bisect_gpu_layers(probe, 32, nvml=NoGpuNvml())
     assert res == {
         "best_n_gpu_layers": 0,
         "n_layers": 32,
@@ -399,7 +400,7 @@ def test_context_search_finds_exact_threshold(threshold_index: int) -> None:
         return {"status": "ok" if n_ctx <= limit_ctx else "oom"}
 
     shuffled = [4096, 512, 131072, 1024, 65536, 2048, 16384, 8192, 32768, 4096]
-    res = gpu.find_max_context(probe, shuffled, vram_limit_mb=1e9)
+    res = search.bisect_context(probe, shuffled, vram_limit_mb=1e9)
     assert res["n_ctx_candidates"] == CTX  # sorted, deduplicated
     assert res["best_n_ctx"] == (limit_ctx or None)
     assert calls[0] == CTX[-1]
@@ -409,7 +410,7 @@ def test_context_search_finds_exact_threshold(threshold_index: int) -> None:
 
 def test_context_search_respects_vram_limit() -> None:
     # 2000 MiB of weights plus a KV cache of 0.125 MiB per token
-    res = gpu.find_max_context(
+    res = search.bisect_context(
         lambda c: {"status": "ok", "vram_peak_mb": 2000 + c / 8}, CTX, vram_limit_mb=6500
     )
     assert res["best_n_ctx"] == 32768  # 2000 + 4096 = 6096; 65536 -> 10192
@@ -418,24 +419,24 @@ def test_context_search_respects_vram_limit() -> None:
 
 def test_context_search_default_limit_and_no_gpu() -> None:
     probe = lambda c: {"status": "ok", "vram_peak_mb": 2000 + c / 8}  # noqa: E731
-    res = gpu.find_max_context(probe, CTX, nvml=FakeNvml(base_used_mb=1024), margin_mb=512)
+    res = search.bisect_context(probe, CTX, nvml=FakeNvml(base_used_mb=1024), margin_mb=512)
     assert res["vram_limit_mb"] == 6656 and res["best_n_ctx"] == 32768
-    res = gpu.find_max_context(probe, CTX, nvml=NoGpuNvml())
+    res = search.bisect_context(probe, CTX, nvml=NoGpuNvml())
     assert res["best_n_ctx"] is None and res["probes"] == []
     assert res["reason"] == "not testable here: no GPU"
 
 
 def test_bisection_helper_is_shared(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
-    real = gpu.largest_fitting
+    real = search.largest_fitting
 
     def spy(candidates: Any, fits: Any) -> Any:
         seen.append(len(candidates))
         return real(candidates, fits)
 
-    monkeypatch.setattr(gpu, "largest_fitting", spy)
-    gpu.find_optimal_gpu_layers(oom_above(5)[0], 32, vram_limit_mb=1e9)
-    gpu.find_max_context(lambda c: {"status": "ok"}, CTX, vram_limit_mb=1e9)
+    monkeypatch.setattr(search, "largest_fitting", spy)
+    search.bisect_gpu_layers(oom_above(5)[0], 32, vram_limit_mb=1e9)
+    search.bisect_context(lambda c: {"status": "ok"}, CTX, vram_limit_mb=1e9)
     assert seen == [33, len(CTX)]
 
 
@@ -470,5 +471,5 @@ def test_real_pynvml_reports_no_gpu_without_raising() -> None:
     with gpu.GpuSampler(interval_s=0.01) as sampler:
         pass
     assert sampler.summary == dict.fromkeys(gpu.SUMMARY_KEYS)
-    res = gpu.find_optimal_gpu_layers(lambda n: {"status": "ok"}, 32)
+    res = search.bisect_gpu_layers(lambda n: {"status": "ok"}, 32)
     assert res["best_n_gpu_layers"] == 0 and res["reason"] == "not testable here: no GPU"

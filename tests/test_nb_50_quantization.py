@@ -1,117 +1,21 @@
-"""kit.quantize (ladder, fallbacks, cache, Pareto front, Q1/Q2 verdicts) and a papermill smoke run of notebook 50."""
+"""A smoke run of notebook 50 (quantization) with quick.json's parameters on the real model, through conftest's
+run_notebook. The module's unit tests are in test_quantization.py."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from kit.studies import quantization as qz
-from kit.config import SettingsError
-from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, VERDICTS, read_verdicts
+from kit.verdicts import NOT_TESTABLE, read_verdicts
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.notebook
 
 
-# ---- config -------------------------------------------------------------------------------------------------------
-def test_config_validates_and_puts_the_reference_first():
-    cfg = qz.QuantStudy(types=["Q4_0", "Q8_0"])
-    assert cfg.types == ["F16", "Q4_0", "Q8_0"]
-    assert cfg.n_ctx >= max(cfg.ppl_n_ctx, cfg.n_prompt + cfg.n_gen)
-    with pytest.raises(SettingsError, match="unknown quantization type"):
-        qz.QuantStudy(types=["Q4_K_X"])
-    with pytest.raises(SettingsError, match="list"):
-        qz.QuantStudy(types="Q4_0")
-    with pytest.raises(SettingsError, match="repetitions"):
-        qz.QuantStudy(repetitions=0)
-    with pytest.raises(Exception, match="no such file"):
-        qz.QuantStudy(model="/nonexistent/model.gguf")
-
-
-def test_parse_fallbacks_reads_llama_cpp_warnings():
-    log = ("warning: blk.0.attn_q.weight                 - ncols    576 not divisible by 256 (required for type    q4_K)"
-           " -> falling back to    q5_0\n"
-           "llama_model_quantize_impl: WARNING: 1 of 272 tensor(s) required fallback quantization\n")
-    fb = qz.parse_fallbacks(log)
-    assert fb["n_fallback"] == 1 and fb["n_tensors"] == 272
-    assert fb["fallbacks"] == [{"tensor": "blk.0.attn_q.weight", "ncols": 576, "wanted": "q4_K", "used": "q5_0"}]
-
-
-# ---- the ladder on the real model -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def small_ladder(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("quantized")
-    return cache, qz.build_ladder("smollm2-135m", ["Q4_K_M", "Q4_0"], cache_dir=cache, progress=False)
-
-
-def test_ladder_files_sizes_and_fallbacks(small_ladder, capfd):
-    cache, ladder = small_ladder
-    assert [l["quant_type"] for l in ladder] == ["F16", "Q4_K_M", "Q4_0"]
-    by = {l["quant_type"]: l for l in ladder}
-    assert 15.5 < by["F16"]["bits_per_weight"] < 16.5 and by["F16"]["n_fallback"] == 0
-    assert 4.4 < by["Q4_0"]["bits_per_weight"] < 7.0
-    assert by["Q4_0"]["size_bytes"] < by["Q4_K_M"]["size_bytes"] < by["F16"]["size_bytes"]
-    # rows of 576 are not divisible by 256: most of "Q4_K_M" is not Q4_K on this model, and we say so
-    assert by["Q4_K_M"]["n_fallback"] > 50 and by["Q4_K_M"]["base_type_share_pct"] < 50
-    assert sum(by["Q4_K_M"]["tensor_types"].values()) == by["Q4_K_M"]["n_tensors"]
-    assert all(l["reference_dequantized"] for l in ladder)  # the bundled source is Q4_1
-    assert "dequantized from a Q4_1" in qz.reference_note(ladder)
-    assert Path(by["Q4_K_M"]["log"]).stat().st_size > 0
-    # a second call reuses the cache: nothing rebuilt, nothing printed
-    t0 = time.perf_counter()
-    again = qz.build_ladder("smollm2-135m", ["Q4_K_M", "Q4_0"], cache_dir=cache, progress=False)
-    assert all(l["cached"] for l in again) and time.perf_counter() - t0 < 30
-    out, err = capfd.readouterr()
-    assert "llama_model_quantize" not in out + err and "ncols" not in out + err
-
-
-# ---- Pareto front and verdicts on constructed tables ----------------------------------------------------------------
-def _table(spec):
-    rows = []
-    for q, tg, kld, size in spec:
-        rows.append({"quant_type": q, "tg_ts": tg, "tg_samples": [tg * f for f in (0.99, 1.0, 1.01, 1.0, 0.995)],
-                     "kld_mean": kld, "kld_stderr": kld * 0.02, "size_mib": size})
-    return pd.DataFrame(rows)
-
-
-def test_pareto_front_and_q2_refuted_when_a_recommendation_is_clearly_dominated():
-    t = _table([("F16", 50, 0.0, 258), ("Q8_0", 80, 0.005, 138), ("Q5_K_M", 90, 0.02, 110),
-                ("Q4_K_M", 95, 0.05, 100), ("Q4_0", 120, 0.04, 87), ("Q3_K_M", 130, 0.2, 80)])
-    assert set(qz.pareto_front(t)) == {"F16", "Q8_0", "Q5_K_M", "Q4_0", "Q3_K_M"}
-    v = qz.recommendation_verdict(t)
-    assert v.verdict == REFUTED and "Q4_K_M" in v.summary
-    assert v.details["clear_dominators"]["Q4_K_M"][0]["by"] == "Q4_0"
-
-
-def test_q2_supported_when_recommendations_are_on_the_front():
-    t = _table([("F16", 50, 0.0, 258), ("Q5_K_M", 90, 0.02, 110), ("Q4_K_M", 100, 0.04, 100),
-                ("Q3_K_M", 130, 0.2, 80)])
-    assert qz.recommendation_verdict(t).verdict == SUPPORTED
-
-
-def test_q1_order_verdicts():
-    guide = list(qz.GUIDE_SPEED_ORDER)
-    fast_first = _table([(q, 200 - 20 * i, 0.01 * (6 - i), 100) for i, q in enumerate(guide)])
-    assert qz.speed_order_verdict(fast_first).verdict == SUPPORTED
-    reversed_ = _table([(q, 100 + 20 * i, 0.01, 100) for i, q in enumerate(guide)])
-    v = qz.speed_order_verdict(reversed_)
-    assert v.verdict == REFUTED and v.ci_high < 0
-    flat = qz.speed_order_verdict(_table([(q, 100, 0.01, 100) for q in guide]))
-    assert flat.verdict == NO_EFFECT  # no pair reversed, none separated
-    assert qz.speed_order_verdict(_table([("Q4_0", 1, 0.1, 1)])).verdict == NOT_TESTABLE
-
-
-# ---- the notebook -------------------------------------------------------------------------------------------------
-def test_notebook_50_quantization_smoke(tmp_path):
-    pm = pytest.importorskip("papermill")
-    out_dir = tmp_path / "outputs" / "50_quantization"
-    executed = tmp_path / "50.ipynb"
-    params = dict(types=["F16", "Q8_0", "Q4_0"], repetitions=2, n_prompt=16, n_gen=4, ppl_n_ctx=32, ppl_chunks=2,
-                  out_dir=str(out_dir), cache_dir=str(tmp_path / "cache"))
-    pm.execute_notebook(str(REPO / "notebooks" / "50_quantization.ipynb"), str(executed), parameters=params,
-                        cwd=str(REPO), kernel_name="python3", progress_bar=False)
+def test_notebook_50_quantization_smoke(tmp_path, run_notebook):
+    run = run_notebook("50_quantization", cache_dir=str(tmp_path / "cache"))
+    out_dir = run.out
     table = pd.read_csv(out_dir / "table.csv")
     assert list(table["quant_type"]) == ["F16", "Q8_0", "Q4_0"]
     assert table["errors"].isna().all(), table["errors"]  # empty cells: no test failed
@@ -122,11 +26,13 @@ def test_notebook_50_quantization_smoke(tmp_path):
     assert q4["kld_mean"] > 0 and q4["size_mib"] < ref["size_mib"] and 1 < q4["ppl"] < 1e4
     assert (out_dir / "figures" / "pareto.png").stat().st_size > 0
     v = {d["claim"]: d for d in read_verdicts(out_dir)}
-    assert set(v) == {"Q1", "Q2"} and all(d["verdict"] in VERDICTS for d in v.values())
-    assert v["Q1"]["verdict"] == NOT_TESTABLE  # only one of the guide's ordered types in the smoke ladder
-    assert v["Q2"]["verdict"] == NOT_TESTABLE  # none of the recommended types in the smoke ladder
-    text = executed.read_text()
-    assert "dequantized from a Q4_1" in text
-    assert "ncols" not in text  # the quantizer's per-tensor output stayed in the log
+    assert set(v) == {"Q1", "Q2"}
+    assert v["Q1"]["verdict"] == NOT_TESTABLE and "an order needs at least 3" in v["Q1"]["reason"]
+    assert v["Q2"]["verdict"] == NOT_TESTABLE and "none of the recommended types" in v["Q2"]["reason"]
+    assert v["Q1"]["evidence"] == ["50_quantization/figures/pareto.png", "50_quantization/results.jsonl",
+                                   "50_quantization/table.csv"]
+    assert "dequantized from a Q4_1" in run.text
+    assert "ncols" not in run.executed.read_text()  # the quantizer's per-tensor output stayed in the log
     ladder = json.loads((out_dir / "ladder.json").read_text())
     assert {l["quant_type"] for l in ladder} == {"F16", "Q8_0", "Q4_0"}
+    assert all((tmp_path / "cache") in Path(l["path"]).parents for l in ladder)

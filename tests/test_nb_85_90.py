@@ -1,64 +1,66 @@
-"""Smoke runs of notebooks 85 (auto-tune, profiles) and 90 (findings) with tiny parameters, headless."""
+"""Smoke runs of notebook 90 (findings): it reads verdict files only, from any working directory.
+(Notebook 85's test is in test_nb_85_autotune.py.)"""
 import json
+import shutil
+import uuid
 from pathlib import Path
 
-import papermill as pm
 import pytest
 
-from kit import Settings
-from kit.runner import load_quick
-from kit.verdicts import VERDICTS
-
-REPO = Path(__file__).resolve().parent.parent
+from kit import verdicts
+from kit.paths import NOTEBOOKS_DIR, REPO_ROOT
 
 
-def _run(stem: str, out: Path, params: dict) -> None:
-    pm.execute_notebook(str(REPO / "notebooks" / f"{stem}.ipynb"), str(out / f"{stem}.executed.ipynb"),
-                        parameters=params, kernel_name="python3", cwd=str(REPO), progress_bar=False)
+def _verdict_files(root: Path) -> None:
+    """A study folder with real verdicts (written through kit.verdicts, as a study writes them)."""
+    d = root / "20_batch_flash_attn"
+    g3 = verdicts.compare("G3", [110, 112, 111, 113, 109], [100, 101, 99, 100, 102], metric="pp t/s ratio")
+    verdicts.write_verdicts(d, [g3, verdicts.not_testable("G2", "this llama.cpp build has no GPU offload")])
 
 
-def test_90_renders_with_no_studies(tmp_path):
+def _markdown(run) -> str:
+    """The Markdown the executed notebook displayed (display(Markdown(...)) has no plain-text form)."""
+    nb = json.loads(run.executed.read_text())
+    return "\n".join("".join(o.get("data", {}).get("text/markdown", "")) for c in nb["cells"]
+                     for o in c.get("outputs", []))
+
+
+@pytest.mark.notebook
+def test_90_renders_with_no_studies(run_notebook, tmp_path):
     root = tmp_path / "empty"
-    _run("90_findings", tmp_path, {"out_root": str(root), "out_dir": str(root / "90_findings")})
+    run = run_notebook("90_findings", out_dir=root / "90_findings", out_root=str(root))
     md = (root / "90_findings" / "findings.md").read_text()
     assert "| G1 | not run |" in md and "| X4 | not run |" in md
     assert (root / "90_findings" / "figures" / "effects.png").exists()
+    assert "**24 claims:** 24 not run" in _markdown(run) and "0 of 8 items" in _markdown(run)
 
 
-@pytest.fixture(scope="module")
-def after_85(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    params = dict(load_quick(REPO / "notebooks" / "quick.json")["85_autotune"])
-    params.update(out_dir=str(root / "85_autotune"), profiles_dir=str(root / "profiles"))
-    _run("85_autotune", root, params)
-    return root
+@pytest.mark.notebook
+def test_90_reads_verdicts_and_marks_the_rest_not_run(run_notebook, tmp_path):
+    root = tmp_path / "study"
+    _verdict_files(root)
+    run = run_notebook("90_findings", out_dir=root / "90_findings", out_root=str(root))
+    md = (root / "90_findings" / "findings.md").read_text()
+    g3 = [line for line in md.splitlines() if line.startswith("| G3 |")]
+    assert g3 and "| supported |" in g3[0] and "20_batch_flash_attn" in g3[0] and "1.1" in g3[0]
+    assert "| G2 | not testable here |" in md and "| G1 | not run |" in md
+    checklist = json.loads((root / "90_findings" / "findings.json").read_text())["checklist"]
+    by = {c["item"]: c for c in checklist}
+    assert by["Tune n_batch for your GPU"]["ticked"] and not by["Test different quantizations"]["ticked"]
+    assert "1 of 8 items" in _markdown(run) and "1 supported" in _markdown(run)
 
 
-def test_85_writes_verdicts_profiles_and_figure(after_85):
-    d = after_85 / "85_autotune"
-    vs = {v["claim"]: v for v in json.loads((d / "verdicts.json").read_text())["verdicts"]}
-    assert set(vs) == {"X1", "X2", "X3", "X4"}
-    for v in vs.values():
-        assert v["verdict"] in VERDICTS
-        assert v["summary"]
-    assert vs["X4"]["details"]["refusals"] is not None
-    assert "ratios" in vs["X2"]["details"] or vs["X2"]["verdict"] == "not testable here"
-    assert (d / "figures" / "autotune_profiles.png").exists()
-    tune = json.loads((d / "autotune.json").read_text())
-    assert tune["confirmed"] and all(c["status"] for c in tune["confirmed"])
-    for name in ("speed", "balanced", "quality"):
-        p = after_85 / "profiles" / f"{name}.env"
-        s = Settings.from_dotenv(p)
-        assert s.n_ctx >= s.max_context_length
-        assert "tokens/s" in p.read_text() and "trial_key" in p.read_text()
-    rows = [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]
-    req = [r for r in rows if r.get("test_kind") == "kit.studies.autotune:rag_request_test" and r["status"] == "ok"]
-    assert req and all(r["ttft_ms"] > 0 and r["median_ts"] > 0 for r in req)
-
-
-def test_90_reads_85_and_marks_the_rest_not_run(after_85, tmp_path):
-    _run("90_findings", tmp_path, {"out_root": str(after_85), "out_dir": str(after_85 / "90_findings")})
-    md = (after_85 / "90_findings" / "findings.md").read_text()
-    assert "| G1 | not run |" in md
-    x3 = [line for line in md.splitlines() if line.startswith("| X3 |")]
-    assert x3 and "not run" not in x3[0] and "85_autotune" in x3[0]
+@pytest.mark.notebook
+def test_90_run_from_the_notebooks_folder_writes_under_the_repo_root(run_notebook):
+    # JupyterLab starts a kernel in notebooks/: relative output paths must still land in <repo>/outputs/...
+    rel = f"outputs/_test_cwd_{uuid.uuid4().hex[:8]}"
+    try:
+        _verdict_files(REPO_ROOT / rel)
+        run_notebook("90_findings", cwd=NOTEBOOKS_DIR, out_dir=f"{rel}/90_findings", out_root=rel)
+        assert (REPO_ROOT / rel / "90_findings" / "findings.md").exists()
+        assert (REPO_ROOT / rel / "90_findings" / "figures" / "effects.png").exists()
+        assert "| G3 | supported |" in (REPO_ROOT / rel / "90_findings" / "findings.md").read_text()
+        assert not (NOTEBOOKS_DIR / rel).exists()
+    finally:
+        shutil.rmtree(REPO_ROOT / rel, ignore_errors=True)
+        shutil.rmtree(NOTEBOOKS_DIR / rel, ignore_errors=True)

@@ -7,11 +7,12 @@ import pstats
 import pandas as pd
 import pytest
 
-from kit.studies import profiling as prof
-from kit.config import Settings, SettingsError
+from kit.config import Settings, StudyConfigError
 from kit.data import load_prompts
 from kit.measure import Test as KitTest, load_model
-from kit.verdicts import VERDICTS
+from kit.paths import REPO_ROOT
+from kit.studies import profiling as prof
+from kit.verdicts import NOT_TESTABLE, decide
 
 
 def test_expose_native_calls_wraps_and_restores():
@@ -40,17 +41,23 @@ def test_names_and_categories():
     assert prof.categorize((prof.NATIVE_FILE, 1, "llama_n_ctx")) == "llama.cpp: other native calls"
     assert prof.categorize(("/s/site-packages/llama_cpp/_internals.py", 328, "decode")).startswith("llama_cpp: _int")
     assert prof.categorize(("/s/site-packages/jinja2/runtime.py", 1, "f")) == "jinja2: chat template"
-    assert prof.categorize((prof.__file__.replace("profiling.py", "measure.py"), 1, "stream_chat")) == "kit"
+    assert prof.categorize((str(REPO_ROOT / "kit" / "measure.py"), 1, "stream_chat")) == "kit"
+    assert prof.categorize((prof.__file__, 1, "profile_test")) == "kit"  # kit/studies/ is the kit too
+    assert prof.short_name((str(REPO_ROOT / "kit" / "measure.py"), 338, "stream_chat")) == "kit/measure.py:338(stream_chat)"
     assert set(prof.CATEGORY_ORDER) >= {prof.categorize(k) for k in [("~", 0, "x"), ("/a/b.py", 1, "f")]}
 
 
 def test_study_validation():
-    with pytest.raises(SettingsError, match="prompt_index"):
+    with pytest.raises(StudyConfigError, match="prompt_index"):
         prof.ProfilingStudy(prompt_index=99)
-    with pytest.raises(SettingsError, match="max_tokens"):
+    with pytest.raises(StudyConfigError, match="max_tokens"):
         prof.ProfilingStudy(max_tokens=4096, n_ctx=2048)
-    kinds = [t.kind for t in prof.ProfilingStudy().tests()]
-    assert kinds == ["tg", prof.PROFILE_KIND]
+    with pytest.raises(StudyConfigError, match="top_n"):
+        prof.ProfilingStudy(top_n=0)
+    st = prof.ProfilingStudy()
+    tests = st.tests()
+    assert [t.kind for t in tests] == ["tg", prof.PROFILE_KIND] and st.max_tokens == 64
+    assert tests[1].params["prof_dir"] == str(st.out_path)  # absolute, from the repository root
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +78,10 @@ def test_profile_test_on_the_real_model(profiled):
     assert (out / prof.PLAIN_PROF).exists() and (out / prof.NATIVE_PROF).exists()
     assert row["all_same_tokens"]  # same prompt and seed: the three variants did the same work
     assert len(row["samples_wall_ms"]) == len(row["samples_wall_cprofile_ms"]) == 3
+    # the unprofiled requests' columns come from kit.measure.requests_row (decode speed: 1000 / mean ITL)
+    assert row["samples_e2e_ms"] == row["samples_wall_ms"] and row["n_requests"] == 3
+    assert row["samples_ts"] == pytest.approx([1e3 / x for x in row["samples_decode_ms_per_token"]], rel=1e-3)
+    assert 0 < row["engine_decode_ms_per_token"] <= row["decode_ms_per_token"] * 1.25
     # plain cProfile: the wrapper's self time is llama_decode's time, as llama.cpp's own timer says
     for r in row["samples_cprofile_decode_ratio"]:
         assert 0.8 < r < 1.25, row["samples_cprofile_decode_ratio"]
@@ -108,6 +119,12 @@ def test_tables_and_verdict(profiled):
     assert gap["ms_per_token"].iloc[0] == pytest.approx(10.0)
     assert gap["ms_per_token"].notna().all()
     v = prof.p2_verdict(df)
-    assert v.verdict in VERDICTS and v.ci_low is not None
-    assert {"cprofile_overhead", "llama_decode_share", "profile_coverage_of_wall"} <= set(v.details)
+    ratios = row["samples_cprofile_decode_ratio"]
+    assert v.effect == pytest.approx(sorted(ratios)[1], rel=1e-3)  # the median of three paired ratios
+    assert v.verdict == decide(v.ci_low, v.ci_high, claimed="same", equivalence=0.10)
+    assert 0.9 < v.details["profile_coverage_of_wall"] < 1.1 and v.details["llama_decode_share"] > 0.3
     assert "native" in v.summary
+    # a profile that misses a tenth of the request cannot be checked against the wall clock
+    thin = {**row, "samples_cprofile_coverage": [0.7, 0.75, 0.8]}
+    v = prof.p2_verdict(pd.DataFrame([{"status": "ok", "test_kind": prof.PROFILE_KIND, **thin}]))
+    assert v.verdict == NOT_TESTABLE and "75%" in v.reason

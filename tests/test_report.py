@@ -83,3 +83,17 @@ def test_render_report_pages_links_and_hidden_inputs(tmp_path):
     assert "| G3 | supported |" in md and "| X1 | not run |" in md
     data = json.loads((out / "90_findings" / "findings.json").read_text())
     assert len(data["checklist"]) == 8
+
+
+def test_report_reads_the_status_file_kit_run_writes(tmp_path):
+    out = tmp_path / "out"
+    _study(out)
+    assert report.read_status(out) == {}
+    status = {"20_batch_flash_attn": {"status": "failed", "cell_index": 3, "exec_count": 2, "ename": "ValueError",
+                                      "evalue": "bad"}}
+    report.status_path(out).write_text(json.dumps({"schema": 1, "notebooks": status}))
+    assert report.read_status(out) == status
+    text = report.render_report(out).read_text()  # no status passed: the file is read
+    assert "cell 3 (execution count 2): ValueError: bad" in text
+    report.status_path(out).write_text("{torn")
+    assert report.read_status(out) == {}

@@ -1,15 +1,21 @@
-"""kit.runner: parameter validation before anything runs, failures named with notebook and cell, the rest still
-runs and the index renders; quick.json names real parameters of the real notebooks."""
+"""kit.runner: parameters and study configs validated before anything runs, failures named with notebook and cell,
+the rest still runs and the index renders; quick.json names real parameters of the real notebooks."""
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from kit import runner
-
-REPO = Path(__file__).resolve().parent.parent
+from kit import report, runner
+from kit.drift import PROBE_DIR, drift_bound, drift_text, metric_kind, summarize_drift, within_drift
+from kit.paths import NOTEBOOKS_DIR, QUICK_FILE, REPO_ROOT
+from kit.report import claims_html
+from kit.results import append_rows
+from kit.studies import STUDIES
 
 
 def _nb(path: Path, params_src: str, cells: list[str]) -> Path:
@@ -63,6 +69,7 @@ def test_parameters_with_equals_in_comment_are_known(tiny_notebooks):
     assert "limit" in runner.notebook_parameters(tiny_notebooks / "20_runs.ipynb")
 
 
+@pytest.mark.notebook
 def test_failing_notebook_named_with_cell_rest_runs_report_renders(tiny_notebooks, tmp_path):
     out = tmp_path / "out"
     lines = []
@@ -107,8 +114,8 @@ def test_out_root_relocates_output_paths(tiny_notebooks):
 
 
 def test_quick_json_names_real_parameters_of_real_notebooks():
-    quick = runner.load_quick(REPO / "notebooks" / "quick.json")
-    present = {p.stem: p for p in runner.discover_notebooks(REPO / "notebooks")}
+    quick = runner.load_quick(QUICK_FILE)
+    present = {p.stem: p for p in runner.discover_notebooks(NOTEBOOKS_DIR)}
     assert "85_autotune" in quick and "85_autotune" in present
     checked = 0
     for stem, params in quick.items():
@@ -118,9 +125,12 @@ def test_quick_json_names_real_parameters_of_real_notebooks():
         runner.validate_parameters(stem, params, known)  # raises on an unknown name or a non-JSON value
         checked += 1
     assert checked >= 2
-    # and the whole quick plan validates for the notebooks that exist
-    runner.plan_parameters(list(present.values()), model=None, quick=True, out_root="/tmp/quick-out",
-                           quick_params=quick)
+    # and the whole quick plan validates for the notebooks that exist, study configs included
+    plans = runner.plan_parameters(list(present.values()), model=None, quick=True, out_root="/tmp/quick-out",
+                                   quick_params=quick)
+    assert set(plans) == set(present) and set(present) == set(STUDIES)
+    assert plans["85_autotune"]["out_dir"] == "/tmp/quick-out/85_autotune"
+    assert plans["90_findings"]["out_root"] == "/tmp/quick-out"
 
 
 def test_bad_model_path_is_one_error(tiny_notebooks, tmp_path):
@@ -130,10 +140,52 @@ def test_bad_model_path_is_one_error(tiny_notebooks, tmp_path):
     assert rc == 2 and "no such file" in lines[0]
 
 
-def test_drift_summary_flags_only_a_clear_change(tmp_path):
-    from kit.drift import PROBE_DIR, drift_text, summarize_drift
-    from kit.results import append_rows
+def test_a_bad_value_anywhere_is_one_error_listing_all_before_anything_runs(tmp_path):
+    out = tmp_path / "out"
+    lines = []
+    params = {"85_autotune": {"repetitions": "abc"}, "00_environment": {"n_prompt": 4096, "n_ctx": 256},
+              "20_batch_flash_attn": {"repetitions": 0}}
+    t = time.perf_counter()
+    rc = runner.run_study(out_root=str(out), params=params, log=lines.append, progress=False)
+    assert rc == 2 and time.perf_counter() - t < 10
+    text = "\n".join(lines)
+    assert text.startswith("error: invalid parameters, nothing was run")
+    assert "85_autotune: AutotuneStudy: repetitions='abc' has type str; expected int" in text
+    assert "00_environment: n_ctx=256 is smaller than the pp or tg test (4096 tokens)" in text
+    assert "20_batch_flash_attn" in text and "repetitions=0 must be >= 1" in text
+    assert not out.exists()  # no probe, no notebook, no status file
 
+
+def test_study_config_is_built_from_notebook_defaults_and_overrides():
+    nb = NOTEBOOKS_DIR / "00_environment.ipynb"
+    known = runner.notebook_parameters(nb)
+    assert known["n_ctx"]["help"].startswith("context size")
+    study = runner.build_study_config("00_environment", known, {"n_gen": 4, "out_dir": "elsewhere/00"})
+    assert study.n_gen == 4 and study.n_prompt == 512 and study.out_path == REPO_ROOT / "elsewhere" / "00"
+    with pytest.raises(runner.RunnerError, match="unknown parameter 'n_gne'.*did you mean 'n_gen'"):
+        runner.build_study_config("00_environment", known, {"n_gne": 4})
+    assert runner.build_study_config("99_own_notebook", {}, {"x": 1}) is None  # unregistered: names only
+
+
+def test_cli_run_with_a_bad_value_exits_within_seconds_having_run_nothing(tmp_path):
+    out = tmp_path / "out"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "kit", "run", "-p", '85_autotune.repetitions="abc"',
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and time.perf_counter() - t < 10, proc.stdout + proc.stderr
+    assert "repetitions='abc'" in proc.stdout and not out.exists()
+
+
+@pytest.mark.notebook
+def test_report_reads_the_runs_status_file(tiny_notebooks, tmp_path):
+    out = tmp_path / "out"
+    assert report.read_status(out) == {}
+    rc = runner.run_study(notebooks_dir=tiny_notebooks, out_root=str(out), only=["20"], log=lambda s: None,
+                          progress=False, probe=False, report=False)
+    assert rc == 0 and report.read_status(out)["20_runs"]["status"] == "ok"
+
+
+def test_drift_summary_flags_only_a_clear_change(tmp_path):
     def row(run, phase, test, xs):
         return {"run_id": run, "phase": phase, "test": test, "status": "ok", "samples_ts": xs,
                 "median_ts": sorted(xs)[len(xs) // 2], "test_time": "t"}
@@ -153,9 +205,6 @@ def test_drift_summary_flags_only_a_clear_change(tmp_path):
 
 
 def test_speed_effects_within_the_runs_drift_are_flagged(tmp_path):
-    from kit.drift import drift_bound, metric_kind, within_drift
-    from kit.report import claims_html
-
     summary = {"tests": [{"test": "tg64", "ratio": 1.04}, {"test": "pp128", "ratio": 1 / 1.3}]}
     assert drift_bound(summary) == pytest.approx(1.3) and drift_bound(summary, "tg") == pytest.approx(1.04)
     assert metric_kind("tg t/s ratio") == "tg" and metric_kind("pp512 t/s, TTFT") == "pp"

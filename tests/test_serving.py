@@ -6,21 +6,23 @@ import time
 
 import pytest
 
-from kit.studies import serving_queue
-from kit.config import Settings, SettingsError
+import pandas as pd
+
+from kit.config import Settings, SettingsError, StudyConfigError
 from kit.data import load_prompts
 from kit.measure import Test as KitTest, load_model
-from kit.verdicts import VERDICTS
+from kit.studies import serving_queue
+from kit.verdicts import NOT_TESTABLE, REFUTED, SUPPORTED, decide
 
 
 # ---- queueing maths --------------------------------------------------------------------------------------------------
 def test_pollaczek_khinchine_md1():
     # M/D/1, service 1 s, lambda 0.5/s: Wq = lambda E[S^2] / (2 (1 - rho)) = 0.5 s
-    assert serving.pk_queue_ms(0.5, [1000.0] * 10) == pytest.approx(500.0)
+    assert serving_queue.pk_queue_ms(0.5, [1000.0] * 10) == pytest.approx(500.0)
     # exponential-like spread waits longer than deterministic service at the same mean
-    assert serving.pk_queue_ms(0.5, [200.0, 1800.0]) > 500.0
-    assert serving.pk_queue_ms(1.0, [1000.0]) is None  # rho = 1: no steady state
-    assert serving.pk_queue_ms(0.5, []) is None
+    assert serving_queue.pk_queue_ms(0.5, [200.0, 1800.0]) > 500.0
+    assert serving_queue.pk_queue_ms(1.0, [1000.0]) is None  # rho = 1: no steady state
+    assert serving_queue.pk_queue_ms(0.5, []) is None
 
 
 # ---- the server against a fake model: the queue discipline itself -------------------------------------------------------
@@ -36,14 +38,14 @@ def fake_chat(monkeypatch):
                 "e2e_ms": (time.perf_counter() - t0) * 1e3, "n_prompt_tokens": 10, "n_gen_tokens": 3,
                 "n_chunks": 3, "engine_pp_ms": 1.0, "engine_tg_ms": 1.0}
 
-    monkeypatch.setattr(serving, "stream_chat", chat)
+    monkeypatch.setattr(serving_queue, "stream_chat", chat)
     return chat
 
 
 def test_closed_loop_serves_one_at_a_time_in_order(fake_chat):
     prompts = [{"id": "a", "prompt": "A"}, {"id": "b", "prompt": "B"}]
-    with serving.ModelServer(lm=None) as srv:
-        tickets = serving.closed_loop(srv, prompts, clients=4, requests_per_client=3)
+    with serving_queue.ModelServer(lm=None) as srv:
+        tickets = serving_queue.closed_loop(srv, prompts, clients=4, requests_per_client=3)
     assert len(tickets) == 12 and all(t.done.is_set() for t in tickets)
     by_start = sorted(tickets, key=lambda t: t.t_start)
     for a, b in zip(by_start, by_start[1:]):
@@ -59,14 +61,18 @@ def test_closed_loop_serves_one_at_a_time_in_order(fake_chat):
 
 def test_poisson_overload_builds_a_queue(fake_chat):
     prompts = [{"id": "a", "prompt": "A"}]
-    with serving.ModelServer(lm=None) as srv:
-        tickets = serving.poisson_arrivals(srv, prompts, rate_rps=10 / SERVICE_S, n_requests=12, seed=1)
+    with serving_queue.ModelServer(lm=None) as srv:
+        tickets = serving_queue.poisson_arrivals(srv, prompts, rate_rps=10 / SERVICE_S, n_requests=12, seed=1)
     q = [t.record(tickets[0].t_submit)["queue_ms"] for t in tickets]
     assert q[0] < SERVICE_S * 1e3  # the first finds an idle server
     assert q[-1] > 5 * SERVICE_S * 1e3  # arrivals at 10x the service rate pile up
-    row = serving.queue_row([t.record(tickets[0].t_submit) for t in tickets], wall_s=1.0)
+    row = serving_queue.queue_row([t.record(tickets[0].t_submit) for t in tickets], wall_s=1.0)
     assert row["queue_p50_ms"] <= row["queue_p95_ms"] <= row["queue_p99_ms"]
     assert row["n_failed"] == 0 and len(row["samples_queue_ms"]) == 12
+    # kit.measure.requests_row's columns, on the client's clock: TTFT includes the wait in the queue
+    assert row["ttft_ms"] == pytest.approx(row["ttft_p50_ms"]) and row["ttft_ms"] > row["queue_p50_ms"]
+    assert row["samples_ts"] == [1000.0] * 12 and row["decode_ms_per_token"] == 1.0  # ITL 1 ms each
+    assert row["throughput_rps"] == 12.0 and row["throughput_ts"] == 36.0
 
 
 def test_a_failing_request_is_recorded_and_the_server_goes_on(monkeypatch):
@@ -79,25 +85,28 @@ def test_a_failing_request_is_recorded_and_the_server_goes_on(monkeypatch):
         return {"ttft_ms": 1.0, "itl_ms": [], "e2e_ms": 1.0, "n_prompt_tokens": 1, "n_gen_tokens": 1,
                 "finish_reason": "stop"}
 
-    monkeypatch.setattr(serving, "stream_chat", chat)
-    with serving.ModelServer(lm=None) as srv:
+    monkeypatch.setattr(serving_queue, "stream_chat", chat)
+    with serving_queue.ModelServer(lm=None) as srv:
         bad, good = srv.submit("bad").wait(5), srv.submit("good").wait(5)
     assert "boom" in bad.error and good.error is None and calls == ["bad", "good"]
 
 
 # ---- config --------------------------------------------------------------------------------------------------------------
 def test_study_validation():
-    with pytest.raises(SettingsError, match="clients"):
-        serving.ServingStudy(clients=[0])
-    with pytest.raises(SettingsError, match="rhos"):
-        serving.ServingStudy(rhos=[-1])
-    with pytest.raises(SettingsError, match="temperature"):
-        serving.ServingStudy(temperature=-0.5)
-    with pytest.raises(SettingsError, match="nothing to run"):
-        serving.ServingStudy(clients=[], rhos=[])
-    st = serving.ServingStudy()
-    assert [t.params["clients"] for t in st.closed_tests()] == [1, 2, 4, 8]
-    assert [t.params["rho"] for t in st.poisson_tests()] == [0.5, 0.8, 0.95, 1.2]
+    with pytest.raises(StudyConfigError, match="clients"):
+        serving_queue.ServingStudy(clients=[0])
+    with pytest.raises(StudyConfigError, match="rhos"):
+        serving_queue.ServingStudy(rhos=[-1])
+    with pytest.raises(StudyConfigError, match="temperature"):
+        serving_queue.ServingStudy(temperature=-0.5)
+    with pytest.raises(StudyConfigError, match="nothing to run"):
+        serving_queue.ServingStudy(clients=[], rhos=[])
+    with pytest.raises(StudyConfigError, match="max_tokens"):
+        serving_queue.ServingStudy(max_tokens=512, n_ctx=512)
+    st = serving_queue.ServingStudy()  # the notebook's defaults
+    assert [t.params["clients"] for t in st.closed_tests()] == [1, 2, 4]
+    assert [t.params["rho"] for t in st.poisson_tests()] == [0.5, 0.9, 1.2]
+    assert st.max_tokens == 32 and st.poisson_requests == 10
 
 
 # ---- the real model --------------------------------------------------------------------------------------------------------
@@ -109,8 +118,8 @@ def lm():
 
 
 def test_queue_test_closed_loop_on_the_real_model(lm):
-    t = KitTest(serving.QUEUE_KIND, params={"mode": "closed", "clients": 2, "prompts": load_prompts(n=2)})
-    row = serving.queue_test(lm, t, repetitions=2)
+    t = KitTest(serving_queue.QUEUE_KIND, params={"mode": "closed", "clients": 2, "prompts": load_prompts(n=2)})
+    row = serving_queue.queue_test(lm, t, repetitions=2)
     assert row["n_requests"] == 4 and row["n_failed"] == 0
     assert row["clients"] == 2 and row["temperature"] == 0.0 and row["max_tokens"] == 6
     reqs = row["requests"]
@@ -119,23 +128,53 @@ def test_queue_test_closed_loop_on_the_real_model(lm):
     assert max(r["queue_ms"] for r in reqs) > 0.3 * statistics.median(r["service_ms"] for r in reqs)
     assert 0 < row["throughput_rps"] and 0 < row["median_ts"] < 5000
     with pytest.raises(SettingsError, match="mode"):
-        serving.queue_test(lm, KitTest(serving.QUEUE_KIND, params={"mode": "burst"}), 1)
+        serving_queue.queue_test(lm, KitTest(serving_queue.QUEUE_KIND, params={"mode": "burst"}), 1)
 
 
 def test_study_rows_carry_p1_metrics(tmp_path):
-    st = serving.ServingStudy(n_ctx=512, n_prompts=2, max_tokens=6, clients=[2], rhos=[2.0], poisson_requests=5,
+    st = serving_queue.ServingStudy(n_ctx=512, n_prompts=2, max_tokens=6, clients=[2], rhos=[2.0], poisson_requests=5,
                               calibration_requests=1, repetitions=2, out_dir=str(tmp_path / "75_serving_queue"))
-    df = serving.run_serving_study(st, progress=False)
+    df = serving_queue.run_serving_study(st, progress=False)
     assert (df["status"] == "ok").all(), df[["label", "error"]].to_string()
-    cov = serving.metric_coverage(df)
+    cov = serving_queue.metric_coverage(df)
     assert cov["present"].all(), cov.to_string()
     filled = dict(zip(cov["metric"], cov["filled_share"]))
     assert filled["tokens/s"] == filled["TTFT"] == filled["memory"] == filled["queue time"] == 1.0
     pois = df[df["mode"] == "poisson"].iloc[0]
     assert pois["service_rate_rps"] > 0 and pois["rho_measured"] > 0.5
     assert len(pois["calibration_service_ms"]) == 1
-    v = serving.p1_verdict(df)
-    assert v.verdict in VERDICTS and v.ci_low is not None and v.ci_low <= v.effect <= v.ci_high
-    assert "coverage" in v.details
-    across = serving.coverage_across_studies(tmp_path)
+    v = serving_queue.p1_verdict(df)
+    # the effect is queue / service time at the heaviest load, labelled by the one rule (kit.verdicts.decide)
+    assert v.details["heaviest_load"] == "poisson, rho=2.0"
+    assert v.effect == pytest.approx(statistics.median(pois["samples_queue_ms"])
+                                     / statistics.median(pois["samples_service_ms"]), abs=1e-4)
+    assert v.verdict == decide(v.ci_low, v.ci_high) and v.ci_low <= v.effect <= v.ci_high
+    across = serving_queue.coverage_across_studies(tmp_path)
     assert list(across["study"]) == ["75_serving_queue"]
+
+
+# ---- the P1 verdict on constructed rows ------------------------------------------------------------------------------------
+def _level(label, mode, queue_ms, service_ms, **kw):
+    return {"status": "ok", "label": label, "mode": mode, "samples_queue_ms": queue_ms, "samples_service_ms": service_ms,
+            "samples_decode_ms_per_token": [10.0, 10.2, 9.9, 10.1], "median_ts": 100.0, "ttft_ms": 50.0,
+            "gpu_util_pct": None, "rss_peak_mb": 300.0, "queue_p50_ms": statistics.median(queue_ms),
+            "service_p50_ms": statistics.median(service_ms), "clients": None, "rho_measured": None, **kw}
+
+
+def test_p1_verdict_follows_the_interval_both_ways():
+    light = _level("closed, 1 client(s)", "closed", [0.1, 0.2, 0.1, 0.1], [300.0, 310, 305, 295], clients=1)
+    busy = _level("poisson, rho=1.2", "poisson", [900.0, 1200, 1500, 1100, 1300], [300.0, 310, 305, 295, 300],
+                  rho_measured=1.18)
+    v = serving_queue.p1_verdict(pd.DataFrame([light, busy]))
+    assert v.verdict == SUPPORTED and v.ci_low > 1 and v.details["heaviest_load"] == "poisson, rho=1.2"
+    assert v.details["gpu_columns_empty"] and "no GPU" in v.summary
+    calm = _level("poisson, rho=0.3", "poisson", [1.0, 2, 0.5, 3, 1], [300.0, 310, 305, 295, 300], rho_measured=0.3)
+    v = serving_queue.p1_verdict(pd.DataFrame([light, calm]))
+    assert v.verdict == REFUTED and v.ci_high < 1  # the old rule could not say this: it never refuted
+
+
+def test_p1_verdict_needs_every_metric_column():
+    light = _level("closed, 1 client(s)", "closed", [0.1, 0.2, 0.1], [300.0, 310, 305], clients=1)
+    del light["gpu_util_pct"]
+    v = serving_queue.p1_verdict(pd.DataFrame([light]))
+    assert v.verdict == NOT_TESTABLE and "GPU utilisation" in v.reason

@@ -1,21 +1,29 @@
 """Sweeps on the real model: columns and values, crashes and hangs isolated, kill-and-resume without loss."""
+import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 
+import matplotlib.pyplot as plt
 import pytest
 
+from kit import plots, verdicts
 from kit.config import Settings, SettingsError
+from kit.environment import ENVIRONMENT_FILE, cpu_model, process_provenance
 from kit.measure import Test, pp, tg
+from kit.paths import NOTEBOOKS_DIR, REPO_ROOT
 from kit.results import append_rows, load_results, read_rows
-from kit.sweep import grid, run_sweep
+from kit.sweep import grid, run_sweep, split_out_dir, study_dir
 
 BASE = Settings(n_ctx=512, n_batch=256, n_ubatch=256, n_threads=2, n_threads_batch=2)
 LLAMA_BENCH_COLUMNS = ["model_filename", "model_type", "model_size", "model_n_params", "n_batch", "n_ubatch",
                        "n_threads", "type_k", "type_v", "n_gpu_layers", "flash_attn", "n_prompt", "n_gen",
                        "n_depth", "avg_ts", "stddev_ts", "samples_ts", "samples_ns", "avg_ns", "stddev_ns",
                        "test_time", "cpu_info", "gpu_info", "backends", "build_commit"]
+PROVENANCE = ["build_commit", "ggml_version", "llama_cpp_python_version", "cpu_info", "gpu_info", "backends"]
 OUR_COLUMNS = ["ttft_ms", "itl_p50_ms", "e2e_ms", "load_ms", "rss_peak_mb", "cpu_util_pct", "gpu_util_pct",
                "vram_peak_mb", "status", "error", "trial_key", "model_sha256", "median_ts", "timed_region",
                "n_batch_effective", "n_ubatch_effective", "n_ctx_effective"]
@@ -56,6 +64,49 @@ def test_sweep_values_are_plausible(sweep_df):
     # llama.cpp silently clamps n_batch to n_ctx: the effective value is recorded
     big = df[(df["n_batch"] == 1024) & (df["test_kind"] == "pp")].iloc[0]
     assert big["n_batch_effective"] == 512
+
+
+def test_rows_carry_the_build_and_machine_that_measured_them(sweep_df):
+    _, df = sweep_df
+    live = process_provenance()
+    for col in PROVENANCE:
+        assert (df[col] == live[col]).all(), col
+    assert (df["llama_cpp_python_version"] == importlib.metadata.version("llama-cpp-python")).all()
+    assert df["build_commit"].iloc[0] and df["build_commit"].iloc[0] != df["llama_cpp_python_version"].iloc[0]
+    assert df["model_sha256"].str.fullmatch("[0-9a-f]{64}").all()
+
+
+def test_each_run_replaces_a_stale_environment(tmp_path):
+    # an environment.json left by an older build and machine must not be reused for new rows
+    stale = {"cpu_info": "OLD CPU", "llama_cpp_python": "0.0.1", "captured_at": "2020-01-01T00:00:00"}
+    (tmp_path / "stale").mkdir()
+    (tmp_path / "stale" / ENVIRONMENT_FILE).write_text(json.dumps(stale))
+    df = run_sweep("stale", BASE, [tg(4)], repetitions=1, out_root=tmp_path, progress=False)
+    env = json.loads((tmp_path / "stale" / ENVIRONMENT_FILE).read_text())
+    assert env["cpu_info"] == cpu_model() and env["llama_cpp_python"] == importlib.metadata.version("llama-cpp-python")
+    assert env["captured_at"] > stale["captured_at"]
+    assert (df["status"] == "ok").all() and (df["cpu_info"] == cpu_model()).all()
+
+
+def test_relative_output_paths_are_taken_from_the_repo_root_not_the_cwd(monkeypatch):
+    # a JupyterLab kernel starts in notebooks/: "outputs/..." must still mean <repo>/outputs/...
+    rel = f"outputs/_test_rel_{uuid.uuid4().hex[:8]}"
+    monkeypatch.chdir(NOTEBOOKS_DIR)
+    try:
+        assert study_dir("s", rel) == REPO_ROOT / rel / "s" and split_out_dir(f"{rel}/s") == ("s", REPO_ROOT / rel)
+        run_sweep("s", BASE, [tg(4)], repetitions=1, out_root=rel, progress=False)
+        assert len(read_rows(REPO_ROOT / rel / "s" / "results.jsonl")) == 1
+        assert verdicts.write_verdicts(f"{rel}/s", [verdicts.not_testable("G2", "no GPU")]) == \
+            REPO_ROOT / rel / "s" / verdicts.VERDICTS_FILE
+        fig, _ = plt.subplots()
+        fig_path = plots.save_figure(fig, f"{rel}/s", "f")
+        plt.close(fig)
+        assert fig_path == str(REPO_ROOT / rel / "s" / "figures" / "f.png")
+        assert verdicts.evidence_path(f"{rel}/s/figures/f.png", f"{rel}/s") == "s/figures/f.png"
+        assert not (NOTEBOOKS_DIR / rel).exists()
+    finally:
+        shutil.rmtree(REPO_ROOT / rel, ignore_errors=True)
+        shutil.rmtree(NOTEBOOKS_DIR / rel, ignore_errors=True)
 
 
 def test_rerun_skips_finished_trials(sweep_df):

@@ -1,7 +1,9 @@
 """kit.studies.threads_system: topology, page cache, niceness, competing load, study validation, and the verdict logic."""
 from __future__ import annotations
 
+import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -10,11 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kit.studies import threads_system
-from kit.config import SettingsError
+from kit.config import Settings, StudyConfigError
+from kit.measure import Test, load_model, proc_memory
+from kit.models import resolve_model
+from kit.paths import DEFAULT_MODEL, REPO_ROOT
+from kit.studies import threads_system as system
+from kit.sweep import run_trial
 from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_topology_and_default_thread_counts():
@@ -27,7 +31,7 @@ def test_topology_and_default_thread_counts():
 
 
 def test_proc_memory_reads_this_process():
-    m = system.proc_memory()
+    m = proc_memory()
     assert m["proc_rss_mb"] > 1 and m["rss_anon_mb"] > 0
     assert m["vm_lck_mb"] is not None
 
@@ -69,18 +73,31 @@ def test_set_process_niceness_reaches_every_thread():
             "ev = threading.Event()\nt = threading.Thread(target=ev.wait); t.start()\n"
             "r = set_process_niceness(3)\nev.set(); t.join()\nprint(json.dumps(r))") % str(REPO_ROOT)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    import json
-
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["n_threads_in_process"] >= 2
     assert r["nice_applied"] and r["thread_nice"] == [r["nice_before"] + 3]
 
 
-def test_priority_permitted_for_lowering():
+def _may_raise_priority() -> bool:
+    """What the kernel allows this process: root, CAP_SYS_NICE (bit 23 of CapEff) or an RLIMIT_NICE ceiling
+    (20 - soft limit) below the current niceness."""
+    if os.geteuid() == 0:
+        return True
+    cap_eff = next(int(line.split()[1], 16) for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("CapEff:"))
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    ceiling = 20 - soft if soft != resource.RLIM_INFINITY else -20
+    return bool(cap_eff & (1 << 23)) or ceiling <= os.getpriority(os.PRIO_PROCESS, 0) - 1
+
+
+def test_priority_permitted_for_lowering_and_for_raising():
     ok, why = system.priority_permitted(5)
     assert ok and "no privilege" in why
     ok, why = system.priority_permitted(-1)
-    assert isinstance(ok, bool) and why
+    if _may_raise_priority():
+        assert ok and why.startswith("permitted")
+    else:
+        assert not ok and "CAP_SYS_NICE" in why and "denied" in why
 
 
 def test_competing_load_runs_and_is_killed():
@@ -110,8 +127,15 @@ def test_competing_load_ends_on_its_own():
     {"load_procs": -1}, {"repetitions": True},
 ])
 def test_study_validation(bad):
-    with pytest.raises(SettingsError):
+    with pytest.raises(StudyConfigError):
         system.SystemStudy(**bad)
+
+
+def test_defaults_are_the_notebook_values():
+    s = system.SystemStudy()
+    assert s.load_repetitions == 3 and s.nice == -10 and s.out_path == REPO_ROOT / "outputs" / "40_threads_system"
+    assert s.thread_counts == system.default_thread_counts(s.topology)
+    assert system.SystemStudy.defaults()["thread_counts"] == []
 
 
 def test_study_expands_to_configs():
@@ -134,13 +158,8 @@ def test_study_expands_to_configs():
 
 
 def test_niced_bench_in_a_real_trial():
-    from kit.config import Settings
-    from kit.measure import Test
-    from kit.models import resolve_model
-    from kit.sweep import run_trial
-
     test = Test("kit.studies.threads_system:niced_bench", params={"nice": 4, "inner": "tg", "n_gen": 4})
-    (row,) = run_trial(Settings(n_ctx=64, n_threads=2), [test], 1, str(resolve_model("smollm2-135m")),
+    (row,) = run_trial(Settings(n_ctx=64, n_threads=2), [test], 1, str(resolve_model(DEFAULT_MODEL)),
                        timeout_s=300)
     assert row["status"] == "ok", row.get("error")
     assert row["nice_applied"] and row["thread_nice_after"] == [row["nice_before"] + 4]
@@ -148,9 +167,6 @@ def test_niced_bench_in_a_real_trial():
 
 
 def test_timeboxed_tg_stops_at_the_time_box_or_at_n_gen():
-    from kit.config import Settings
-    from kit.measure import load_model
-
     lm = load_model(Settings(n_ctx=512, n_threads=2))
     try:
         # a box too short for even one token: every run decodes exactly one
@@ -165,7 +181,7 @@ def test_timeboxed_tg_stops_at_the_time_box_or_at_n_gen():
         assert all(1 <= n < 400 for n in row["samples_n_gen"]) and all(ns < 5e9 for ns in row["samples_ns"])
     finally:
         lm.close()
-    with pytest.raises(SettingsError, match="priority_max_s"):
+    with pytest.raises(StudyConfigError, match="priority_max_s"):
         system.SystemStudy(priority_max_s=0)
     s = system.SystemStudy(n_ctx=128, n_prompt=16, n_gen=8, priority_max_s=2)
     t = s.priority_test(s.priority_conditions()[1])
@@ -247,3 +263,24 @@ def test_loading_verdicts_need_a_real_cold_load():
     _, o3 = system.loading_verdicts(pd.DataFrame(rows), s)
     assert o3.verdict == SUPPORTED and o3.effect < 0.5 and "at most" in o3.summary
     assert o3.details["first_decode"]["verdict"] == SUPPORTED
+
+
+def test_tables_on_synthetic_rows():
+    s = _study()
+    s.thread_counts = [1, 2, 4]
+    df = _thread_rows({(1, "tg"): [50, 51, 49], (2, "tg"): [100, 101, 99, 100], (4, "pp"): [260, 261]})
+    t = system.thread_table(df, s)
+    assert list(zip(t["threads"], t["test"], t["median_ts"], t["n_samples"])) == [
+        (1, "tg", 50.0, 3), (2, "tg", 100.0, 4), (4, "pp", 260.5, 2)]
+    assert list(t["is_cpu_count"]) == [False, False, True] and list(t["is_physical"]) == [False, True, False]
+    p = system.priority_table(_prio_rows(s, True))
+    assert list(p["condition"]) == [c["condition"] for c in s.priority_conditions()]  # in the order run
+    assert list(p["median_ts"][:2]) == [100.0, 40.0] and (p["n_samples"] == 4).all()
+    base = {"part": "loading", "status": "ok", "use_mmap": True, "use_mlock": False, "vm_lck_mb": 0.0,
+            "residency": 0.0, "first_decode_ms": 10.0}
+    rows = [dict(base, cache="cold", load_ms=300.0 + i) for i in range(3)] + \
+           [dict(base, cache="warm", residency=1.0, load_ms=50.0 + i) for i in range(3)]
+    lt = system.loading_table(pd.DataFrame(rows)).set_index("cache")
+    assert lt.loc["cold", "load_ms"] == 301.0 and lt.loc["warm", "load_to_first_ms"] == 61.0
+    assert lt.loc["cold", "n_loads"] == 3 and lt.loc["warm", "residency_median"] == 1.0
+    assert lt.loc["cold", "load_ms_ci"].startswith("[300.0")

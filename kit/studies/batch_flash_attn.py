@@ -15,19 +15,29 @@ test, untimed, and rolled back to the depth before every repetition, as llama-be
 """
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
-from kit.sweep import planned_rows  # noqa: F401 - part of this module's API (tests, offload)
-from kit.verdicts import compare, evidence_path, median_ci  # noqa: F401 - evidence_path is used by the notebooks
-from kit.config import Settings, SettingsError
-from kit.measure import DEFAULT_REPETITIONS, Test, pp, tg
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from kit.config import Settings, StudyConfig, check_rule, param
+from kit.gpu import build_supports_gpu_offload
+from kit.measure import Test, pp, tg
+from kit.plots import setup, speed_plot
+from kit.results import median_table, pooled_samples
+from kit.sweep import grid, planned_rows, run_sweep
+from kit.verdicts import Verdict, compare, not_testable, ratio_of, ratio_text
 
 CLAIM_BATCH = "G3"
 CLAIM_FLASH = "G2"
 NO_GPU_OFFLOAD = "this build has no GPU offload"
+BATCH_COLUMNS = ["n_prompt", "n_batch", "n_ubatch", "n_batch_effective", "n_ubatch_effective", "decode_calls",
+                 "ubatches", "status", "pp_ts", "pp_ts_lo", "pp_ts_hi", "ttft_ms", "ttft_ms_lo", "ttft_ms_hi", "cv",
+                 "clamped", "duplicate_of", "same_work_as", "n_samples"]
+FLASH_COLUMNS = ["test", "n_depth", "flash_attn", "status", "median_ts", "ts_lo", "ts_hi", "cv", "n_samples"]
 
 
 # ---- tests ------------------------------------------------------------------------------------------------------
@@ -36,15 +46,6 @@ def depth_test(mode: str, n: int, depth: int) -> Test:
     if mode not in ("pp", "tg"):
         raise ValueError("mode must be 'pp' or 'tg'")
     return pp(n, depth=depth) if mode == "pp" else tg(n, depth=depth)
-
-
-# ---- statistics shared by the tables ---------------------------------------------------------------------------
-def _as_list(v) -> list:
-    if v is None:
-        return []
-    if isinstance(v, float) and math.isnan(v):
-        return []
-    return list(v)
 
 
 def ubatch_plan(n_prompt: int, n_batch: int, n_ubatch: int) -> tuple[int, tuple[int, ...]]:
@@ -73,79 +74,50 @@ def _plan_label(sizes: tuple[int, ...]) -> str:
 
 
 # ---- the study config ------------------------------------------------------------------------------------------
-def _positive_ints(name: str, values, allow_zero: bool = False) -> list[int]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise SettingsError(f"{name} must be a list of integers, got {values!r}")
-    values = list(values)
-    if not values:
-        raise SettingsError(f"{name} must not be empty")
-    lo = 0 if allow_zero else 1
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise SettingsError(f"{name}: {v!r} is not an integer >= {lo}")
-    if len(set(values)) != len(values):
-        raise SettingsError(f"{name} has duplicates: {values}")
-    return values
-
-
-def _pair(name: str, value) -> tuple[int, int]:
-    v = tuple(value)
-    if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
-        raise SettingsError(f"{name} must be [n_batch, n_ubatch] (two positive integers), got {value!r}")
-    return v  # type: ignore[return-value]
-
-
 @dataclass
-class BatchFlashStudy:
+class BatchFlashStudy(StudyConfig):
     """Configuration of notebook 20: the n_batch x n_ubatch grid (G3) and flash attention at depths (G2)."""
 
-    model: str = "smollm2-135m"
-    repetitions: int = DEFAULT_REPETITIONS
+    out_dir: str = param("outputs/20_batch_flash_attn", "where rows, figures and verdicts go")
     # G3 grid
-    n_batch: list = field(default_factory=lambda: [128, 256, 512, 1024])
-    n_ubatch: list = field(default_factory=lambda: [128, 256, 512])
-    prompt_lengths: list = field(default_factory=lambda: [256, 1024])
-    batch_n_ctx: int = 0              # 0 = the longest prompt (n_batch above it is clamped by llama.cpp)
-    baseline_batch: tuple = (512, 512)   # the guide's "good settings" n_batch/n_ubatch
-    guide_batch: tuple = (1024, 512)     # the guide's GPU advice
+    n_batch: list[int] = param([512, 1024], "logical batch sizes in the grid", ge=1, nonempty=True)
+    n_ubatch: list[int] = param([128, 512], "micro-batch sizes in the grid", ge=1, nonempty=True)
+    prompt_lengths: list[int] = param([640], "prompt lengths (tokens) for pp t/s and TTFT", ge=1, nonempty=True)
+    batch_n_ctx: int = param(0, "context size of the grid; 0 means the longest prompt (n_batch above it is "
+                                "clamped by llama.cpp)", ge=0)
+    baseline_batch: list[int] = param([512, 512], "[n_batch, n_ubatch] baseline: the guide's \"good settings\"",
+                                      ge=1, length=2)
+    guide_batch: list[int] = param([1024, 512], "[n_batch, n_ubatch] the guide's GPU advice (G3)", ge=1, length=2)
     # G2 flash attention
-    depths: list = field(default_factory=lambda: [0, 1024, 2048])
-    fa_n_prompt: int = 128
-    fa_n_gen: int = 32
-    fa_n_batch: int = 512
-    fa_n_ubatch: int = 512
+    depths: list[int] = param([0, 1024], "context depths for flash attention on/off", ge=0, nonempty=True)
+    fa_n_prompt: int = param(64, "pp length at each depth", ge=1)
+    fa_n_gen: int = param(16, "tg length at each depth", ge=1)
+    fa_n_batch: int = param(512, "n_batch of the flash-attention part", ge=1)
+    fa_n_ubatch: int = param(512, "n_ubatch of the flash-attention part", ge=1)
     # held fixed in both parts
-    n_threads: int | None = None
-    n_threads_batch: int | None = None
-    timeout_s: float = 600
+    n_threads: int = param(0, "generation threads in both parts; 0 means llama-cpp-python's default", ge=0)
+    n_threads_batch: int = param(0, "prompt-processing threads in both parts; 0 means llama-cpp-python's default",
+                                 ge=0)
+    timeout_s: float = param(600.0, "seconds before a trial's child process is killed", gt=0)
 
-    def __post_init__(self) -> None:
-        self.n_batch = _positive_ints("n_batch", self.n_batch)
-        self.n_ubatch = _positive_ints("n_ubatch", self.n_ubatch)
-        self.prompt_lengths = _positive_ints("prompt_lengths", self.prompt_lengths)
-        self.depths = _positive_ints("depths", self.depths, allow_zero=True)
-        self.baseline_batch = _pair("baseline_batch", self.baseline_batch)
-        self.guide_batch = _pair("guide_batch", self.guide_batch)
-        for name in ("repetitions", "fa_n_prompt", "fa_n_gen", "fa_n_batch", "fa_n_ubatch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SettingsError(f"{name}={v!r} must be a positive integer")
-        if isinstance(self.batch_n_ctx, bool) or not isinstance(self.batch_n_ctx, int) or self.batch_n_ctx < 0:
-            raise SettingsError(f"batch_n_ctx={self.batch_n_ctx!r} must be an integer >= 0 (0 = the longest prompt)")
-        if self.batch_n_ctx and self.batch_n_ctx < max(self.prompt_lengths):
-            raise SettingsError(f"batch_n_ctx={self.batch_n_ctx} cannot hold the longest prompt "
-                                f"({max(self.prompt_lengths)} tokens)")
-        for name, pair in (("baseline_batch", self.baseline_batch), ("guide_batch", self.guide_batch)):
-            if pair[0] not in self.n_batch or pair[1] not in self.n_ubatch:
-                raise SettingsError(f"{name}={list(pair)} must be in the grid (n_batch {self.n_batch}, "
-                                    f"n_ubatch {self.n_ubatch}) or G3 cannot be compared")
-            if pair[1] > pair[0]:
-                raise SettingsError(f"{name}={list(pair)}: n_ubatch > n_batch is not a valid configuration")
-        if self.timeout_s <= 0:
-            raise SettingsError("timeout_s must be > 0")
-        # typos and bad values in the fixed settings fail here, not in the first trial
+    def check(self) -> None:
+        for name in ("n_batch", "n_ubatch", "prompt_lengths", "depths"):
+            values = getattr(self, name)
+            check_rule(len(set(values)) == len(values), f"{name} has duplicates: {values}")
+        check_rule(not self.batch_n_ctx or self.batch_n_ctx >= max(self.prompt_lengths),
+                   f"batch_n_ctx={self.batch_n_ctx} cannot hold the longest prompt ({max(self.prompt_lengths)} tokens)")
+        for name in ("baseline_batch", "guide_batch"):
+            nb, nub = getattr(self, name)
+            check_rule(nb in self.n_batch and nub in self.n_ubatch,
+                       f"{name}={[nb, nub]} must be in the grid (n_batch {self.n_batch}, n_ubatch {self.n_ubatch}) "
+                       "or G3 cannot be compared")
+            check_rule(nub <= nb, f"{name}={[nb, nub]}: n_ubatch > n_batch is not a valid configuration")
+        # bad values in the fixed settings fail here, not in the first trial
         self.batch_base()
         self.flash_base()
+
+    def _threads(self) -> dict:
+        return {"n_threads": self.n_threads or None, "n_threads_batch": self.n_threads_batch or None}
 
     # ---- G3 ---------------------------------------------------------------------------------------------------
     @property
@@ -153,18 +125,13 @@ class BatchFlashStudy:
         return self.batch_n_ctx or max(self.prompt_lengths)
 
     def batch_base(self) -> Settings:
-        return Settings(model=self.model, n_ctx=self.batch_ctx, n_threads=self.n_threads,
-                        n_threads_batch=self.n_threads_batch)
+        return Settings(model=self.model, n_ctx=self.batch_ctx, **self._threads())
 
     def batch_configs(self) -> list[Settings]:
         """The grid; combinations our validation rejects (n_ubatch > n_batch) are in `.skipped`."""
-        from kit.sweep import grid
-
         return grid(self.batch_base(), skip_invalid=True, n_batch=self.n_batch, n_ubatch=self.n_ubatch)
 
-    def skipped_combos(self):
-        import pandas as pd
-
+    def skipped_combos(self) -> pd.DataFrame:
         rows = [{"n_batch": c["n_batch"], "n_ubatch": c["n_ubatch"], "why": e.split(":")[0] + ": rejected "
                  "(llama.cpp would silently run n_ubatch = n_batch, a duplicate of another cell)"}
                 for c, e in self.batch_configs().skipped]
@@ -173,6 +140,10 @@ class BatchFlashStudy:
     def batch_tests(self) -> list[Test]:
         return [pp(n) for n in self.prompt_lengths]
 
+    def plan_statement(self) -> str:
+        return (f"{len(self.batch_configs())} grid configurations x {len(self.prompt_lengths)} prompt lengths; "
+                "skipped combinations:")
+
     # ---- G2 ---------------------------------------------------------------------------------------------------
     @property
     def flash_ctx(self) -> int:
@@ -180,7 +151,7 @@ class BatchFlashStudy:
 
     def flash_base(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.flash_ctx, n_batch=self.fa_n_batch, n_ubatch=self.fa_n_ubatch,
-                        n_threads=self.n_threads, n_threads_batch=self.n_threads_batch)
+                        **self._threads())
 
     def flash_configs(self) -> list[Settings]:
         base = self.flash_base()
@@ -193,119 +164,103 @@ class BatchFlashStudy:
             out.append(depth_test("tg", self.fa_n_gen, d))
         return out
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 # ---- running ---------------------------------------------------------------------------------------------------
-def _run_part(study: BatchFlashStudy, out_dir, configs, tests, claim: str, part: str, progress: bool):
-    from kit.sweep import run_sweep, split_out_dir
-
-    name, root = split_out_dir(out_dir)
-    df = run_sweep(name, configs, tests, study.repetitions, out_root=root, timeout_s=study.timeout_s,
+def _run_part(study: BatchFlashStudy, configs, tests, claim: str, part: str, progress: bool):
+    out = study.out_path
+    df = run_sweep(out.name, configs, tests, study.repetitions, out_root=out.parent, timeout_s=study.timeout_s,
                    progress=progress, extra={"claim": claim, "part": part})
     return planned_rows(df, configs, tests, study.repetitions)
 
 
-def run_batch_grid(study: BatchFlashStudy, out_dir: str | os.PathLike, progress: bool = True):
+def run_batch_grid(study: BatchFlashStudy, progress: bool = True):
     """G3: every (n_batch, n_ubatch) of the grid x every prompt length; rows of this plan as a DataFrame."""
-    return _run_part(study, out_dir, study.batch_configs(), study.batch_tests(), CLAIM_BATCH, "batch_grid", progress)
+    return _run_part(study, study.batch_configs(), study.batch_tests(), CLAIM_BATCH, "batch_grid", progress)
 
 
-def run_flash_attn(study: BatchFlashStudy, out_dir: str | os.PathLike, progress: bool = True):
+def run_flash_attn(study: BatchFlashStudy, progress: bool = True):
     """G2: flash attention off and on, pp and tg at every depth; rows of this plan as a DataFrame."""
-    return _run_part(study, out_dir, study.flash_configs(), study.flash_tests(), CLAIM_FLASH, "flash_attn", progress)
+    return _run_part(study, study.flash_configs(), study.flash_tests(), CLAIM_FLASH, "flash_attn", progress)
 
 
 # ---- analysis: G3 ------------------------------------------------------------------------------------------------
-def _ttft_ms(row) -> list[float]:
-    return [ns / 1e6 for ns in _as_list(row.get("samples_ns"))]
+def _effective(r: dict, col: str) -> int | None:
+    v = r.get(col)
+    return int(v) if r.get("status") == "ok" and v is not None and v == v else None
 
 
-def batch_table(df):
+def _plan_record(r: dict) -> dict:
+    """One grid row's settings, the values llama.cpp ran and how the prompt was cut."""
+    nb_e, nub_e = _effective(r, "n_batch_effective"), _effective(r, "n_ubatch_effective")
+    calls, sizes = ubatch_plan(int(r["n_prompt"]), nb_e, nub_e) if nb_e and nub_e else (None, ())
+    return {"n_prompt": int(r["n_prompt"]), "n_batch": int(r["n_batch"]), "n_ubatch": int(r["n_ubatch"]),
+            "n_batch_effective": nb_e, "n_ubatch_effective": nub_e, "decode_calls": calls,
+            "ubatches": _plan_label(sizes) if sizes else None, "_sizes": sizes, "status": r.get("status"),
+            "cv": r.get("cv") if r.get("status") == "ok" else None}
+
+
+def _ttft_ms(samples_ns) -> list[float]:
+    return [ns / 1e6 for ns in samples_ns] if isinstance(samples_ns, list) else []
+
+
+def _medians(df, keys: list[str], cols: dict[str, str], like: pd.DataFrame) -> pd.DataFrame:
+    """median_table over the successful rows, columns renamed {old: new} (and new_lo, new_hi, n_samples), keys
+    typed as in `like` so that the table merges onto it."""
+    t = median_table(df[df["status"] == "ok"], keys, list(cols))
+    names = {f"{old}{end}": f"{new}{end}" for old, new in cols.items() for end in ("", "_lo", "_hi")}
+    return t.rename(columns={**names, "n": "n_samples"}).astype({k: like[k].dtype for k in keys})
+
+
+def _clamp_text(r) -> str | None:
+    return "; ".join(f"{name} {a}->{int(b)}" for name, a, b in (("n_batch", r.n_batch, r.n_batch_effective),
+                                                                ("n_ubatch", r.n_ubatch, r.n_ubatch_effective))
+                     if b == b and b is not None and int(a) != int(b)) or None
+
+
+def _mark_duplicates(t: pd.DataFrame) -> pd.DataFrame:
+    """clamped / duplicate_of (same effective settings) / same_work_as (same decode calls and micro-batches)."""
+    dup, same, first_eff, first_plan = [], [], {}, {}
+    for _, r in t.iterrows():
+        label = f"{r['n_batch']}/{r['n_ubatch']}"
+        if r["n_batch_effective"] is None or pd.isna(r["n_batch_effective"]):
+            dup.append(None)
+            same.append(None)
+            continue
+        ek = (r["n_prompt"], r["n_batch_effective"], r["n_ubatch_effective"])
+        pk = (r["n_prompt"], r["decode_calls"], r["_sizes"])
+        dup.append(first_eff.get(ek))
+        same.append(first_plan.get(pk))
+        first_eff.setdefault(ek, label)
+        first_plan.setdefault(pk, label)
+    return t.assign(clamped=[_clamp_text(r) for r in t.itertuples()], duplicate_of=dup, same_work_as=same)
+
+
+def batch_table(df) -> pd.DataFrame:
     """One row per prompt length x (n_batch, n_ubatch): effective values, the llama_decode/micro-batch plan,
     pp t/s and TTFT (= pp time for the prompt) as medians with 95 % bootstrap intervals, and duplicates:
     `clamped` says which value llama.cpp changed (n_batch is clamped to n_ctx), `duplicate_of` names the cell
     with the same effective settings, `same_work_as` the cell whose prompt is cut into the same decode calls and
     micro-batches (identical work at this prompt length, though the labels differ)."""
-    import pandas as pd
-
-    cols = ["n_prompt", "n_batch", "n_ubatch", "n_batch_effective", "n_ubatch_effective", "decode_calls",
-            "ubatches", "status", "pp_ts", "pp_ts_lo", "pp_ts_hi", "ttft_ms", "ttft_ms_lo", "ttft_ms_hi", "cv",
-            "clamped", "duplicate_of", "same_work_as", "n_samples"]
     if df is None or df.empty:
-        return pd.DataFrame(columns=cols)
-    out = []
-    for _, r in df.iterrows():
-        r = r.to_dict()
-        nb_eff = r.get("n_batch_effective")
-        nub_eff = r.get("n_ubatch_effective")
-        ok = r.get("status") == "ok"
-        nb_e = int(nb_eff) if ok and nb_eff == nb_eff and nb_eff is not None else None
-        nub_e = int(nub_eff) if ok and nub_eff == nub_eff and nub_eff is not None else None
-        calls, sizes = ubatch_plan(int(r["n_prompt"]), nb_e, nub_e) if nb_e and nub_e else (None, ())
-        med, lo, hi = median_ci(_as_list(r.get("samples_ts"))) if ok else (None, None, None)
-        tmed, tlo, thi = median_ci(_ttft_ms(r)) if ok else (None, None, None)
-        out.append({"n_prompt": int(r["n_prompt"]), "n_batch": int(r["n_batch"]), "n_ubatch": int(r["n_ubatch"]),
-                    "n_batch_effective": nb_e, "n_ubatch_effective": nub_e, "decode_calls": calls,
-                    "ubatches": _plan_label(sizes) if sizes else None, "_sizes": sizes, "status": r.get("status"),
-                    "pp_ts": med, "pp_ts_lo": lo, "pp_ts_hi": hi, "ttft_ms": tmed, "ttft_ms_lo": tlo,
-                    "ttft_ms_hi": thi, "cv": r.get("cv") if ok else None,
-                    "n_samples": len(_as_list(r.get("samples_ts"))) if ok else 0})
-    t = pd.DataFrame(out).sort_values(["n_prompt", "n_batch", "n_ubatch"]).reset_index(drop=True)
-    clamped, same = [], []
-    first_eff: dict = {}
-    first_plan: dict = {}
-    for _, r in t.iterrows():
-        label = f"{r['n_batch']}/{r['n_ubatch']}"
-        if r["n_batch_effective"] is None or pd.isna(r["n_batch_effective"]):
-            clamped.append(None)
-            same.append(None)
-            continue
-        ek = (r["n_prompt"], r["n_batch_effective"], r["n_ubatch_effective"])
-        pk = (r["n_prompt"], r["decode_calls"], r["_sizes"])
-        clamped.append(first_eff.get(ek))
-        same.append(first_plan.get(pk))
-        first_eff.setdefault(ek, label)
-        first_plan.setdefault(pk, label)
-    t["clamped"] = [
-        "; ".join(f"{name} {a}->{int(b)}" for name, a, b in (("n_batch", r.n_batch, r.n_batch_effective),
-                                                             ("n_ubatch", r.n_ubatch, r.n_ubatch_effective))
-                  if b == b and b is not None and int(a) != int(b)) or None
-        for r in t.itertuples()]
-    t["duplicate_of"] = clamped
-    t["same_work_as"] = same
-    return t[cols]
+        return pd.DataFrame(columns=BATCH_COLUMNS)
+    keys = ["n_prompt", "n_batch", "n_ubatch"]
+    plans = pd.DataFrame([_plan_record(r) for r in df.to_dict("records")])
+    rows = df.assign(ttft_ms=[_ttft_ms(s) for s in df.get("samples_ns", pd.Series([None] * len(df)))])
+    medians = _medians(rows, keys, {"samples_ts": "pp_ts", "ttft_ms": "ttft_ms"}, plans)
+    t = plans.merge(medians, on=keys, how="left").sort_values(keys).reset_index(drop=True)
+    t["n_samples"] = t["n_samples"].fillna(0).astype(int)
+    return _mark_duplicates(t)[BATCH_COLUMNS]
 
 
 def _samples(df, **match) -> list[float]:
     sel = df
     for k, v in match.items():
         sel = sel[sel[k] == v]
-    sel = sel[sel["status"] == "ok"]
-    return [float(x) for r in sel["samples_ts"] for x in _as_list(r)]
-
-
-MIN_SAMPLES = 3  # fewer timed samples per side give a degenerate bootstrap interval: no verdict from that
-
-
-def _ratio(v) -> float | None:
-    return v.effect if v.effect is not None else (v.details or {}).get("point_ratio")
-
-
-def _fmt(verdict: str, ratio, lo, hi) -> str:
-    """'x1.234 [1.100, 1.350] supported', or the point ratio marked as such when there is no interval."""
-    if ratio is None:
-        return verdict
-    if lo is None:
-        return f"x{ratio:.3f} (point estimate, no interval) {verdict}"
-    return f"x{ratio:.3f} [{lo:.3f}, {hi:.3f}] {verdict}"
+    return pooled_samples(sel[sel["status"] == "ok"])
 
 
 def _gpu_scope(gpu_offload: bool | None) -> str:
     if gpu_offload is None:
-        from kit.gpu import build_supports_gpu_offload
-
         gpu_offload = build_supports_gpu_offload()
     if gpu_offload:
         return ""
@@ -313,40 +268,42 @@ def _gpu_scope(gpu_offload: bool | None) -> str:
             f"claim is not testable here.")
 
 
-def verdict_batch(df, study: BatchFlashStudy, evidence: Sequence[str] = (), gpu_offload: bool | None = None):
-    """G3: pp t/s of the guide's 1024/512 against the 512/512 baseline, at the longest prompt (where the two cut
-    the prompt differently); every prompt length's comparison is kept in `details`."""
-    from kit.verdicts import not_testable
-
-    gb, gu = study.guide_batch
-    bb, bu = study.baseline_batch
+def _batch_comparisons(df, study: BatchFlashStudy, evidence: Sequence[str]) -> list[tuple[int, Verdict, bool]]:
+    """(prompt length, guide over baseline verdict, whether both cut the prompt the same way) per prompt length."""
+    (gb, gu), (bb, bu) = study.guide_batch, study.baseline_batch
     table = batch_table(df)
-    per_prompt, primary = [], None
+    out = []
     for n in sorted(study.prompt_lengths):
         cand = _samples(df, n_prompt=n, n_batch=gb, n_ubatch=gu, test_kind="pp")
         base = _samples(df, n_prompt=n, n_batch=bb, n_ubatch=bu, test_kind="pp")
         if not cand or not base:
             continue
-        v = compare(CLAIM_BATCH, cand, base,
-                            metric=f"pp{n} t/s ratio, n_batch/n_ubatch {gb}/{gu} over {bb}/{bu}", evidence=evidence)
+        v = compare(CLAIM_BATCH, cand, base, evidence=evidence,
+                    metric=f"pp{n} t/s ratio, n_batch/n_ubatch {gb}/{gu} over {bb}/{bu}")
         plans = table[(table.n_prompt == n) & (((table.n_batch == gb) & (table.n_ubatch == gu)) |
                                                ((table.n_batch == bb) & (table.n_ubatch == bu)))]
         same_work = plans["ubatches"].nunique() == 1 and plans["decode_calls"].nunique() == 1
-        per_prompt.append({"n_prompt": n, "verdict": v.verdict, "effect": _ratio(v), "ci_low": v.ci_low,
-                           "ci_high": v.ci_high, "same_work": bool(same_work), "unstable": v.unstable})
-        primary = v
-    if primary is None:
+        out.append((n, v, bool(same_work)))
+    return out
+
+
+def verdict_batch(df, study: BatchFlashStudy, evidence: Sequence[str] = (), gpu_offload: bool | None = None):
+    """G3: pp t/s of the guide's 1024/512 against the 512/512 baseline, at the longest prompt (where the two cut
+    the prompt differently); every prompt length's comparison is kept in `details`."""
+    (gb, gu), (bb, bu) = study.guide_batch, study.baseline_batch
+    comps = _batch_comparisons(df, study, evidence)
+    if not comps:
         return not_testable(CLAIM_BATCH, f"no successful rows for {gb}/{gu} and {bb}/{bu}: see the results' "
                                          "error column", evidence=evidence)
+    per_prompt = [{"n_prompt": n, "verdict": v.verdict, "effect": ratio_of(v), "ci_low": v.ci_low,
+                   "ci_high": v.ci_high, "same_work": same, "unstable": v.unstable} for n, v, same in comps]
+    n_main, primary, _ = comps[-1]
     scope = _gpu_scope(gpu_offload)
-    n_main = per_prompt[-1]["n_prompt"]
-    others = "; ".join(f"pp{p['n_prompt']}: {_fmt(p['verdict'], p['effect'], p['ci_low'], p['ci_high'])}"
-                       + (" (identical work: same decode calls and micro-batches)" if p["same_work"] else "")
-                       for p in per_prompt)
+    others = "; ".join(f"pp{n}: {ratio_text(v)}" + (" (identical work: same decode calls and micro-batches)"
+                                                     if same else "") for n, v, same in comps)
     shaky = " Samples unstable (CV >= 10 %): repeat on a quiet machine before acting on it." if primary.unstable else ""
     primary.summary = (f"{gb}/{gu} against {bb}/{bu} at a {n_main}-token prompt: prompt t/s "
-                       f"{_fmt(primary.verdict, _ratio(primary), primary.ci_low, primary.ci_high)}. "
-                       f"Per prompt length: {others}.{shaky} {scope}").strip()
+                       f"{ratio_text(primary)}. Per prompt length: {others}.{shaky} {scope}").strip()
     primary.reason = "; ".join(x for x in (primary.reason, scope) if x)
     primary.details = {**(primary.details or {}), "per_prompt": per_prompt, "scope": "cpu" if scope else "gpu",
                        "ttft_definition": "engine prompt-processing time for n_prompt tokens"}
@@ -358,27 +315,27 @@ def _mode(row) -> str:
     return "pp" if int(row.get("n_prompt") or 0) > 0 and int(row.get("n_gen") or 0) == 0 else "tg"
 
 
-def flash_table(df):
+def _flash_record(r: dict) -> dict:
+    n = int(r.get("n_prompt") or 0) or int(r.get("n_gen") or 0)
+    return {"test": f"{_mode(r)}{n}", "n_depth": int(r.get("n_depth") or 0), "flash_attn": bool(r["flash_attn"]),
+            "status": r.get("status"), "cv": r.get("cv") if r.get("status") == "ok" else None}
+
+
+def flash_table(df) -> pd.DataFrame:
     """Per depth x test (pp/tg) x flash_attn: median t/s with its 95 % interval."""
-    import pandas as pd
-
-    cols = ["test", "n_depth", "flash_attn", "status", "median_ts", "ts_lo", "ts_hi", "cv", "n_samples"]
     if df is None or df.empty:
-        return pd.DataFrame(columns=cols)
-    rows = []
-    for _, r in df.iterrows():
-        r = r.to_dict()
-        ok = r.get("status") == "ok"
-        med, lo, hi = median_ci(_as_list(r.get("samples_ts"))) if ok else (None, None, None)
-        n = int(r.get("n_prompt") or 0) or int(r.get("n_gen") or 0)
-        rows.append({"test": f"{_mode(r)}{n}", "n_depth": int(r.get("n_depth") or 0),
-                     "flash_attn": bool(r["flash_attn"]), "status": r.get("status"), "median_ts": med,
-                     "ts_lo": lo, "ts_hi": hi, "cv": r.get("cv") if ok else None,
-                     "n_samples": len(_as_list(r.get("samples_ts"))) if ok else 0})
-    return pd.DataFrame(rows).sort_values(["test", "n_depth", "flash_attn"]).reset_index(drop=True)[cols]
+        return pd.DataFrame(columns=FLASH_COLUMNS)
+    keys = ["test", "n_depth", "flash_attn"]
+    records = pd.DataFrame([_flash_record(r) for r in df.to_dict("records")])
+    rows = pd.concat([df.drop(columns=[k for k in keys if k in df]).reset_index(drop=True), records[keys]], axis=1)
+    medians = _medians(rows, keys, {"samples_ts": "median_ts"}, records)
+    medians = medians.rename(columns={"median_ts_lo": "ts_lo", "median_ts_hi": "ts_hi"})
+    t = records.merge(medians, on=keys, how="left")
+    t["n_samples"] = t["n_samples"].fillna(0).astype(int)
+    return t.sort_values(keys).reset_index(drop=True)[FLASH_COLUMNS]
 
 
-def flash_comparisons(df, evidence: Sequence[str] = ()):
+def flash_comparisons(df, evidence: Sequence[str] = ()) -> list[Verdict]:
     """Flash on over off, per test and depth: a list of Verdicts (claim G2) in a stable order."""
     out = []
     if df is None or df.empty:
@@ -392,26 +349,22 @@ def flash_comparisons(df, evidence: Sequence[str] = ()):
             if not on or not off:
                 continue
             v = compare(CLAIM_FLASH, on, off, evidence=evidence,
-                                metric=f"{mode} t/s ratio, flash_attn on / off, depth {int(depth)}")
+                        metric=f"{mode} t/s ratio, flash_attn on / off, depth {int(depth)}")
             v.details = {**(v.details or {}), "test": mode, "n_depth": int(depth)}
             out.append(v)
     return out
 
 
-def comparisons_table(verdicts):
-    import pandas as pd
-
-    return pd.DataFrame([{"test": v.details.get("test"), "n_depth": v.details.get("n_depth"), "ratio": _ratio(v),
+def comparisons_table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
+    return pd.DataFrame([{"test": v.details.get("test"), "n_depth": v.details.get("n_depth"), "ratio": ratio_of(v),
                           "ci_low": v.ci_low, "ci_high": v.ci_high, "verdict": v.verdict, "unstable": v.unstable}
                          for v in verdicts],
                         columns=["test", "n_depth", "ratio", "ci_low", "ci_high", "verdict", "unstable"])
 
 
-def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = None):
+def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = None) -> Verdict:
     """G2 in one verdict: if every depth and test agrees, that verdict; otherwise the decode (tg) comparison at the
     deepest context, where attention costs most and a server spends its time, with the disagreement stated."""
-    from kit.verdicts import not_testable
-
     comps = flash_comparisons(df, evidence)
     if not comps:
         return not_testable(CLAIM_FLASH, "no successful flash-attention rows: see the results' error column",
@@ -419,14 +372,13 @@ def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = N
     kinds = {v.verdict for v in comps}
     tgs = [v for v in comps if v.details["test"] == "tg"] or comps
     primary = max(tgs, key=lambda v: v.details["n_depth"])
-    per = "; ".join(f"{v.details['test']} @ d{v.details['n_depth']}: {_fmt(v.verdict, _ratio(v), v.ci_low, v.ci_high)}"
-                    for v in comps)
+    per = "; ".join(f"{v.details['test']} @ d{v.details['n_depth']}: {ratio_text(v)}" for v in comps)
     scope = _gpu_scope(gpu_offload)
     if len(kinds) == 1:
         head = f"flash attention on/off gives the same verdict at every depth and test: {primary.verdict}."
     else:
         head = (f"mixed across depths and tests; the verdict follows decode (tg) at the deepest context "
-                f"(depth {primary.details['n_depth']}): {_fmt(primary.verdict, _ratio(primary), primary.ci_low, primary.ci_high)}.")
+                f"(depth {primary.details['n_depth']}): {ratio_text(primary)}.")
     shaky = (" Some samples unstable (CV >= 10 %): repeat on a quiet machine before acting on it."
              if any(v.unstable for v in comps) else "")
     primary.summary = f"{head} Per test: {per}.{shaky} {scope}".strip()
@@ -438,45 +390,53 @@ def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = N
     return primary
 
 
+def batch_statement(table: pd.DataFrame) -> str:
+    """How many grid cells repeat another cell's work, and how many llama.cpp clamped."""
+    same = int(table.same_work_as.notna().sum())
+    return (f"{same} cells repeat another cell's work at their prompt length (same llama_decode calls and "
+            f"micro-batches); {int(table.clamped.notna().sum())} cells were clamped by llama.cpp.")
+
+
 # ---- figures -----------------------------------------------------------------------------------------------------
-def plot_batch_heatmaps(table):
+def _empty_figure(text: str):
+    fig, ax = plt.subplots(figsize=(5, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center")
+    return fig
+
+
+def _heatmap(ax, t: pd.DataFrame, col: str, title: str, cmap: str) -> None:
+    """One prompt length's n_ubatch x n_batch heatmap of `col`; '=' marks a cell doing another cell's work."""
+    piv = t.pivot_table(index="n_ubatch", columns="n_batch", values=col, aggfunc="first")
+    dup = {(r.n_ubatch, r.n_batch) for r in t.itertuples() if isinstance(r.same_work_as, str)}
+    annot = np.full(piv.shape, "", dtype=object)
+    for a, ub in enumerate(piv.index):
+        for b, nb in enumerate(piv.columns):
+            v = piv.loc[ub, nb]
+            if v == v and v is not None:
+                annot[a, b] = f"{v:.0f}{'=' if (ub, nb) in dup else ''}"
+    sns.heatmap(piv.astype(float), annot=annot, fmt="", cmap=cmap, ax=ax, cbar=True, linewidths=0.5,
+                linecolor="white")
+    ran = t.dropna(subset=["n_batch_effective"]).groupby("n_batch")["n_batch_effective"].max()
+    ax.set_xticklabels([f"{nb}" + (f"\n(ran {int(ran[nb])})" if nb in ran and int(ran[nb]) != nb else "")
+                        for nb in piv.columns])
+    ax.set_title(title)
+    ax.invert_yaxis()
+
+
+def plot_batch_heatmaps(table: pd.DataFrame):
     """Heatmaps of median prompt t/s and TTFT: n_ubatch (rows) x n_batch (columns), one column per prompt length.
     '=' marks a cell doing the same work as another (same decode calls and micro-batches); blank cells are
     combinations that were skipped (n_ubatch > n_batch) or failed."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
-
-    from kit.plots import setup
-
     setup()
     prompts = sorted(table.loc[table["pp_ts"].notna(), "n_prompt"].unique())
     if not prompts:
-        fig, ax = plt.subplots(figsize=(5, 2))
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no successful grid cells: see the table's status and the rows' error column", ha="center")
-        return fig
+        return _empty_figure("no successful grid cells: see the table's status and the rows' error column")
     fig, axes = plt.subplots(2, len(prompts), figsize=(4.6 * len(prompts), 7.5), squeeze=False)
     for j, n in enumerate(prompts):
         t = table[table.n_prompt == n]
-        for i, (col, title, cmap) in enumerate((("pp_ts", f"pp{n}: prompt t/s (median)", "viridis"),
-                                                 ("ttft_ms", f"pp{n}: TTFT ms (prompt time)", "viridis_r"))):
-            piv = t.pivot_table(index="n_ubatch", columns="n_batch", values=col, aggfunc="first")
-            dup = {(r.n_ubatch, r.n_batch) for r in t.itertuples() if isinstance(r.same_work_as, str)}
-            annot = np.full(piv.shape, "", dtype=object)
-            for a, ub in enumerate(piv.index):
-                for b, nb in enumerate(piv.columns):
-                    v = piv.loc[ub, nb]
-                    if v == v and v is not None:
-                        mark = "=" if (ub, nb) in dup else ""
-                        annot[a, b] = f"{v:.0f}{mark}"
-            sns.heatmap(piv.astype(float), annot=annot, fmt="", cmap=cmap, ax=axes[i][j], cbar=True,
-                        linewidths=0.5, linecolor="white")
-            ran = t.dropna(subset=["n_batch_effective"]).groupby("n_batch")["n_batch_effective"].max()
-            axes[i][j].set_xticklabels([f"{nb}" + (f"\n(ran {int(ran[nb])})" if nb in ran and int(ran[nb]) != nb else "")
-                                        for nb in piv.columns])
-            axes[i][j].set_title(title)
-            axes[i][j].invert_yaxis()
+        _heatmap(axes[0][j], t, "pp_ts", f"pp{n}: prompt t/s (median)", "viridis")
+        _heatmap(axes[1][j], t, "ttft_ms", f"pp{n}: TTFT ms (prompt time)", "viridis_r")
     fig.suptitle("n_batch x n_ubatch ('=' same work as another cell at this prompt length; blank = skipped)")
     fig.tight_layout()
     return fig
@@ -484,10 +444,6 @@ def plot_batch_heatmaps(table):
 
 def plot_flash(df):
     """pp and tg t/s against context depth, flash attention off vs on (median, 95 % CI of the samples)."""
-    import matplotlib.pyplot as plt
-
-    from kit.plots import setup, speed_plot
-
     setup()
     d = df[df.status == "ok"].copy()
     d["mode"] = [_mode(r) for r in d.to_dict("records")]

@@ -11,130 +11,111 @@ Parts of one study (`ContextStudy`), each a sweep through `kit.sweep.run_sweep` 
   so every type runs with flash_attn=True and f16 runs both with and without it: the fair baseline is f16 + FA.
 - rope: the guide's rope_freq_base override against the model's own value: perplexity and KL divergence.
 
-Quality verdicts use a paired bootstrap over perplexity chunks (the same text for both), see `kit.verdicts.paired_log_ratio`.
+Quality verdicts use a paired bootstrap over perplexity chunks (the same text for both), see
+`kit.verdicts.paired_log_ratio`, labelled by the one rule (`kit.verdicts.from_interval`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kit.verdicts import median_ci, paired_log_ratio
-from kit.results import ok_rows as _ok, pooled_samples as _samples
-from kit.sweep import StudyLocation
-from kit.config import KV_CACHE_TYPES, Settings, SettingsError
+import pandas as pd
+
+from kit.config import KV_CACHE_TYPES, Settings, SettingsError, StudyConfig, StudyConfigError, check_rule, param
 from kit.measure import Test, pp, tg
+from kit.models import model_card
+from kit.paths import DEFAULT_MODEL
+from kit.plots import median_plot, panel_figure, samples_long
+from kit.quality import ensure_reference, reference_path
+from kit.results import load_results, median_table, ok_rows, pooled_samples
+from kit.sweep import run_sweep
+from kit.verdicts import (NO_EFFECT, SUPPORTED, compare, from_interval, median_ci, not_testable,
+                          paired_log_ratio)
 
 GUIDE_N_CTX = (2048, 4096, 8192, 16384)
 GUIDE_MODEL_PROPERTIES = {"n_ctx_train": 131072, "rope_freq_base": 10000.0}
+PARTS = ("allocated", "fill", "depth", "kv", "rope")
+MEMORY_PROBE = "kit.measure:memory_probe"
+QUALITY_TEST = "kit.quality:kld_test"
 
 
-# ---- small statistics used by the context and system studies ------------------------------------------------------
-def ppl_verdict(claim: str, candidate_chunk_nll, baseline_chunk_nll, claimed: str = "same", metric: str = "",
-                evidence=(), summary: str = ""):
-    """A kit.verdicts.Verdict on perplexity (lower is better) from paired chunks: supported / refuted / no effect."""
-    from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict
-
+def ppl_ratio_verdict(claim: str, candidate_chunk_nll, baseline_chunk_nll, claimed: str = "same", metric: str = "",
+                      evidence=(), summary: str = ""):
+    """A Verdict on perplexity (lower is better) from paired chunks: the paired log ratio's interval, labelled by
+    kit.verdicts' one rule (from_interval -> decide)."""
     point, lo, hi = paired_log_ratio(candidate_chunk_nll, baseline_chunk_nll)
-    worse, better = lo > 1, hi < 1
-    if claimed == "same":
-        verdict = REFUTED if (worse or better) else NO_EFFECT
-    elif claimed == "better":
-        verdict = SUPPORTED if better else (REFUTED if worse else NO_EFFECT)
-    else:
-        verdict = SUPPORTED if worse else (REFUTED if better else NO_EFFECT)
     auto = (f"{metric or 'perplexity ratio'}: {abs(point - 1) * 100:.1f} % {'higher' if point > 1 else 'lower'} "
             f"(95 % CI {lo:.3f}-{hi:.3f}, paired over {len(candidate_chunk_nll)} chunks)")
-    return Verdict(claim=claim, verdict=verdict, summary=summary or auto, effect=round(point, 4),
-                   ci_low=round(lo, 4), ci_high=round(hi, 4), metric=metric, evidence=list(evidence),
-                   n_baseline=len(baseline_chunk_nll), n_candidate=len(candidate_chunk_nll))
+    return from_interval(claim, point, lo, hi, claimed=claimed, higher_is_better=False, metric=metric,
+                         summary=summary or auto, evidence=evidence, n_candidate=len(candidate_chunk_nll),
+                         n_baseline=len(baseline_chunk_nll))
 
 
 # ---- the study --------------------------------------------------------------------------------------------------
 @dataclass
-class ContextStudy(StudyLocation):
-    """n_ctx (M1) and KV cache / RoPE (M2). Validated on construction; the model card is read here."""
+class ContextStudy(StudyConfig):
+    """n_ctx (M1) and KV cache / RoPE (M2). Validated on construction; the model card is read in check()."""
 
-    model: str = "smollm2-135m"
-    repetitions: int = 5
-    out_dir: str = "outputs/30_context_kv"
-    n_ctx_values: list = field(default_factory=lambda: [512, 2048, 4096, 8192])
-    allow_beyond_train: bool = False      # run n_ctx above n_ctx_train too (llama.cpp allows it; quality suffers)
-    n_threads: int = 0                    # 0 = llama-cpp-python's default
-    prompt_tokens: int = 256              # the fixed prompt (TTFT, pp)
-    n_gen: int = 64                       # tg length
-    fill_fraction: float = 0.9            # fill prompts: this share of n_ctx
-    fill_max_n_ctx: int = 2048            # fill prompts only up to this n_ctx (cost grows with n_ctx squared)
-    fill_repetitions: int = 2
-    depth_n_ctx: int = 0                  # 0 = the largest n_ctx run
-    depths: list = field(default_factory=lambda: [0, 1024, 2048])
-    depth_repetitions: int = 5
-    kv_types: list = field(default_factory=lambda: ["f16", "q8_0", "q4_0"])
-    kv_n_ctx: int = 2048
-    kv_depth: int = 512                   # tg measured after this many tokens, where the KV type matters
-    rope_freq_bases: list = field(default_factory=lambda: [10000.0])
-    ppl_n_ctx: int = 256                  # perplexity chunk size
-    ppl_chunks: int = 8
-    timeout_s: float = 900.0
+    model: str = param(DEFAULT_MODEL, "bundled model name or a path to any GGUF")
+    repetitions: int = param(5, "timed runs per test after one warm-up (allocated and KV parts)", ge=1)
+    out_dir: str = param("outputs/30_context_kv", "rows, figures and verdicts go here")
+    n_ctx_values: list[int] = param([1024, 4096, 8192, 16384], "allocated contexts (the guide's, plus 1024)",
+                                    ge=1, nonempty=True)
+    allow_beyond_train: bool = param(False, "also run n_ctx above the model's n_ctx_train (llama.cpp allows it; "
+                                            "quality suffers)")
+    n_threads: int = param(0, "generation threads, 0 means the llama-cpp-python default", ge=0)
+    prompt_tokens: int = param(128, "the fixed prompt for TTFT and pp", ge=1)
+    n_gen: int = param(32, "generated tokens per tg test", ge=1)
+    fill_fraction: float = param(0.9, "fill prompts use this share of n_ctx", gt=0, le=1)
+    fill_max_n_ctx: int = param(1024, "fill prompts only up to this n_ctx (their cost grows with n_ctx squared)",
+                                ge=1)
+    fill_repetitions: int = param(2, "repetitions of the fill prompts", ge=1)
+    depth_n_ctx: int = param(0, "n_ctx of the depth part, 0 means the largest n_ctx run", ge=0)
+    depths: list[int] = param([0, 1024], "tokens already in the KV cache before tg / pp", ge=0, nonempty=True)
+    depth_repetitions: int = param(5, "repetitions of the depth tests (the depth is filled once per test)", ge=1)
+    kv_types: list[str] = param(["f16", "q8_0", "q4_0"], "KV cache types, the same for K and V (f16 included: "
+                                                         "the baseline)", choices=KV_CACHE_TYPES, nonempty=True)
+    kv_n_ctx: int = param(2048, "n_ctx of the KV and RoPE parts", ge=1)
+    kv_depth: int = param(256, "tg of the KV part runs after this many tokens, where the KV type matters", ge=0)
+    rope_freq_bases: list[float] = param([10000.0], "RoPE base overrides to score (the guide's 10000)", gt=0)
+    ppl_n_ctx: int = param(256, "perplexity chunk size (tokens)", ge=1)
+    ppl_chunks: int = param(3, "perplexity chunks of held-out text", ge=1)
+    timeout_s: float = param(900.0, "seconds one trial may take before its child is killed", gt=0)
 
-    def __post_init__(self) -> None:
-        from kit.models import model_card
-
-        for name in ("repetitions", "prompt_tokens", "n_gen", "fill_repetitions", "depth_repetitions",
-                     "kv_n_ctx", "ppl_n_ctx", "ppl_chunks", "fill_max_n_ctx"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SettingsError(f"{name}={v!r} must be a positive int")
-        for name in ("n_threads", "depth_n_ctx", "kv_depth"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise SettingsError(f"{name}={v!r} must be an int >= 0")
-        if not 0 < self.fill_fraction <= 1:
-            raise SettingsError(f"fill_fraction={self.fill_fraction} must be in (0, 1]")
-        if not self.n_ctx_values or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
-                                        for n in self.n_ctx_values):
-            raise SettingsError(f"n_ctx_values={self.n_ctx_values!r} must be a non-empty list of positive ints")
-        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.depths) or not self.depths:
-            raise SettingsError(f"depths={self.depths!r} must be a non-empty list of ints >= 0")
-        for t in self.kv_types:
-            if t not in KV_CACHE_TYPES:
-                raise SettingsError(f"kv_types: {t!r} is not one of {', '.join(KV_CACHE_TYPES)}")
-        if "f16" not in self.kv_types:
-            raise SettingsError("kv_types must include 'f16': it is the baseline every other type is compared with")
-        for b in self.rope_freq_bases:
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0:
-                raise SettingsError(f"rope_freq_bases: {b!r} must be a positive number")
+    def check(self) -> None:
+        """Cross-field rules; reads the model card and derives n_ctx_run, beyond_train and depth_ctx."""
+        check_rule("f16" in self.kv_types, "kv_types must include 'f16': it is the baseline every other type is "
+                                           "compared with")
         self.rope_freq_bases = [float(b) for b in self.rope_freq_bases]
         self.card = model_card(self.model)
         train = self.card.n_ctx_train
         self.beyond_train = sorted(n for n in set(self.n_ctx_values) if train and n > train)
-        runnable = sorted(set(self.n_ctx_values)) if self.allow_beyond_train else \
+        self.n_ctx_run = sorted(set(self.n_ctx_values)) if self.allow_beyond_train else \
             sorted(n for n in set(self.n_ctx_values) if not (train and n > train))
-        if not runnable:
-            raise SettingsError(f"every n_ctx in {self.n_ctx_values} exceeds the model's n_ctx_train={train}; "
-                                f"allow_beyond_train=True runs them anyway")
-        self.n_ctx_run = runnable
-        if self.prompt_tokens + 1 > min(runnable) or self.n_gen > min(runnable):
-            raise SettingsError(f"prompt_tokens + 1 = {self.prompt_tokens + 1} and n_gen = {self.n_gen} must fit "
-                                f"the smallest n_ctx ({min(runnable)})")
-        dctx = self.depth_n_ctx or max(runnable)
-        need = max(self.depths) + max(self.prompt_tokens, self.n_gen)
-        if need > dctx:
-            raise SettingsError(f"the deepest depth test needs {need} tokens; depth_n_ctx={dctx} (drop depths above "
-                                f"{dctx - max(self.prompt_tokens, self.n_gen)})")
-        self.depth_ctx = dctx
-        if self.kv_depth + self.n_gen > self.kv_n_ctx or self.prompt_tokens > self.kv_n_ctx \
-                or self.ppl_n_ctx > self.kv_n_ctx:
-            raise SettingsError(f"kv_n_ctx={self.kv_n_ctx} must hold kv_depth + n_gen, prompt_tokens and ppl_n_ctx")
-        for n in self.n_ctx_run:  # every configuration the settings' way (types, model)
-            self.settings(n_ctx=n)
+        check_rule(bool(self.n_ctx_run), f"every n_ctx in {self.n_ctx_values} exceeds the model's n_ctx_train="
+                                         f"{train}; allow_beyond_train=True runs them anyway")
+        smallest = min(self.n_ctx_run)
+        check_rule(self.prompt_tokens + 1 <= smallest and self.n_gen <= smallest,
+                   f"prompt_tokens + 1 = {self.prompt_tokens + 1} and n_gen = {self.n_gen} must fit the smallest "
+                   f"n_ctx ({smallest})")
+        self.depth_ctx = self.depth_n_ctx or max(self.n_ctx_run)
+        longest = max(self.prompt_tokens, self.n_gen)
+        check_rule(max(self.depths) + longest <= self.depth_ctx,
+                   f"the deepest depth test needs {max(self.depths) + longest} tokens; depth_n_ctx={self.depth_ctx} "
+                   f"(drop depths above {self.depth_ctx - longest})")
+        check_rule(self.kv_depth + self.n_gen <= self.kv_n_ctx and self.prompt_tokens <= self.kv_n_ctx
+                   and self.ppl_n_ctx <= self.kv_n_ctx,
+                   f"kv_n_ctx={self.kv_n_ctx} must hold kv_depth + n_gen, prompt_tokens and ppl_n_ctx")
+        try:
+            for n in self.n_ctx_run:  # every configuration the settings' way (types, model)
+                self.settings(n_ctx=n)
+        except SettingsError as exc:
+            raise StudyConfigError(f"{type(self).__name__}: {exc}") from None
 
     # -- paths
-
     def reference_path(self) -> Path:
-        from kit.quality import reference_path
-
-        return reference_path(self.card.path, self.ppl_n_ctx, self.ppl_chunks,
-                              cache_dir=Path(self.out_dir) / "cache", tag="kv-f16-fa").resolve()
+        return reference_path(self.card.path, self.ppl_n_ctx, self.ppl_chunks, cache_dir=self.out_path / "cache",
+                              tag="kv-f16-fa")
 
     # -- configurations and tests
     def settings(self, **changes) -> Settings:
@@ -150,7 +131,7 @@ class ContextStudy(StudyLocation):
 
     def allocated_plan(self):
         configs = [self.settings(n_ctx=n) for n in self.n_ctx_run]
-        tests = [Test("kit.measure:memory_probe"), self.ttft_test(self.prompt_tokens), tg(self.n_gen)]
+        tests = [Test(MEMORY_PROBE), self.ttft_test(self.prompt_tokens), tg(self.n_gen)]
         return configs, _tagged(tests, "allocated")
 
     def fill_plans(self):
@@ -174,12 +155,12 @@ class ContextStudy(StudyLocation):
         return out
 
     def quality_test(self) -> Test:
-        return Test("kit.quality:kld_test", n_prompt=self.ppl_n_ctx,
+        return Test(QUALITY_TEST, n_prompt=self.ppl_n_ctx,
                     params={"reference_logits": str(self.reference_path()), "n_ctx": self.ppl_n_ctx,
                             "n_chunks": self.ppl_chunks, "reference_sha256": self.card.sha256, "create": False})
 
     def kv_tests(self) -> list[Test]:
-        return _tagged([Test("kit.measure:memory_probe"), tg(self.n_gen, depth=self.kv_depth),
+        return _tagged([Test(MEMORY_PROBE), tg(self.n_gen, depth=self.kv_depth),
                         pp(self.prompt_tokens)], "kv") + [self.quality_test()]
 
     def rope_configs(self) -> list[Settings]:
@@ -209,8 +190,6 @@ def guide_setting_check() -> dict:
 
 def model_properties_table(study: ContextStudy):
     """The guide's n_ctx_train / rope_freq_base next to the model's own values from its GGUF metadata."""
-    import pandas as pd
-
     c = study.card
     rows = [
         {"property": "n_ctx_train", "guide": f"{GUIDE_MODEL_PROPERTIES['n_ctx_train']:g}",
@@ -239,76 +218,79 @@ def beyond_train_note(study: ContextStudy) -> str:
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
-def run_context_study(study: ContextStudy, parts: tuple = ("allocated", "fill", "depth", "kv", "rope"),
-                      progress: bool = True):
+def _sweep(study: ContextStudy, configs, tests, repetitions: int, part: str, progress: bool):
+    out = study.out_path
+    return run_sweep(out.name, configs, tests, repetitions=repetitions, out_root=out.parent,
+                     timeout_s=study.timeout_s, progress=progress, extra={"part": part})
+
+
+def run_context_study(study: ContextStudy, parts: tuple = PARTS, progress: bool = True):
     """Run the parts in order (kv before rope: it holds the quality reference); returns all rows as a DataFrame."""
-    from kit.results import load_results
-    from kit.sweep import run_sweep
-
-    known = ("allocated", "fill", "depth", "kv", "rope")
     for p in parts:
-        if p not in known:
-            raise SettingsError(f"unknown part {p!r}; parts: {', '.join(known)}")
-
-    def sweep(configs, tests, reps, part):
-        return run_sweep(study.study, configs, tests, repetitions=reps, out_root=study.out_root,
-                         timeout_s=study.timeout_s, progress=progress, extra={"part": part})
-
+        if p not in PARTS:
+            raise SettingsError(f"unknown part {p!r}; parts: {', '.join(PARTS)}")
     if "allocated" in parts:
-        sweep(*study.allocated_plan(), study.repetitions, "allocated")
+        _sweep(study, *study.allocated_plan(), study.repetitions, "allocated", progress)
     if "fill" in parts:
         for config, tests in study.fill_plans():
-            sweep([config], tests, study.fill_repetitions, "fill")
+            _sweep(study, [config], tests, study.fill_repetitions, "fill", progress)
     if "depth" in parts:
-        sweep(*study.depth_plan(), study.depth_repetitions, "depth")
+        _sweep(study, *study.depth_plan(), study.depth_repetitions, "depth", progress)
     if "kv" in parts or "rope" in parts:
-        from kit.quality import ensure_reference
-
         # the reference log-probs: f16 KV with flash attention, the model's own RoPE, written once in this process
         ensure_reference(study.kv_configs()[0], path=study.reference_path(), n_ctx=study.ppl_n_ctx,
                          n_chunks=study.ppl_chunks)
     if "kv" in parts:
-        sweep(study.kv_configs(), study.kv_tests(), study.repetitions, "kv")
+        _sweep(study, study.kv_configs(), study.kv_tests(), study.repetitions, "kv", progress)
     if "rope" in parts:
-        sweep(study.rope_configs(), [study.quality_test()], 1, "rope")
-    return load_results(study.out_dir)
+        _sweep(study, study.rope_configs(), [study.quality_test()], 1, "rope", progress)
+    return load_results(study.out_path)
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------
+def _ttft_rows(rows):
+    """pg rows with their time-to-first-token samples in ms (samples_ttft_ms, from the engine's samples_ns)."""
+    if rows.empty:
+        return rows
+    return rows.assign(samples_ttft_ms=[[ns / 1e6 for ns in xs] if isinstance(xs, list) else None
+                                        for xs in rows["samples_ns"]])
 
 
 def _ttft_ms(rows) -> list[float]:
-    return [ns / 1e6 for ns in _samples(rows, "samples_ns")]
+    return [ns / 1e6 for ns in pooled_samples(rows, "samples_ns")]
 
 
 def _fmt_ci(lo, hi, digits: int = 1) -> str:
     return f"[{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else ""
 
 
+def _medians(rows, by: str, col: str, name: str, ci_name: str) -> dict:
+    """{group: {name: median, ci_name: "[lo, hi]"}} of a samples column, through kit.results.median_table."""
+    t = median_table(rows, by, col)
+    return {r[by]: {name: r[col], ci_name: _fmt_ci(r[f"{col}_lo"], r[f"{col}_hi"])} for _, r in t.iterrows()}
+
+
 def allocated_table(df, study: ContextStudy):
     """Per allocated n_ctx, same prompt: load time, KV size (computed) vs measured anonymous memory, TTFT, tg."""
-    import pandas as pd
-
-    d = _ok(df, "allocated")
+    d = ok_rows(df, "allocated")
+    if d.empty:
+        return pd.DataFrame()
+    ttft = _medians(_ttft_rows(d[d["test_kind"] == "pg"]), "n_ctx", "samples_ttft_ms", "ttft_ms", "ttft_ci")
+    gen = _medians(d[d["test_kind"] == "tg"], "n_ctx", "samples_ts", "tg_ts", "tg_ci")
     rows = []
     for n, g in d.groupby("n_ctx"):
-        mem = g[g["test_kind"] == "kit.measure:memory_probe"]
-        ttft = g[g["test_kind"] == "pg"]
-        gen = g[g["test_kind"] == "tg"]
+        mem = g[g["test_kind"] == MEMORY_PROBE]
         eff = int(g["n_ctx_effective"].iloc[0]) if "n_ctx_effective" in g else int(n)
-        t_med, t_lo, t_hi = median_ci(_ttft_ms(ttft))
-        g_med, g_lo, g_hi = median_ci(_samples(gen))
         rows.append({
             "n_ctx": int(n), "n_ctx_effective": eff,
             "load_ms": round(float(g["load_ms"].iloc[0]), 1),
             "kv_mib_computed": round(study.card.kv_cache_bytes(eff) / 2**20, 1),
             "rss_anon_mb": float(mem["rss_anon_mb"].iloc[0]) if not mem.empty else None,
-            "ttft_ms": t_med, "ttft_ci": _fmt_ci(t_lo, t_hi),
-            "tg_ts": g_med, "tg_ci": _fmt_ci(g_lo, g_hi),
+            **ttft.get(n, {"ttft_ms": None, "ttft_ci": ""}), **gen.get(n, {"tg_ts": None, "tg_ci": ""}),
             "prompt_tokens": study.prompt_tokens,
         })
     t = pd.DataFrame(rows)
-    if not t.empty and t["rss_anon_mb"].notna().any():
+    if t["rss_anon_mb"].notna().any():
         base = t.iloc[0]
         t["kv_mib_vs_smallest"] = (t["kv_mib_computed"] - base["kv_mib_computed"]).round(1)
         t["rss_anon_vs_smallest"] = (t["rss_anon_mb"] - base["rss_anon_mb"]).round(1)
@@ -316,27 +298,27 @@ def allocated_table(df, study: ContextStudy):
 
 
 def fill_table(df):
-    import pandas as pd
-
-    d = _ok(df, "fill")
+    """Per n_ctx up to fill_max_n_ctx: TTFT of a prompt filling that context, and its prompt speed."""
+    t = median_table(_ttft_rows(ok_rows(df, "fill")), ["n_ctx", "n_prompt"], "samples_ttft_ms")
     rows = []
-    for (n, p), g in d.groupby(["n_ctx", "n_prompt"]):
-        med, lo, hi = median_ci(_ttft_ms(g))
-        rows.append({"n_ctx": int(n), "prompt_tokens": int(p), "ttft_ms": med, "ttft_ci": _fmt_ci(lo, hi),
-                     "prompt_ts": round(int(p) / (med / 1e3), 1) if med else None})
+    for _, r in t.iterrows():
+        med = r["samples_ttft_ms"]
+        rows.append({"n_ctx": int(r["n_ctx"]), "prompt_tokens": int(r["n_prompt"]), "ttft_ms": med,
+                     "ttft_ci": _fmt_ci(r["samples_ttft_ms_lo"], r["samples_ttft_ms_hi"]),
+                     "prompt_ts": round(int(r["n_prompt"]) / (med / 1e3), 1) if med else None})
     return pd.DataFrame(rows)
 
 
 def depth_table(df):
-    import pandas as pd
-
-    d = _ok(df, "depth")
-    rows = []
-    for (kind, depth), g in d.groupby(["test_kind", "n_depth"]):
-        med, lo, hi = median_ci(_samples(g))
-        rows.append({"test": kind, "depth": int(depth), "n_ctx": int(g["n_ctx"].iloc[0]), "median_ts": med,
-                     "ci": _fmt_ci(lo, hi)})
-    return pd.DataFrame(rows).sort_values(["test", "depth"]).reset_index(drop=True) if rows else pd.DataFrame()
+    """tg and pp t/s per depth (tokens already in the KV cache) at the depth part's n_ctx."""
+    d = ok_rows(df, "depth")
+    if d.empty:
+        return pd.DataFrame()
+    t = median_table(d, ["test_kind", "n_depth"], "samples_ts")
+    rows = [{"test": r["test_kind"], "depth": int(r["n_depth"]), "n_ctx": int(d["n_ctx"].iloc[0]),
+             "median_ts": r["samples_ts"], "ci": _fmt_ci(r["samples_ts_lo"], r["samples_ts_hi"])}
+            for _, r in t.iterrows()]
+    return pd.DataFrame(rows).sort_values(["test", "depth"]).reset_index(drop=True)
 
 
 def _kv_label(r) -> str:
@@ -345,46 +327,53 @@ def _kv_label(r) -> str:
 
 
 def _quality_rows(df, part: str):
-    d = _ok(df, part)
-    return d[d["test_kind"] == "kit.quality:kld_test"] if not d.empty else d
+    d = ok_rows(df, part)
+    return d[d["test_kind"] == QUALITY_TEST] if not d.empty else d
+
+
+def _reference_quality(df):
+    """The quality row of the reference: f16 K and V with flash attention, the model's own RoPE (kv part)."""
+    q = _quality_rows(df, "kv")
+    if q.empty:
+        return q
+    return q[(q["type_k"] == "f16") & (q["type_v"] == "f16") & (q["flash_attn"] == True)]  # noqa: E712
+
+
+def _kv_row(g, study: ContextStudy, key, ref_nll) -> dict:
+    """One KV configuration's row of kv_table."""
+    tk, tv, fa = key
+    eff = int(g["n_ctx_effective"].iloc[0])
+    mem = g[g["test_kind"] == MEMORY_PROBE]
+    tg_m, tg_lo, tg_hi = median_ci(pooled_samples(g[g["test_kind"] == "tg"]))
+    pp_m, pp_lo, pp_hi = median_ci(pooled_samples(g[g["test_kind"] == "pp"]))
+    qq = g[g["test_kind"] == QUALITY_TEST]
+    r = {"kv": _kv_label({"type_k": tk, "type_v": tv, "flash_attn": fa}), "type_k": tk, "type_v": tv,
+         "flash_attn": bool(fa), "n_ctx": eff,
+         "kv_mib_computed": round(study.card.kv_cache_bytes(eff, tk, tv) / 2**20, 1),
+         "rss_anon_mb": float(mem["rss_anon_mb"].iloc[0]) if not mem.empty else None,
+         f"tg_ts@d{study.kv_depth}": tg_m, "tg_ci": _fmt_ci(tg_lo, tg_hi), "pp_ts": pp_m,
+         "pp_ci": _fmt_ci(pp_lo, pp_hi)}
+    if not qq.empty:
+        x = qq.iloc[0]
+        r.update(ppl=x["ppl"], ppl_stderr=x["ppl_stderr"], kld_mean=x["kld_mean"],
+                 top1_agree_pct=x["top1_agree_pct"],
+                 ln_ppl_ratio=x["ln_ppl_ratio"], ln_ppl_ratio_stderr=x["ln_ppl_ratio_stderr"])
+        if ref_nll is not None:
+            pt, lo, hi = paired_log_ratio(x["chunk_nll"], ref_nll)
+            r.update(ppl_ratio_vs_f16fa=round(pt, 4), ppl_ratio_ci=_fmt_ci(lo, hi, 4))
+    return r
 
 
 def kv_table(df, study: ContextStudy):
     """Per KV configuration: KV size computed and measured, tg at depth, pp, perplexity, KLD, top-1 agreement,
     and the paired perplexity ratio to f16 + FA with its interval."""
-    import pandas as pd
-
-    d = _ok(df, "kv")
+    d = ok_rows(df, "kv")
     if d.empty:
         return pd.DataFrame()
-    q = _quality_rows(df, "kv")
-    ref = q[(q["type_k"] == "f16") & (q["type_v"] == "f16") & (q["flash_attn"] == True)]  # noqa: E712
+    ref = _reference_quality(df)
     ref_nll = ref["chunk_nll"].iloc[0] if not ref.empty else None
-    rows, base_mem = [], None
-    for (tk, tv, fa), g in d.groupby(["type_k", "type_v", "flash_attn"], sort=False):
-        eff = int(g["n_ctx_effective"].iloc[0])
-        mem = g[g["test_kind"] == "kit.measure:memory_probe"]
-        gen = g[(g["test_kind"] == "tg")]
-        prm = g[(g["test_kind"] == "pp")]
-        qq = g[g["test_kind"] == "kit.quality:kld_test"]
-        tg_m, tg_lo, tg_hi = median_ci(_samples(gen))
-        pp_m, pp_lo, pp_hi = median_ci(_samples(prm))
-        r = {"kv": _kv_label({"type_k": tk, "type_v": tv, "flash_attn": fa}), "type_k": tk, "type_v": tv,
-             "flash_attn": bool(fa), "n_ctx": eff,
-             "kv_mib_computed": round(study.card.kv_cache_bytes(eff, tk, tv) / 2**20, 1),
-             "rss_anon_mb": float(mem["rss_anon_mb"].iloc[0]) if not mem.empty else None,
-             f"tg_ts@d{study.kv_depth}": tg_m, "tg_ci": _fmt_ci(tg_lo, tg_hi), "pp_ts": pp_m,
-             "pp_ci": _fmt_ci(pp_lo, pp_hi)}
-        if not qq.empty:
-            x = qq.iloc[0]
-            r.update(ppl=x["ppl"], ppl_stderr=x["ppl_stderr"], kld_mean=x["kld_mean"],
-                     top1_agree_pct=x["top1_agree_pct"],
-                     ln_ppl_ratio=x["ln_ppl_ratio"], ln_ppl_ratio_stderr=x["ln_ppl_ratio_stderr"])
-            if ref_nll is not None:
-                pt, lo, hi = paired_log_ratio(x["chunk_nll"], ref_nll)
-                r.update(ppl_ratio_vs_f16fa=round(pt, 4), ppl_ratio_ci=_fmt_ci(lo, hi, 4))
-        rows.append(r)
-    t = pd.DataFrame(rows)
+    t = pd.DataFrame([_kv_row(g, study, key, ref_nll)
+                      for key, g in d.groupby(["type_k", "type_v", "flash_attn"], sort=False)])
     base = t[(t["type_k"] == "f16") & (t["type_v"] == "f16") & t["flash_attn"]]
     if not base.empty and t["rss_anon_mb"].notna().any():
         base_mem = base.iloc[0]
@@ -394,18 +383,15 @@ def kv_table(df, study: ContextStudy):
 
 
 def rope_table(df, study: ContextStudy):
-    import pandas as pd
-
-    q = _quality_rows(df, "kv")
-    ref = q[(q["type_k"] == "f16") & (q["type_v"] == "f16") & (q["flash_attn"] == True)]  # noqa: E712
-    rq = _quality_rows(df, "rope")
+    """Perplexity and KLD at the model's own RoPE base and at each override, with the paired ratio to the own."""
+    ref = _reference_quality(df)
     rows = []
     if not ref.empty:
         x = ref.iloc[0]
         rows.append({"rope_freq_base": study.card.rope_freq_base, "source": "model's own (GGUF)", "ppl": x["ppl"],
                      "ppl_stderr": x["ppl_stderr"], "kld_mean": x["kld_mean"], "top1_agree_pct": x["top1_agree_pct"],
                      "ppl_ratio": 1.0, "ppl_ratio_ci": ""})
-    for _, x in rq.iterrows():
+    for _, x in _quality_rows(df, "rope").iterrows():
         r = {"rope_freq_base": x["rope_freq_base"], "source": "override", "ppl": x["ppl"],
              "ppl_stderr": x["ppl_stderr"], "kld_mean": x["kld_mean"], "top1_agree_pct": x["top1_agree_pct"]}
         if not ref.empty:
@@ -415,21 +401,58 @@ def rope_table(df, study: ContextStudy):
     return pd.DataFrame(rows)
 
 
+# ---- verdicts ---------------------------------------------------------------------------------------------------
+def _m1_sizes(d) -> tuple[int, int] | None:
+    """The smaller and larger allocated n_ctx M1 compares: the guide's 4096 / 8192 if run, else the largest two."""
+    have = sorted(int(n) for n in d["n_ctx"].unique()) if not d.empty else []
+    if 4096 in have and 8192 in have:
+        return 4096, 8192
+    return (have[-2], have[-1]) if len(have) >= 2 else None
+
+
+def _used_context(df, study: ContextStudy) -> tuple[dict, list[str]]:
+    """tg and pp at the deepest against the shallowest depth: details and sentences for M1."""
+    dd = ok_rows(df, "depth")
+    details, words = {}, []
+    depths = sorted(int(x) for x in dd["n_depth"].unique()) if not dd.empty else []
+    if len(depths) < 2:
+        return details, words
+    lo_d, hi_d = depths[0], depths[-1]
+    for kind in ("tg", "pp"):
+        a = dd[(dd["test_kind"] == kind) & (dd["n_depth"] == hi_d)]
+        b = dd[(dd["test_kind"] == kind) & (dd["n_depth"] == lo_d)]
+        if a.empty or b.empty:
+            continue
+        u = compare("M1", pooled_samples(a), pooled_samples(b), claimed="worse",
+                    metric=f"{kind} t/s at depth {hi_d} / depth {lo_d} (n_ctx {study.depth_ctx})")
+        details[f"used_{kind}"] = u.to_dict()
+        words.append(f"Using the context: {kind} at depth {hi_d} against depth {lo_d}: {u.effect_text(2)}.")
+    return details, words
+
+
+def _m1_conclusion(v, ttft) -> str:
+    used = v.details.get("used_tg", {})
+    if v.verdict == NO_EFFECT and ttft.verdict == NO_EFFECT:
+        return ("Allocating less context did not measurably change speed at the same prompt"
+                + ("; the context actually used did, so a smaller n_ctx helps only through the shorter prompts it "
+                   "forces" if used.get("verdict") == SUPPORTED else "") + ". What it saves is memory.")
+    if v.verdict == SUPPORTED:
+        return "Here the smaller allocation was measurably faster at the same prompt, and it saves memory."
+    return "Here the smaller allocation was measurably slower at the same prompt" + \
+        (" (samples unstable: repeat on a quieter machine)" if v.unstable or ttft.unstable else "") + "."
+
+
 def m1_verdict(df, study: ContextStudy, evidence=()):
     """M1: the same prompt at a smaller allocated n_ctx (4096) against a larger one (8192), tg t/s; TTFT and the
     used-context (depth) effect in details and in the summary."""
-    from kit.verdicts import compare, not_testable
-
-    d = _ok(df, "allocated")
-    have = sorted(int(n) for n in d["n_ctx"].unique()) if not d.empty else []
-    if 4096 in have and 8192 in have:
-        small, large = 4096, 8192
-    elif len(have) >= 2:
-        small, large = have[-2], have[-1]
-    else:
+    d = ok_rows(df, "allocated")
+    sizes = _m1_sizes(d)
+    if sizes is None:
+        have = sorted(int(n) for n in d["n_ctx"].unique()) if not d.empty else []
         return not_testable("M1", f"need two allocated n_ctx values with rows (have {have})", list(evidence))
+    small, large = sizes
     gs, gl = d[d["n_ctx"] == small], d[d["n_ctx"] == large]
-    v = compare("M1", _samples(gs[gs["test_kind"] == "tg"]), _samples(gl[gl["test_kind"] == "tg"]),
+    v = compare("M1", pooled_samples(gs[gs["test_kind"] == "tg"]), pooled_samples(gl[gl["test_kind"] == "tg"]),
                 claimed="better", evidence=list(evidence),
                 metric=f"tg t/s, same prompt, n_ctx {small} / {large} (allocated only)")
     ttft = compare("M1", _ttft_ms(gs[gs["test_kind"] == "pg"]), _ttft_ms(gl[gl["test_kind"] == "pg"]),
@@ -440,33 +463,9 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
     words = [f"Allocating n_ctx={small} instead of {large} with the same prompt: tg {v.verdict} "
              f"({v.effect_text()}), TTFT {ttft.verdict} ({ttft.effect_text()}); it saves {kv_saved:.0f} MiB of "
              f"f16 KV cache."]
-    dd = _ok(df, "depth")
-    if not dd.empty:
-        depths = sorted(int(x) for x in dd["n_depth"].unique())
-        if len(depths) >= 2:
-            lo_d, hi_d = depths[0], depths[-1]
-            for kind in ("tg", "pp"):
-                a = dd[(dd["test_kind"] == kind) & (dd["n_depth"] == hi_d)]
-                b = dd[(dd["test_kind"] == kind) & (dd["n_depth"] == lo_d)]
-                if a.empty or b.empty:
-                    continue
-                u = compare("M1", _samples(a), _samples(b), claimed="worse",
-                            metric=f"{kind} t/s at depth {hi_d} / depth {lo_d} (n_ctx {study.depth_ctx})")
-                v.details[f"used_{kind}"] = u.to_dict()
-                words.append(f"Using the context: {kind} at depth {hi_d} against depth {lo_d}: {u.effect_text(2)}.")
-    from kit.verdicts import NO_EFFECT, SUPPORTED
-
-    used = v.details.get("used_tg", {})
-    if v.verdict == NO_EFFECT and ttft.verdict == NO_EFFECT:
-        tail = ("Allocating less context did not measurably change speed at the same prompt"
-                + ("; the context actually used did, so a smaller n_ctx helps only through the shorter prompts it "
-                   "forces" if used.get("verdict") == SUPPORTED else "") + ". What it saves is memory.")
-    elif v.verdict == SUPPORTED:
-        tail = "Here the smaller allocation was measurably faster at the same prompt, and it saves memory."
-    else:
-        tail = "Here the smaller allocation was measurably slower at the same prompt" + \
-            (" (samples unstable: repeat on a quieter machine)" if v.unstable or ttft.unstable else "") + "."
-    words.append(tail)
+    used, used_words = _used_context(df, study)
+    v.details.update(used)
+    words += used_words + [_m1_conclusion(v, ttft)]
     note = beyond_train_note(study)
     if note:
         words.append(note)
@@ -475,111 +474,117 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
     return v
 
 
+def _kv_levers(df, study: ContextStudy) -> tuple[list[dict], list[str]]:
+    """The real KV levers (type_k / type_v) against f16: rows for M2's details and one sentence each."""
+    kt = kv_table(df, study)
+    kv, words = [], []
+    if kt.empty or "ppl_ratio_vs_f16fa" not in kt:
+        return kv, words
+    for _, r in kt.iterrows():
+        if r["type_k"] == "f16" and r["type_v"] == "f16":
+            continue
+        kv.append({"kv": r["kv"], "kv_mib": r["kv_mib_computed"], "kv_mib_saved": r.get("kv_mib_saved_computed"),
+                   "ppl_ratio": r["ppl_ratio_vs_f16fa"], "ppl_ratio_ci": r["ppl_ratio_ci"],
+                   "kld_mean": r["kld_mean"], "tg_ts": r[f"tg_ts@d{study.kv_depth}"]})
+        words.append(f"KV {r['type_k']}: saves {r.get('kv_mib_saved_computed', float('nan')):.0f} MiB at n_ctx "
+                     f"{r['n_ctx']}, perplexity x{r['ppl_ratio_vs_f16fa']:.4f} {r['ppl_ratio_ci']}, "
+                     f"KLD {r['kld_mean']:.4g}.")
+    return kv, words
+
+
+def _rope_outcome(v, study: ContextStudy) -> str:
+    if v.ci_low > 1:
+        return "it damages this model: do not set it; leave rope_freq_base to the model."
+    if v.ci_high < 1:
+        return (f"lower perplexity on {study.ppl_n_ctx}-token chunks; RoPE acts over long distances, so check at "
+                f"longer chunks (ppl_n_ctx) before trusting an override the model was not trained with.")
+    return f"no measurable change on {study.ppl_n_ctx}-token chunks."
+
+
 def m2_verdict(df, study: ContextStudy, evidence=()):
     """M2: the guide's values are model properties; the rope override's effect on perplexity decides the verdict;
     the real KV levers (type_k / type_v) are reported in details and the summary."""
-    from kit.verdicts import not_testable
-
     c = study.card
-    q = _quality_rows(df, "kv")
-    ref = q[(q["type_k"] == "f16") & (q["type_v"] == "f16") & (q["flash_attn"] == True)]  # noqa: E712
+    ref = _reference_quality(df)
     rq = _quality_rows(df, "rope")
-    guide_base = GUIDE_MODEL_PROPERTIES["rope_freq_base"]
-    g = rq[rq["rope_freq_base"] == guide_base] if not rq.empty else rq
+    g = rq[rq["rope_freq_base"] == GUIDE_MODEL_PROPERTIES["rope_freq_base"]] if not rq.empty else rq
     if g.empty:
         g = rq
     check = guide_setting_check()
-    head = (f"n_ctx_train is a property of the model file (this model: {c.n_ctx_train}); the guide's "
-            f"{GUIDE_MODEL_PROPERTIES['n_ctx_train']} cannot be set (Settings refuses it). ")
     if ref.empty or g.empty:
         return not_testable("M2", "no perplexity rows for the model's own RoPE base and the override",
                             list(evidence), setting_check=check)
     x = g.iloc[0]
     base = x["rope_freq_base"]
-    v = ppl_verdict("M2", x["chunk_nll"], ref.iloc[0]["chunk_nll"], claimed="better", evidence=list(evidence),
-                    metric=f"perplexity ratio, rope_freq_base {base:g} (guide) / model's own ({c.rope_freq_base})")
-    if v.ci_low > 1:
-        outcome = "it damages this model: do not set it; leave rope_freq_base to the model."
-    elif v.ci_high < 1:
-        outcome = (f"lower perplexity on {study.ppl_n_ctx}-token chunks; RoPE acts over long distances, so check at "
-                   f"longer chunks (ppl_n_ctx) before trusting an override the model was not trained with.")
-    else:
-        outcome = f"no measurable change on {study.ppl_n_ctx}-token chunks."
+    v = ppl_ratio_verdict("M2", x["chunk_nll"], ref.iloc[0]["chunk_nll"], claimed="better", evidence=list(evidence),
+                          metric=f"perplexity ratio, rope_freq_base {base:g} (guide) / model's own "
+                                 f"({c.rope_freq_base})")
     own = f"{c.rope_freq_base:g}" if c.rope_freq_base else "unset"
-    words = [head + f"Overriding rope_freq_base with the guide's {base:g} (model's own: {own}) changes perplexity by "
-             f"a factor {v.effect:.3f} (95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}): " + outcome]
-    kt = kv_table(df, study)
-    kv = []
-    if not kt.empty and "ppl_ratio_vs_f16fa" in kt:
-        for _, r in kt.iterrows():
-            if r["type_k"] == "f16" and r["type_v"] == "f16":
-                continue
-            kv.append({"kv": r["kv"], "kv_mib": r["kv_mib_computed"], "kv_mib_saved": r.get("kv_mib_saved_computed"),
-                       "ppl_ratio": r["ppl_ratio_vs_f16fa"], "ppl_ratio_ci": r["ppl_ratio_ci"],
-                       "kld_mean": r["kld_mean"], "tg_ts": r[f"tg_ts@d{study.kv_depth}"]})
-            words.append(f"KV {r['type_k']}: saves {r.get('kv_mib_saved_computed', float('nan')):.0f} MiB at n_ctx "
-                         f"{r['n_ctx']}, perplexity x{r['ppl_ratio_vs_f16fa']:.4f} {r['ppl_ratio_ci']}, "
-                         f"KLD {r['kld_mean']:.4g}.")
+    words = [f"n_ctx_train is a property of the model file (this model: {c.n_ctx_train}); the guide's "
+             f"{GUIDE_MODEL_PROPERTIES['n_ctx_train']} cannot be set (Settings refuses it). "
+             f"Overriding rope_freq_base with the guide's {base:g} (model's own: {own}) changes perplexity by "
+             f"a factor {v.effect:.3f} (95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}): " + _rope_outcome(v, study)]
+    kv, kv_words = _kv_levers(df, study)
     v.details.update(setting_check=check, kv_types=kv, model_rope_freq_base=c.rope_freq_base,
                      model_n_ctx_train=c.n_ctx_train)
-    v.summary = " ".join(words)
+    v.summary = " ".join(words + kv_words)
     return v
 
 
-def figure(df, study: ContextStudy):
-    """Four panels: allocated n_ctx (tg, TTFT), depth (tg, pp), memory (computed KV vs measured), KV types."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
+# ---- figure -----------------------------------------------------------------------------------------------------
+def _panel_allocated(ax, df, study: ContextStudy) -> None:
+    a = ok_rows(df, "allocated")
+    if a.empty:
+        return
+    median_plot(samples_long(a[a["test_kind"] == "tg"]), "n_ctx", "samples_ts", ax, color="C0")
+    ax.set_ylabel("tg tokens/s", color="C0")
+    ax2 = ax.twinx()
+    tt = samples_long(a[a["test_kind"] == "pg"], "samples_ns")
+    median_plot(tt.assign(ttft_ms=tt["samples_ns"] / 1e6), "n_ctx", "ttft_ms", ax2, color="C3")
+    ax2.set_ylabel(f"TTFT ms ({study.prompt_tokens}-token prompt)", color="C3")
+    ax2.grid(False)
 
-    from kit.plots import samples_long, setup
 
-    setup()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    a = _ok(df, "allocated")
-    ax = axes[0, 0]
-    if not a.empty:
-        gen = samples_long(a[a["test_kind"] == "tg"])
-        sns.pointplot(data=gen, x="n_ctx", y="samples_ts", estimator=np.median, errorbar=("ci", 95), ax=ax,
-                      color="C0", markersize=4)
-        ax.set_ylabel("tg tokens/s", color="C0")
-        ax2 = ax.twinx()
-        tt = samples_long(a[a["test_kind"] == "pg"], "samples_ns")
-        tt = tt.assign(ttft_ms=tt["samples_ns"] / 1e6)
-        sns.pointplot(data=tt, x="n_ctx", y="ttft_ms", estimator=np.median, errorbar=("ci", 95), ax=ax2,
-                      color="C3", markersize=4)
-        ax2.set_ylabel(f"TTFT ms ({study.prompt_tokens}-token prompt)", color="C3")
-        ax2.grid(False)
-    ax.set_title("Allocated n_ctx, same prompt")
-    ax = axes[0, 1]
-    dd = _ok(df, "depth")
+def _panel_depth(ax, df) -> None:
+    dd = ok_rows(df, "depth")
     if not dd.empty:
-        sns.pointplot(data=samples_long(dd), x="n_depth", y="samples_ts", hue="test_kind", estimator=np.median,
-                      errorbar=("ci", 95), ax=ax, markersize=4)
+        median_plot(samples_long(dd), "n_depth", "samples_ts", ax, hue="test_kind")
         ax.set_ylabel("tokens/s")
-    ax.set_title(f"Used context (depth), n_ctx {study.depth_ctx}")
-    ax = axes[1, 0]
+
+
+def _panel_memory(ax, df, study: ContextStudy) -> None:
     t = allocated_table(df, study)
-    if not t.empty:
-        ax.plot(t["n_ctx"], t["kv_mib_computed"], "o-", label="KV cache, computed (f16)")
-        if "rss_anon_vs_smallest" in t:
-            ax.plot(t["n_ctx"], t["rss_anon_vs_smallest"] + t["kv_mib_computed"].iloc[0], "s--",
-                    label="anonymous RSS growth (+ smallest KV)")
-        ax.set_xlabel("n_ctx")
-        ax.set_ylabel("MiB")
-        ax.legend()
-    ax.set_title("Memory against n_ctx")
-    ax = axes[1, 1]
+    if t.empty:
+        return
+    ax.plot(t["n_ctx"], t["kv_mib_computed"], "o-", label="KV cache, computed (f16)")
+    if "rss_anon_vs_smallest" in t:
+        ax.plot(t["n_ctx"], t["rss_anon_vs_smallest"] + t["kv_mib_computed"].iloc[0], "s--",
+                label="anonymous RSS growth (+ smallest KV)")
+    ax.set_xlabel("n_ctx")
+    ax.set_ylabel("MiB")
+    ax.legend()
+
+
+def _panel_kv(ax, df, study: ContextStudy) -> None:
     k = kv_table(df, study)
-    if not k.empty and "ppl" in k:
-        for i, r in k.iterrows():
-            ax.errorbar(r["kv_mib_computed"], r["ppl"], yerr=r["ppl_stderr"], fmt="o", label=r["kv"], color=f"C{i}")
-        r = rope_table(df, study)
-        for _, x in r[r["source"] == "override"].iterrows():
-            ax.axhline(x["ppl"], ls=":", color="k", label=f"rope_freq_base {x['rope_freq_base']:g} (f16)")
-        ax.set_xlabel(f"KV cache MiB at n_ctx {study.kv_n_ctx}")
-        ax.set_ylabel("perplexity (held-out text)")
-        ax.legend(fontsize=8)
-    ax.set_title("KV cache type: memory vs quality")
-    fig.tight_layout()
-    return fig
+    if k.empty or "ppl" not in k:
+        return
+    for i, r in k.iterrows():
+        ax.errorbar(r["kv_mib_computed"], r["ppl"], yerr=r["ppl_stderr"], fmt="o", label=r["kv"], color=f"C{i}")
+    r = rope_table(df, study)
+    for _, x in r[r["source"] == "override"].iterrows():
+        ax.axhline(x["ppl"], ls=":", color="k", label=f"rope_freq_base {x['rope_freq_base']:g} (f16)")
+    ax.set_xlabel(f"KV cache MiB at n_ctx {study.kv_n_ctx}")
+    ax.set_ylabel("perplexity (held-out text)")
+    ax.legend(fontsize=8)
+
+
+def plot_context(df, study: ContextStudy):
+    """Four panels: allocated n_ctx (tg, TTFT), depth (tg, pp), memory (computed KV vs measured), KV types.
+    Returns the Figure (save it with kit.plots.save_figure)."""
+    return panel_figure([
+        ("Allocated n_ctx, same prompt", lambda ax: _panel_allocated(ax, df, study)),
+        (f"Used context (depth), n_ctx {study.depth_ctx}", lambda ax: _panel_depth(ax, df)),
+        ("Memory against n_ctx", lambda ax: _panel_memory(ax, df, study)),
+        ("KV cache type: memory vs quality", lambda ax: _panel_kv(ax, df, study)),
+    ], ncols=2, figsize=(12, 8))

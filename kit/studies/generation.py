@@ -19,19 +19,19 @@ model was loaded under; where a test's requests used other values, `kit.sweep` s
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import statistics
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
-from kit.sweep import split_out_dir
-from kit.verdicts import evidence_path, too_few  # noqa: F401 - evidence_path is used by the notebooks
-from kit.config import SAMPLING_KEYS
+import pandas as pd
+
+from kit.config import SAMPLING_KEYS, ChatStudyConfig, Settings, SettingsError, check_rule, param
 from kit.data import load_prompts
-from kit.config import Settings, SettingsError
-from kit.measure import Test, _pct, stream_chat, summarize
+from kit.measure import Test, requests_row, stream_chat
+from kit.results import load_results, median_table
+from kit.sweep import run_sweep, split_out_dir
+from kit.verdicts import bootstrap_ratio, compare, not_testable, too_few
 
 # The guide's "speeding up generation" settings (section 6).
 GUIDE_SAMPLING = {"temperature": 0.1, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
@@ -48,7 +48,6 @@ def default_sampling() -> dict:
     return {k: getattr(s, k) for k in ("temperature", "top_p", "top_k", "repeat_penalty")}
 
 
-# ---- prompts ------------------------------------------------------------------------------------------------
 # ---- what the text looks like -----------------------------------------------------------------------------------
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -84,35 +83,27 @@ def sampling_test(lm, test: Test, repetitions: int) -> dict:
     s = lm.settings.replace(**params)  # validates values the same way Settings does
     sampling = {k: getattr(s, k) for k in SAMPLING_KEYS}
     stream_chat(lm, prompts[0]["prompt"], max_tokens=4, seed=s.seed)  # warm-up, untimed
-    reqs = []
+    outs, recs = [], []
     for r in range(repetitions):
         seed = s.seed + r
         for p in prompts:
             out = stream_chat(lm, p["prompt"], seed=seed, **sampling)
-            reqs.append(_request_record(p["id"], seed, out))
-    return _sampling_row(label, sampling, s.seed, reqs, repetitions)
+            outs.append(out)
+            recs.append(_request_record(p["id"], seed, out))
+    return _sampling_row(label, sampling, s.seed, outs, recs, repetitions)
+
+
+_PER_REQUEST = ("ttft_ms", "e2e_ms", "decode_ms_per_token", "itl_p50_ms", "itl_p95_ms", "engine_decode_ms_per_token")
 
 
 def _request_record(prompt_id: str, seed: int, out: dict) -> dict:
-    itl = out["itl_ms"]
-    n_eval = out["n_gen_tokens"]
-    rec = {
-        "prompt_id": prompt_id,
-        "seed": seed,
-        "n_prompt_tokens": out["n_prompt_tokens"],
-        "n_gen_tokens": n_eval,
-        "n_chunks": out["n_chunks"],
-        "finish_reason": out["finish_reason"],
-        "ttft_ms": round(out["ttft_ms"], 3) if out["ttft_ms"] is not None else None,
-        "e2e_ms": round(out["e2e_ms"], 3),
-        "decode_ms_per_token": round(statistics.fmean(itl), 4) if itl else None,
-        "itl_p50_ms": round(_pct(itl, 0.5), 4) if itl else None,
-        "itl_p95_ms": round(_pct(itl, 0.95), 4) if itl else None,
-        "engine_decode_ms_per_token": round(out["engine_tg_ms"] / n_eval, 4) if n_eval else None,
-        "text_sha": hashlib.sha256(out["text"].encode()).hexdigest()[:16],
-        **text_stats(out["text"]),
-        "text": out["text"],
-    }
+    """One request: its timings (kit.measure.requests_row of this request alone), counts and text."""
+    one = requests_row([out], speed="decode")
+    rec = {"prompt_id": prompt_id, "seed": seed, "n_prompt_tokens": out["n_prompt_tokens"],
+           "n_gen_tokens": out["n_gen_tokens"], "n_chunks": out["n_chunks"], "finish_reason": out["finish_reason"],
+           **{k: one[k] for k in _PER_REQUEST},
+           "text_sha": hashlib.sha256(out["text"].encode()).hexdigest()[:16], **text_stats(out["text"]),
+           "text": out["text"]}
     if rec["decode_ms_per_token"] is not None and rec["engine_decode_ms_per_token"] is not None:
         rec["overhead_ms_per_token"] = round(rec["decode_ms_per_token"] - rec["engine_decode_ms_per_token"], 4)
     return rec
@@ -128,50 +119,34 @@ def _median(xs) -> float | None:
     return round(statistics.median(xs), 4) if xs else None
 
 
-def _sampling_row(label: str | None, sampling: dict, seed: int, reqs: list[dict], repetitions: int) -> dict:
-    per_tok = [r["decode_ms_per_token"] for r in reqs if r["decode_ms_per_token"]]
-    ts = [1e3 / x for x in per_tok]
+def _sampling_row(label: str | None, sampling: dict, seed: int, outs: list[dict], recs: list[dict],
+                  repetitions: int) -> dict:
+    """The row of one configuration: kit.measure.requests_row's columns (tokens/s = 1000 / mean ITL per request),
+    then truncation, text diversity and whether seeds give the same text."""
     by_prompt: dict[str, set] = {}
-    for r in reqs:
+    for r in recs:
         by_prompt.setdefault(r["prompt_id"], set()).add(r["text_sha"])
     deterministic = (round(sum(len(v) == 1 for v in by_prompt.values()) / len(by_prompt), 4)
                      if repetitions > 1 and by_prompt else None)
-    truncated = [r["finish_reason"] == "length" for r in reqs]
-    itl_all = [r["itl_p50_ms"] for r in reqs if r["itl_p50_ms"] is not None]
+    truncated = [r["finish_reason"] == "length" for r in recs]
     return {
         "label": label or _label(sampling),
         **sampling,
         "max_tokens_label": "unlimited" if sampling["max_tokens"] is None else str(sampling["max_tokens"]),
         "seed": seed,
-        "n_prompt": round(statistics.fmean(r["n_prompt_tokens"] for r in reqs)) if reqs else 0,
+        **requests_row(outs, speed="decode"),
         "n_gen": sampling["max_tokens"] or 0,
         "n_depth": 0,
         "repetitions": repetitions,
-        "n_requests": len(reqs),
         "prompt_ids": sorted(by_prompt),
-        "samples_ts": [round(x, 4) for x in ts],
-        **summarize(ts),
-        "samples_decode_ms_per_token": per_tok,
-        "samples_engine_decode_ms_per_token": [r["engine_decode_ms_per_token"] for r in reqs
-                                               if r["engine_decode_ms_per_token"] is not None],
-        "samples_e2e_ms": [r["e2e_ms"] for r in reqs],
-        "samples_ttft_ms": [r["ttft_ms"] for r in reqs if r["ttft_ms"] is not None],
-        "samples_n_gen_tokens": [r["n_gen_tokens"] for r in reqs],
-        "decode_ms_per_token": _median(per_tok),
-        "engine_decode_ms_per_token": _median(r["engine_decode_ms_per_token"] for r in reqs),
-        "overhead_ms_per_token": _median(r.get("overhead_ms_per_token") for r in reqs),
-        "ttft_ms": _median(r["ttft_ms"] for r in reqs),
-        "e2e_ms": _median(r["e2e_ms"] for r in reqs),
-        "itl_p50_ms": _median(itl_all),
-        "itl_p95_ms": _median(r["itl_p95_ms"] for r in reqs),
-        "n_gen_tokens_mean": _mean(r["n_gen_tokens"] for r in reqs),
+        "overhead_ms_per_token": _median(r.get("overhead_ms_per_token") for r in recs),
         "truncation_rate": round(sum(truncated) / len(truncated), 4) if truncated else None,
         "n_truncated": sum(truncated),
         "deterministic_share": deterministic,
-        "distinct_1": _mean(r["distinct_1"] for r in reqs),
-        "distinct_2": _mean(r["distinct_2"] for r in reqs),
-        "rep_4gram": _mean(r["rep_4gram"] for r in reqs),
-        "requests": reqs,
+        "distinct_1": _mean(r["distinct_1"] for r in recs),
+        "distinct_2": _mean(r["distinct_2"] for r in recs),
+        "rep_4gram": _mean(r["rep_4gram"] for r in recs),
+        "requests": recs,
         "timed_region": TIMED_REGION,
     }
 
@@ -182,7 +157,7 @@ def _label(sampling: dict) -> str:
 
 # ---- the study --------------------------------------------------------------------------------------------------
 @dataclass
-class GenerationStudy:
+class GenerationStudy(ChatStudyConfig):
     """Parameters of notebooks/70_generation, validated before anything runs.
 
     Sampling sweep (S1): the guide's settings, llama-cpp-python's defaults, and one axis at a time varied from
@@ -191,60 +166,40 @@ class GenerationStudy:
     `n_cap_prompts` prompts, and unlimited (until EOS or n_ctx) on the first `n_unlimited_prompts`.
     """
 
-    model: str = "smollm2-135m"
-    n_ctx: int = 2048
-    n_threads: int | None = None
-    prompts_file: str | None = None
-    n_prompts: int = 3
-    sweep_max_tokens: int = 128
-    temperatures: list = field(default_factory=lambda: [0.0, 0.1, 0.5, 1.0])
-    top_ps: list = field(default_factory=lambda: [0.5, 1.0])
-    top_ks: list = field(default_factory=lambda: [1, 0])
-    repeat_penalties: list = field(default_factory=lambda: [1.1, 1.3])
-    caps: list = field(default_factory=lambda: [64, 128, 256, 512])
-    n_cap_prompts: int = 4
-    n_unlimited_prompts: int = 2
-    repetitions: int = 5
-    cap_repetitions: int = 2
-    s2_cap: int = GUIDE_MAX_TOKENS
-    equivalence: float = 0.03
-    timeout_s: float = 1800.0
-    out_dir: str = "outputs/70_generation"
+    n_ctx: int = param(1024, "context size; unlimited answers stop here at the latest", ge=1)
+    n_prompts: int = param(2, "prompts of the prompt set (the first n) in the sampling sweep", ge=1)
+    sweep_max_tokens: int = param(48, "max_tokens of every request in the sampling sweep", ge=2)
+    temperatures: list[float] = param([0.0], "temperature axis, the other settings at llama-cpp-python's defaults",
+                                      ge=0)
+    top_ps: list[float] = param([], "top_p axis (default 0.95)", gt=0, le=1)
+    top_ks: list[int] = param([], "top_k axis (0: the whole vocabulary; default 40)", ge=0)
+    repeat_penalties: list[float] = param([1.1], "repeat_penalty axis (default 1.0: off)", gt=0)
+    caps: list[int] = param([64, 512], "max_tokens caps of the cap sweep, with the guide's sampling", ge=1)
+    n_cap_prompts: int = param(2, "prompts (the first n) in the cap sweep", ge=0)
+    n_unlimited_prompts: int = param(2, "of those, how many also run without a cap", ge=0)
+    repetitions: int = param(5, "seeds per prompt in the sampling sweep (one request each)", ge=1)
+    cap_repetitions: int = param(2, "seeds per prompt in the cap sweep", ge=1)
+    s2_cap: int = param(GUIDE_MAX_TOKENS, "the cap S2 compares with unlimited (the guide's 512); one of caps", ge=1)
+    equivalence: float = param(0.03, "a speed ratio whose whole 95 % CI lies within 1 +- this is 'no effect'",
+                               ge=0, le=0.5)
+    timeout_s: float = param(1800.0, "wall-clock limit of one trial (child process), seconds", gt=0)
+    out_dir: str = param("outputs/70_generation", "rows, figures and verdicts.json go here")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> "GenerationStudy":
-        base = self.settings()
-        prompts = load_prompts(self.prompts_file)
+    def check(self) -> None:
+        n_file = len(load_prompts(self.prompts_file))
         for name in ("n_prompts", "n_cap_prompts", "n_unlimited_prompts"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= len(prompts):
-                raise SettingsError(f"{name}={v!r}: must be an int from 0 to {len(prompts)} (prompts in the file)")
-        if self.n_prompts < 1:
-            raise SettingsError("n_prompts must be at least 1")
-        if self.n_unlimited_prompts > self.n_cap_prompts:
-            raise SettingsError("n_unlimited_prompts must not exceed n_cap_prompts (S2 compares the same prompts)")
-        for name in ("repetitions", "cap_repetitions"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise SettingsError(f"{name} must be a positive int")
-        for name in ("temperatures", "top_ps", "top_ks", "repeat_penalties", "caps"):
-            if not isinstance(getattr(self, name), (list, tuple)):
-                raise SettingsError(f"{name} must be a list")
-        for cap in self.caps:
-            if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
-                raise SettingsError(f"caps: {cap!r} must be a positive int (unlimited is n_unlimited_prompts)")
-            if cap >= self.n_ctx:
-                raise SettingsError(f"caps: {cap} does not fit n_ctx={self.n_ctx} with a prompt")
-        if self.n_unlimited_prompts and self.s2_cap not in self.caps:
-            raise SettingsError(f"s2_cap={self.s2_cap} must be one of caps {self.caps}: S2 compares it with unlimited")
-        if self.sweep_max_tokens < 2 or self.sweep_max_tokens >= self.n_ctx:
-            raise SettingsError(f"sweep_max_tokens={self.sweep_max_tokens} must be in [2, n_ctx)")
-        if not 0 <= self.equivalence < 0.5:
-            raise SettingsError("equivalence is a fraction, e.g. 0.03 for +-3 %")
+            check_rule(getattr(self, name) <= n_file,
+                       f"{name}={getattr(self, name)}: the prompt file has {n_file} prompts")
+        check_rule(self.n_unlimited_prompts <= self.n_cap_prompts,
+                   "n_unlimited_prompts must not exceed n_cap_prompts (S2 compares the same prompts)")
+        check_rule(all(cap < self.n_ctx for cap in self.caps),
+                   f"caps={self.caps}: every cap must leave room for a prompt in n_ctx={self.n_ctx}")
+        check_rule(not self.n_unlimited_prompts or self.s2_cap in self.caps,
+                   f"s2_cap={self.s2_cap} must be one of caps {self.caps}: S2 compares it with unlimited")
+        check_rule(self.sweep_max_tokens < self.n_ctx, f"sweep_max_tokens={self.sweep_max_tokens} must be < n_ctx")
+        base = self.settings()
         for variant in self.sampling_variants().values():  # every value checked by Settings' own rules
             base.replace(**variant)
-        return self
 
     def settings(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.n_ctx, n_threads=self.n_threads)
@@ -283,10 +238,7 @@ class GenerationStudy:
 
 def run_generation_study(study: GenerationStudy, progress: bool = True):
     """Two trials, one model load each: the sampling sweep (S1) and the max_tokens sweep (S2). Returns all rows."""
-    from kit.results import load_results
-    from kit.sweep import run_sweep
-
-    name, root = split_out_dir(study.out_dir)
+    name, root = split_out_dir(study.out_path)
     base = study.settings()
     run_sweep(name, base, study.sampling_tests(), repetitions=study.repetitions, out_root=root,
               timeout_s=study.timeout_s, progress=progress, extra={"claim": "S1", "part": "sampling"})
@@ -294,7 +246,7 @@ def run_generation_study(study: GenerationStudy, progress: bool = True):
     if caps:
         run_sweep(name, base, caps, repetitions=study.cap_repetitions, out_root=root,
                   timeout_s=study.timeout_s, progress=progress, extra={"claim": "S2", "part": "max_tokens"})
-    return load_results(Path(root) / name)
+    return load_results(study.out_path)
 
 
 # ---- analysis -------------------------------------------------------------------------------------------------------
@@ -311,8 +263,6 @@ def request_sampling_view(df):
 
 def requests_frame(df):
     """One row per request (the `requests` column exploded), with the row's label, part and sampling."""
-    import pandas as pd
-
     recs = []
     df = request_sampling_view(df)
     ok = df[df["status"] == "ok"] if "status" in df else df
@@ -326,21 +276,19 @@ def requests_frame(df):
 
 def sampling_table(df, part: str | None = "sampling"):
     """Per configuration: per-token cost (median [95 % CI]), length, truncation, text diversity, determinism."""
-    import pandas as pd
-
-    from kit.verdicts import bootstrap_ratio
-
-    rows = []
     df = request_sampling_view(df)
     ok = df[(df["status"] == "ok") & ((df["part"] == part) if part else True)]
+    cost = median_table(ok, by="label", cols="samples_decode_ms_per_token").set_index("label")
+    rows = []
     for _, r in ok.iterrows():
-        per_tok = r["samples_decode_ms_per_token"]
-        med, lo, hi = bootstrap_ratio(per_tok, [1.0]) if per_tok else (None, None, None)
+        med, lo, hi = cost.loc[r["label"], ["samples_decode_ms_per_token", "samples_decode_ms_per_token_lo",
+                                            "samples_decode_ms_per_token_hi"]]
+        has_ci = lo is not None and lo == lo
         rows.append({
             "label": r["label"], "temperature": r["temperature"], "top_p": r["top_p"], "top_k": _int_or_none(r["top_k"]),
             "repeat_penalty": r["repeat_penalty"], "max_tokens": r["max_tokens_label"],
-            "ms/token (ITL)": round(med, 3) if med is not None else None,
-            "ms/token 95% CI": f"[{lo:.3f}, {hi:.3f}]" if med is not None else "",
+            "ms/token (ITL)": round(med, 3) if med is not None and med == med else None,
+            "ms/token 95% CI": f"[{lo:.3f}, {hi:.3f}]" if has_ci else "",
             "engine ms/token": r["engine_decode_ms_per_token"],
             "tokens/s": r["median_ts"], "output tokens (mean)": r["n_gen_tokens_mean"],
             "e2e ms (median)": r["e2e_ms"], "truncated": r["truncation_rate"],
@@ -348,9 +296,6 @@ def sampling_table(df, part: str | None = "sampling"):
             "same text across seeds": r["deterministic_share"], "requests": r["n_requests"],
         })
     return pd.DataFrame(rows)
-
-
-MIN_SAMPLES = 3  # fewer samples on a side give a bootstrap "interval" that is just the points: no verdict
 
 
 def _int_or_none(x):
@@ -365,8 +310,6 @@ def _row(df, label: str):
 
 def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
     """S1: per-token decode speed, guide sampling vs llama-cpp-python defaults; output length reported apart."""
-    from kit.verdicts import bootstrap_ratio, compare, not_testable
-
     g, d = _row(df, "guide"), _row(df, "default")
     if g is None or d is None:
         return not_testable("S1", "the sampling sweep has no successful 'guide' and 'default' rows to compare",
@@ -394,8 +337,6 @@ def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
 
 def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
     """S2: e2e latency with max_tokens=cap against unlimited, on the prompts both ran; truncation rates beside it."""
-    from kit.verdicts import bootstrap_ratio, compare, not_testable
-
     req = requests_frame(df)
     if req.empty:
         return not_testable("S2", "no successful max_tokens rows", evidence=evidence)
@@ -446,28 +387,28 @@ def text_examples(df, prompt_id: str | None = None, chars: int = 160, part: str 
 # ---- figures --------------------------------------------------------------------------------------------------------
 def plot_sampling(df):
     """Per-token cost and output length per sampling configuration (median, 95 % CI of per-request samples)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
+    # not at the top: a trial child imports this module for sampling_test and must not load matplotlib
+    from kit.plots import median_plot, panel_figure  # (start-up time and RSS are measured there)
 
-    from kit.plots import setup
-
-    setup()
     req = requests_frame(df)
     req = req[req["part"] == "sampling"]
     order = list(dict.fromkeys(req["label"]))
-    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 0.35 * len(order) + 1.5)), sharey=True)
-    sns.pointplot(data=req, y="label", x="decode_ms_per_token", order=order, estimator=np.median,
-                  errorbar=("ci", 95), ax=axes[0], linestyles="none", markersize=4)
-    sns.pointplot(data=req, y="label", x="engine_decode_ms_per_token", order=order, estimator=np.median,
-                  errorbar=("ci", 95), ax=axes[0], linestyles="none", markersize=4, color="grey", marker="x")
-    axes[0].set_xlabel("ms per token (dot: mean ITL end to end; x: llama.cpp decode)")
-    axes[0].set_ylabel("")
-    axes[0].set_title("per-token cost")
-    sns.pointplot(data=req, y="label", x="n_gen_tokens", order=order, estimator=np.mean,
-                  errorbar=("ci", 95), ax=axes[1], linestyles="none", markersize=4, color="C1")
-    axes[1].set_xlabel("generated tokens per answer (mean, 95 % CI)")
-    axes[1].set_title("output length")
+
+    def cost(ax):
+        median_plot(req, x="decode_ms_per_token", y="label", ax=ax, order=order, linestyles="none")
+        median_plot(req, x="engine_decode_ms_per_token", y="label", ax=ax, order=order, linestyles="none",
+                    color="grey", marker="x")
+        ax.set_xlabel("ms per token (dot: mean ITL end to end; x: llama.cpp decode)")
+        ax.set_ylabel("")
+
+    def length(ax):
+        median_plot(req, x="n_gen_tokens", y="label", ax=ax, order=order, linestyles="none", color="C1")
+        ax.set_xlabel("generated tokens per answer (median, 95 % CI)")
+        ax.set_ylabel("")
+        ax.tick_params(labelleft=False)
+
+    fig = panel_figure([("per-token cost", cost), ("output length", length)], ncols=2,
+                       figsize=(12, max(3.5, 0.35 * len(order) + 1.5)))
     fig.suptitle("Sampling settings: cost per token vs tokens per answer")
     fig.tight_layout()
     return fig
@@ -475,32 +416,30 @@ def plot_sampling(df):
 
 def plot_caps(df):
     """End-to-end latency and truncation rate against max_tokens (unlimited at the right)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
+    import seaborn as sns  # not at the top, like kit.plots: trial children import this module
 
-    from kit.plots import setup
+    from kit.plots import median_plot, panel_figure  # not at the top: trial children import this module
 
-    setup()
     req = requests_frame(df)
     req = req[req["part"] == "max_tokens"].copy()
     caps = sorted({int(x) for x in req["max_tokens_label"] if x != "unlimited"})
     order = [str(c) for c in caps] + (["unlimited"] if (req["max_tokens_label"] == "unlimited").any() else [])
     req["truncated"] = (req["finish_reason"] == "length").astype(float)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    sns.pointplot(data=req, x="max_tokens_label", y="e2e_ms", hue="prompt_id", order=order, estimator=np.median,
-                  errorbar=("ci", 95), ax=axes[0], markersize=4, linewidth=1)
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("max_tokens")
-    axes[0].set_ylabel("end-to-end latency, ms (log)")
-    axes[0].set_title("latency per prompt")
-    sns.barplot(data=req, x="max_tokens_label", y="truncated", order=order, errorbar=("ci", 95), ax=axes[1],
-                color="C3")
-    axes[1].set_xlabel("max_tokens")
-    axes[1].set_ylabel("share of answers cut off (finish_reason 'length')")
-    axes[1].set_ylim(0, 1.05)
-    axes[1].set_title("truncation")
+
+    def latency(ax):
+        median_plot(req, x="max_tokens_label", y="e2e_ms", hue="prompt_id", ax=ax, order=order, linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("max_tokens")
+        ax.set_ylabel("end-to-end latency, ms (log)")
+
+    def truncation(ax):
+        # a share of answers: the mean of 0/1 with its 95 % CI, not a median
+        sns.barplot(data=req, x="max_tokens_label", y="truncated", order=order, errorbar=("ci", 95), ax=ax, color="C3")
+        ax.set_xlabel("max_tokens")
+        ax.set_ylabel("share of answers cut off (finish_reason 'length')")
+        ax.set_ylim(0, 1.05)
+
+    fig = panel_figure([("latency per prompt", latency), ("truncation", truncation)], ncols=2, figsize=(12, 4))
     fig.suptitle("max_tokens: latency saved = answer cut off")
     fig.tight_layout()
     return fig
-

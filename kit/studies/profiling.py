@@ -27,12 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from kit.config import Settings, SettingsError
-from kit.config import SAMPLING_KEYS
+import llama_cpp
+import llama_cpp.llama_cpp as low
+import pandas as pd
+
+from kit.config import SAMPLING_KEYS, ChatStudyConfig, Settings, SettingsError, check_rule, param
 from kit.data import load_prompts
-from kit.sweep import split_out_dir
-from kit.verdicts import too_few
-from kit.measure import Test, stream_chat, tg
+from kit.measure import Test, requests_row, stream_chat, tg
+from kit.paths import REPO_ROOT
+from kit.results import load_results
+from kit.sweep import run_sweep, split_out_dir
+from kit.verdicts import bootstrap_ratio, compare, not_testable, too_few
 
 PROFILE_KIND = "kit.studies.profiling:profile_test"
 NATIVE_FILE = "<llama.cpp native>"
@@ -53,13 +58,13 @@ CATEGORY_ORDER = ("llama.cpp: llama_decode", "llama.cpp: sampling", "llama.cpp: 
                   "llama.cpp: other native calls", "llama_cpp: _internals.py (self time; hides native calls)",
                   "llama_cpp: Python (generate loop, chat format, tokenizer)", "jinja2: chat template",
                   "numpy", "kit", "other Python and builtins")
+KIT_DIR = REPO_ROOT / "kit"
+# P2 needs a profile that accounts for the request: below this share of its wall time, the split is not checkable
+MIN_PROFILE_COVERAGE = 0.9
 
 
 # ---- making native calls visible ---------------------------------------------------------------------------------
 def _native_namespaces() -> list:
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
     return [low, llama_cpp]
 
 
@@ -109,7 +114,7 @@ def short_name(key: tuple) -> str:
             p = p.split(marker, 1)[1]
             break
     else:
-        root = str(Path(__file__).resolve().parent.parent).replace(os.sep, "/") + "/"
+        root = str(REPO_ROOT).replace(os.sep, "/") + "/"
         if p.startswith(root):
             p = p[len(root):]
         elif "/lib/python" in p:
@@ -133,7 +138,7 @@ def categorize(key: tuple) -> str:
         return "jinja2: chat template"
     if "/numpy/" in p or "numpy" in func:
         return "numpy"
-    if p.endswith(".py") and "/kit/" in p and Path(p).parent == Path(__file__).resolve().parent:
+    if p.endswith(".py") and Path(file).resolve().is_relative_to(KIT_DIR):
         return "kit"
     return "other Python and builtins"
 
@@ -158,8 +163,6 @@ def self_time_ms(stats: pstats.Stats, file_suffix: str, func: str) -> float | No
 
 def top_functions(stats: pstats.Stats | str | os.PathLike, n: int = 20, sort: str = "cumulative"):
     """The top n entries by cumulative (or 'tottime') time as a DataFrame, with each entry's category."""
-    import pandas as pd
-
     st = stats if isinstance(stats, pstats.Stats) else pstats.Stats(str(stats))
     total = st.total_tt or 1.0
     rows = []
@@ -201,7 +204,7 @@ def profile_test(lm, test: Test, repetitions: int) -> dict:
     sampling = {k: getattr(s, k) for k in SAMPLING_KEYS}
     sampling["seed"] = s.seed
     stream_chat(lm, prompt, **sampling)  # warm-up: the same request, untimed
-    runs = []
+    runs, plains = [], []
     for r in range(repetitions):
         # the three variants in a rotating order, so drift on a shared machine does not favour one of them
         done: dict = {}
@@ -216,14 +219,13 @@ def profile_test(lm, test: Test, repetitions: int) -> dict:
             prof_stats.dump_stats(str(prof_dir / PLAIN_PROF))
             nat_stats.dump_stats(str(prof_dir / NATIVE_PROF))
         runs.append(_run_record(plain, prof_out, prof_stats, nat_out, nat_stats))
-    return _profile_row(runs, prompt_id, sampling, repetitions, prof_dir)
-
-
-def _itl_mean(out: dict) -> float | None:
-    return statistics.fmean(out["itl_ms"]) if out["itl_ms"] else None
+        plains.append(plain)
+    return _profile_row(runs, plains, prompt_id, sampling, repetitions, prof_dir)
 
 
 def _run_record(plain, prof_out, prof_stats, nat_out, nat_stats) -> dict:
+    """One repetition: the three variants' wall times and what each profile says (the unprofiled request's
+    timings become row columns in _profile_row, through kit.measure.requests_row)."""
     nat = breakdown(nat_stats)
     engine_ms = lambda o: o["engine_pp_ms"] + o["engine_tg_ms"]  # noqa: E731 - llama.cpp's own decode timer
     return {
@@ -233,12 +235,8 @@ def _run_record(plain, prof_out, prof_stats, nat_out, nat_stats) -> dict:
         "wall_ms": round(plain["e2e_ms"], 3),
         "wall_cprofile_ms": round(prof_out["e2e_ms"], 3),
         "wall_native_ms": round(nat_out["e2e_ms"], 3),
-        "ttft_ms": round(plain["ttft_ms"], 3) if plain["ttft_ms"] is not None else None,
-        "itl_mean_ms": round(_itl_mean(plain), 4) if plain["itl_ms"] else None,
         "engine_pp_ms": round(plain["engine_pp_ms"], 3),
         "engine_tg_ms": round(plain["engine_tg_ms"], 3),
-        "engine_tg_ms_per_token": round(plain["engine_tg_ms"] / plain["n_gen_tokens"], 4)
-        if plain["n_gen_tokens"] else None,
         # plain cProfile: the profile's total, and the self time of the wrapper that calls llama_decode
         "cprofile_total_ms": round(prof_stats.total_tt * 1e3, 3),
         "cprofile_decode_self_ms": self_time_ms(prof_stats, "llama_cpp/_internals.py", "decode"),
@@ -253,27 +251,23 @@ def _run_record(plain, prof_out, prof_stats, nat_out, nat_stats) -> dict:
     }
 
 
-def _profile_row(runs: list[dict], prompt_id: str, sampling: dict, repetitions: int, prof_dir: Path) -> dict:
+def _profile_row(runs: list[dict], plains: list[dict], prompt_id: str, sampling: dict, repetitions: int,
+                 prof_dir: Path) -> dict:
+    """The row: kit.measure.requests_row of the unprofiled requests (tokens/s = 1000 / mean ITL), then the
+    profiles' medians over the repetitions."""
     med = lambda xs: round(statistics.median(xs), 4) if xs else None  # noqa: E731
     cats = list(CATEGORY_ORDER)
     bd = {c: med([r["native_breakdown_ms"][c] for r in runs]) for c in cats}
     total = med([r["native_total_ms"] for r in runs])
-    itl = [r["itl_mean_ms"] for r in runs if r["itl_mean_ms"]]
     return {
         "label": f"profile {prompt_id}",
         "prompt_id": prompt_id,
         **sampling,
-        "n_prompt": runs[0]["n_prompt_tokens"] if runs else 0,
+        **requests_row(plains, speed="decode"),
         "n_gen": sampling.get("max_tokens") or 0,
         "n_depth": 0,
         "repetitions": repetitions,
         "n_gen_tokens": runs[0]["n_gen_tokens"] if runs else None,
-        "samples_ts": [round(1e3 / x, 4) for x in itl],
-        "median_ts": round(1e3 / statistics.median(itl), 4) if itl else None,
-        "ttft_ms": med([r["ttft_ms"] for r in runs if r["ttft_ms"] is not None]),
-        "e2e_ms": med([r["wall_ms"] for r in runs]),
-        "itl_mean_ms": med(itl),
-        "engine_tg_ms_per_token": med([r["engine_tg_ms_per_token"] for r in runs if r["engine_tg_ms_per_token"]]),
         "samples_wall_ms": [r["wall_ms"] for r in runs],
         "samples_wall_cprofile_ms": [r["wall_cprofile_ms"] for r in runs],
         "samples_wall_native_ms": [r["wall_native_ms"] for r in runs],
@@ -295,36 +289,22 @@ def _profile_row(runs: list[dict], prompt_id: str, sampling: dict, repetitions: 
 
 # ---- the study --------------------------------------------------------------------------------------------------
 @dataclass
-class ProfilingStudy:
+class ProfilingStudy(ChatStudyConfig):
     """Parameters of notebooks/80_profiling, validated before anything runs."""
 
-    model: str = "smollm2-135m"
-    n_ctx: int = 2048
-    n_threads: int | None = None
-    prompts_file: str | None = None
-    prompt_index: int = 0
-    max_tokens: int = 128
-    temperature: float = 0.8
-    repetitions: int = 5
-    top_n: int = 20
-    timeout_s: float = 900.0
-    out_dir: str = "outputs/80_profiling"
+    prompt_index: int = param(0, "which prompt of the prompt set to profile (0-based)", ge=0)
+    max_tokens: int = param(64, "tokens to generate (and the engine tg test's length)", ge=2)
+    temperature: float = param(0.8, "sampling temperature of the profiled request (llama-cpp-python's default)", ge=0)
+    repetitions: int = param(5, "profiled requests per variant; the engine test's repetitions too", ge=1)
+    top_n: int = param(20, "rows of the top table (by cumulative time)", ge=1)
+    timeout_s: float = param(900.0, "wall-clock limit of the trial (child process), seconds", gt=0)
+    out_dir: str = param("outputs/80_profiling", "rows, .prof files, CSV, figures and verdicts.json go here")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> "ProfilingStudy":
+    def check(self) -> None:
+        n_file = len(load_prompts(self.prompts_file))
+        check_rule(self.prompt_index < n_file, f"prompt_index={self.prompt_index} must be 0..{n_file - 1}")
+        check_rule(self.max_tokens < self.n_ctx, f"max_tokens={self.max_tokens} must be < n_ctx={self.n_ctx}")
         self.settings()
-        n = len(load_prompts(self.prompts_file))
-        if not isinstance(self.prompt_index, int) or not 0 <= self.prompt_index < n:
-            raise SettingsError(f"prompt_index={self.prompt_index!r} must be 0..{n - 1}")
-        if not isinstance(self.max_tokens, int) or not 2 <= self.max_tokens < self.n_ctx:
-            raise SettingsError(f"max_tokens={self.max_tokens!r} must be an int in [2, n_ctx)")
-        if not isinstance(self.repetitions, int) or self.repetitions < 1:
-            raise SettingsError("repetitions must be a positive int")
-        if not isinstance(self.top_n, int) or self.top_n < 1:
-            raise SettingsError("top_n must be a positive int")
-        return self
 
     def settings(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.n_ctx, n_threads=self.n_threads, temperature=self.temperature,
@@ -337,24 +317,21 @@ class ProfilingStudy:
         p = self.prompt()
         return [tg(self.max_tokens),
                 Test(PROFILE_KIND, n_gen=self.max_tokens,
-                     params={"prompt": p["prompt"], "prompt_id": p["id"], "prof_dir": str(Path(self.out_dir).resolve())})]
+                     params={"prompt": p["prompt"], "prompt_id": p["id"], "prof_dir": str(self.out_path)})]
 
 
 def run_profiling_study(study: ProfilingStudy, progress: bool = True):
     """One trial: llama-bench-style tg, then the profiled request; writes the top-n CSV. Returns all rows."""
-    from kit.results import load_results
-    from kit.sweep import run_sweep
-
-    name, root = split_out_dir(study.out_dir)
+    name, root = split_out_dir(study.out_path)
     run_sweep(name, study.settings(), study.tests(), repetitions=study.repetitions, out_root=root,
               timeout_s=study.timeout_s, progress=progress, extra={"claim": "P2"})
-    df = load_results(Path(root) / name)
-    prof = Path(study.out_dir) / PLAIN_PROF
-    if prof.exists():
-        top_functions(prof, study.top_n).to_csv(Path(study.out_dir) / f"top{study.top_n}_cumulative.csv",
-                                                index_label="rank")
-        top_functions(Path(study.out_dir) / NATIVE_PROF, study.top_n, sort="tottime").to_csv(
-            Path(study.out_dir) / f"top{study.top_n}_native_tottime.csv", index_label="rank")
+    df = load_results(study.out_path)
+    out = study.out_path
+    if (out / PLAIN_PROF).exists():
+        top_functions(out / PLAIN_PROF, study.top_n).to_csv(out / f"top{study.top_n}_cumulative.csv",
+                                                            index_label="rank")
+        top_functions(out / NATIVE_PROF, study.top_n, sort="tottime").to_csv(
+            out / f"top{study.top_n}_native_tottime.csv", index_label="rank")
     return df
 
 
@@ -366,8 +343,6 @@ def _ok(df, kind: str):
 
 def split_table(df):
     """Where one request's time goes (cProfile with native calls exposed): ms, share, and ms per generated token."""
-    import pandas as pd
-
     row = _ok(df, PROFILE_KIND)
     if row is None:
         return pd.DataFrame()
@@ -389,8 +364,6 @@ def split_table(df):
 
 def gap_table(df):
     """Engine speed (llama-bench tg) against end-to-end speed, in ms per generated token, and what fills the gap."""
-    import pandas as pd
-
     eng, row = _ok(df, "tg"), _ok(df, PROFILE_KIND)
     if eng is None or row is None:
         return pd.DataFrame()
@@ -401,8 +374,8 @@ def gap_table(df):
     lines = [
         ("engine: llama-bench tg (random tokens, 1-token decodes, depth 0)", round(1e3 / eng["median_ts"], 4),
          f"{eng['median_ts']:.1f} t/s"),
-        ("engine: llama_decode per token inside the request (llama.cpp timer)", row["engine_tg_ms_per_token"], ""),
-        ("end to end: mean inter-token latency (unprofiled)", row["itl_mean_ms"], f"{row['median_ts']:.1f} t/s"),
+        ("engine: llama_decode per token inside the request (llama.cpp timer)", row["engine_decode_ms_per_token"], ""),
+        ("end to end: mean inter-token latency (unprofiled)", row["decode_ms_per_token"], f"{row['median_ts']:.1f} t/s"),
         ("  of which, from the profile: llama_decode (prompt processing excluded)",
          round((bd["llama.cpp: llama_decode"] - (row["native_engine_pp_ms"] or 0)) / n, 4),
          "profile's llama_decode minus llama.cpp's prompt time, / tokens"),
@@ -419,11 +392,11 @@ def p2_verdict(df, evidence: Sequence[str] = (), equivalence: float = 0.10):
 
     The test: plain cProfile's self time of llama_cpp's `LlamaContext.decode` (the Python wrapper around the
     ctypes call `llama_decode`) against llama.cpp's own decode timer (llama_perf_context) in the same request.
-    supported: the ratio's 95 % interval lies inside 1 +- equivalence and the profile covers the wall time;
-    refuted: it lies outside; otherwise no measurable effect. The summary states what cProfile cannot see.
+    kit.verdicts.compare, claimed "same": supported when the ratio's 95 % interval lies inside 1 +- equivalence,
+    refuted when it lies outside, otherwise no measurable effect. The test needs a profile that accounts for the
+    request: when plain cProfile covers less than MIN_PROFILE_COVERAGE of the wall time, it is not testable here.
+    The summary states what cProfile cannot see.
     """
-    from kit.verdicts import bootstrap_ratio, compare, not_testable
-
     row = _ok(df, PROFILE_KIND)
     if row is None:
         return not_testable("P2", "no successful profile row", evidence=evidence)
@@ -434,13 +407,15 @@ def p2_verdict(df, evidence: Sequence[str] = (), equivalence: float = 0.10):
     short = too_few("P2", len(ratios), len(ratios), "repetitions", evidence)
     if short:
         return short
+    cov = statistics.median(row["samples_cprofile_coverage"])
+    if cov < MIN_PROFILE_COVERAGE:
+        return not_testable("P2", f"plain cProfile accounts for only {cov:.0%} of the request's wall time (less "
+                                  f"than {MIN_PROFILE_COVERAGE:.0%}): its split of the request cannot be checked",
+                            evidence=evidence, profile_coverage_of_wall=round(cov, 4))
     # paired: one ratio per profiled request, against 1 (the two clocks agree)
     v = compare("P2", ratios, [1.0] * len(ratios), claimed="same", equivalence=equivalence,
                 metric="per request: cProfile self time of llama_cpp _internals.decode / llama.cpp's own decode timer",
                 evidence=evidence)
-    cov = statistics.median(row["samples_cprofile_coverage"])
-    if v.verdict == "supported" and cov < 0.9:
-        v.verdict = "no measurable effect"
     ovh, o_lo, o_hi = bootstrap_ratio(row["samples_wall_cprofile_ms"], row["samples_wall_ms"])
     nat, n_lo, n_hi = bootstrap_ratio(row["samples_wall_native_ms"], row["samples_wall_ms"])
     share = row["native_breakdown_share"]
@@ -466,27 +441,25 @@ def p2_verdict(df, evidence: Sequence[str] = (), equivalence: float = 0.10):
 
 def plot_split(df):
     """Left: the request's time by category (native calls exposed). Right: ms per token, engine vs end to end."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    # not at the top: a trial child imports this module for profile_test and must not load matplotlib
+    from kit.plots import median_plot, panel_figure  # (start-up time and RSS are measured there, and profiled)
 
-    from kit.plots import setup
-
-    setup()
     split, gap = split_table(df), gap_table(df)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    if not split.empty:
-        sns.barplot(data=split, y="category", x="share", ax=axes[0], color="C0")
-        for i, (ms, sh) in enumerate(zip(split["ms"], split["share"])):
-            axes[0].text(sh, i, f" {ms:.0f} ms", va="center", fontsize=8)
-        axes[0].set_xlim(0, 1.15)
-    axes[0].set_xlabel("share of the profiled request (self time, median of repetitions)")
-    axes[0].set_ylabel("")
-    axes[0].set_title("where one request's time goes")
-    if not gap.empty:
-        g = gap.iloc[:3]
-        sns.barplot(data=g, y="what", x="ms_per_token", ax=axes[1], color="C2")
-        axes[1].set_ylabel("")
-    axes[1].set_xlabel("ms per generated token")
-    axes[1].set_title("engine speed vs end-to-end speed")
-    fig.tight_layout()
-    return fig
+
+    def shares(ax):
+        if not split.empty:  # one value per category, a median over the repetitions already
+            median_plot(split, x="share", y="category", ax=ax, kind="bar", color="C0")
+            for i, (ms, sh) in enumerate(zip(split["ms"], split["share"])):
+                ax.text(sh, i, f" {ms:.0f} ms", va="center", fontsize=8)
+            ax.set_xlim(0, 1.15)
+        ax.set_xlabel("share of the profiled request (self time, median of repetitions)")
+        ax.set_ylabel("")
+
+    def speeds(ax):
+        if not gap.empty:
+            median_plot(gap.iloc[:3], x="ms_per_token", y="what", ax=ax, kind="bar", color="C2")
+        ax.set_xlabel("ms per generated token")
+        ax.set_ylabel("")
+
+    return panel_figure([("where one request's time goes", shares), ("engine speed vs end-to-end speed", speeds)],
+                        ncols=2, figsize=(13, 4.2))

@@ -6,8 +6,8 @@ Files are cached under <cache_dir>/<source sha256[:16]>/ so a second run reuses 
 
 F16 is the reference. When the source is itself quantized (the bundled model is Q4_1) the F16 file is a
 dequantized copy: it carries the source's rounding, every other rung is a re-quantization of those weights,
-and KLD measures the distance from that F16, not from the original full-precision model. `ladder_table`
-says so in its `reference_note` column.
+and KLD measures the distance from that F16, not from the original full-precision model. `reference_note`
+says so.
 
 k-quants work on rows of 256 weights. A tensor whose rows are not a multiple of 256 (576 on the bundled model)
 is stored in a fallback type (Q4_K -> Q5_0, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, ...); the quantizer counts these
@@ -15,23 +15,39 @@ and `ladder_table` reports the count and the share of weights really stored in t
 
 Measured per file through `kit.sweep.run_sweep` (one child process per file, model loaded once):
 pp and tg as llama-bench times them, load time, peak RSS, and `kit.quality:kld_test` against the F16
-reference (perplexity, KL divergence, top-1 agreement, with their uncertainties).
+reference (perplexity, KL divergence, top-1 agreement, with their uncertainties). `run_quantization_study` runs it;
+`study_table` puts speed and quality in one row per type, `write_study_table` saves that as table.csv.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
+import random
 import re
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from kit.verdicts import median_ci
-from kit.config import SettingsError
+import gguf
+import llama_cpp
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kit import quality
+from kit.config import Settings, SettingsError, StudyConfig, check_rule, param
+from kit.logs import llama_log_to_file
+from kit.measure import pp, tg
+from kit.models import model_card, read_gguf_header, resolve_model, sha256_file
+from kit.paths import DEFAULT_MODEL, REPO_ROOT, resolve as resolve_path
+from kit.results import RESULTS_FILE
+from kit.sweep import run_sweep
+from kit.verdicts import (NO_EFFECT, REFUTED, SUPPORTED, UNSTABLE_CV, Verdict, bootstrap_ratio, compare, cv, decide,
+                          evidence_path, median_ci, not_testable)
 
 # llama_ftype values (llama.h)
 FTYPES = {
@@ -50,7 +66,14 @@ REFERENCE_TYPE = "F16"
 # the guide, section 4: fastest -> best quality
 GUIDE_SPEED_ORDER = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 GUIDE_RECOMMENDED = {"production": ("Q4_K_M", "Q4_K_S"), "development": ("Q3_K_M",), "quality": ("Q5_K_M",)}
-DEFAULT_CACHE_DIR = Path("outputs") / "cache" / "quantized"
+DEFAULT_CACHE_DIR = "outputs/cache/quantized"   # relative: to the repository root (kit.paths.resolve)
+TABLE_FILE = "table.csv"
+# what the notebook shows of the ladder, and of the speed-and-quality table
+LADDER_COLUMNS = ("quant_type", "size_mib", "bits_per_weight", "n_fallback", "n_tensors", "base_type",
+                  "base_type_share_pct", "tensor_types", "cached")
+TABLE_COLUMNS = ("quant_type", "size_mib", "bits_per_weight", "n_fallback", "base_type_share_pct", "load_ms",
+                 "rss_peak_mb", "pp_ts", "pp_ci_low", "pp_ci_high", "tg_ts", "tg_ci_low", "tg_ci_high", "ppl",
+                 "ppl_stderr", "kld_mean", "kld_stderr", "kld_p99", "top1_agree_pct", "top1_agree_stderr_pct", "errors")
 
 _FALLBACK_LINE = re.compile(r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"
                             r".*?-> falling back to\s+(\S+)")
@@ -59,41 +82,27 @@ _FALLBACK_TOTAL = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fall
 
 # ---- the study's config ---------------------------------------------------------------------------------------
 @dataclass
-class QuantStudy:
+class QuantStudy(StudyConfig):
     """Validated parameters of the quantization study (notebook 50)."""
 
-    model: str = "smollm2-135m"                     # source GGUF: bundled name or path (ideally F16)
-    types: list = field(default_factory=lambda: list(LADDER))  # file types to build and measure
-    repetitions: int = 5                            # timed pp/tg runs per file, after a warm-up
-    n_prompt: int = 128                             # pp test size (tokens)
-    n_gen: int = 32                                 # tg test size (tokens)
-    ppl_n_ctx: int = 256                            # perplexity / KLD chunk size (tokens)
-    ppl_chunks: int = 8                             # chunks of held-out text scored (second half of each)
-    n_threads: int | None = None                    # generation threads (None: llama-cpp-python's default)
-    out_dir: str = "outputs/50_quantization"        # rows, figures, verdicts
-    cache_dir: str = str(DEFAULT_CACHE_DIR)         # quantized files and reference log-probs
-    timeout_s: float = 600.0                        # per trial
+    model: str = param(DEFAULT_MODEL, "source GGUF: bundled name or path (ideally F16)")
+    repetitions: int = param(5, "timed pp/tg runs per file, after one warm-up", ge=1)
+    out_dir: str = param("outputs/50_quantization", "rows, ladder, table, figures, verdicts")
+    types: list[str] = param(["F16", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K"],
+                             "file types to build and measure (F16 is always the reference)", choices=FTYPES)
+    n_prompt: int = param(128, "pp test size in tokens", ge=1)
+    n_gen: int = param(32, "tg test size in tokens", ge=1)
+    ppl_n_ctx: int = param(256, "perplexity / KLD chunk size in tokens (second half of each chunk is scored)", ge=16)
+    ppl_chunks: int = param(4, "chunks of held-out text", ge=1)
+    n_threads: int = param(0, "generation threads (0: llama-cpp-python's default)", ge=0)
+    cache_dir: str = param(DEFAULT_CACHE_DIR, "quantized files and reference log-probs (relative: to the "
+                                              "repository root; git-ignored)")
+    timeout_s: float = param(600.0, "seconds one trial may take before its child is killed", gt=0)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.types, str):
-            raise SettingsError(f"types must be a list of file types, got the string {self.types!r}")
-        unknown = [t for t in self.types if t not in FTYPES]
-        if unknown:
-            raise SettingsError(f"unknown quantization type(s) {unknown}; known: {', '.join(FTYPES)}")
-        if len(set(self.types)) != len(self.types):
-            raise SettingsError(f"types has duplicates: {self.types}")
-        # the reference is always built and measured, first
+    def check(self) -> None:
+        """No duplicate types; the reference first (it is always built and measured); the model exists."""
+        check_rule(len(set(self.types)) == len(self.types), f"types has duplicates: {self.types}")
         self.types = [REFERENCE_TYPE] + [t for t in self.types if t != REFERENCE_TYPE]
-        for name in ("repetitions", "n_prompt", "n_gen", "ppl_chunks"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SettingsError(f"{name}={v!r} must be a positive int")
-        if isinstance(self.ppl_n_ctx, bool) or not isinstance(self.ppl_n_ctx, int) or self.ppl_n_ctx < 16:
-            raise SettingsError(f"ppl_n_ctx={self.ppl_n_ctx!r} must be an int >= 16")
-        if self.n_threads is not None and (not isinstance(self.n_threads, int) or self.n_threads < 1):
-            raise SettingsError(f"n_threads={self.n_threads!r} must be None or a positive int")
-        from kit.models import resolve_model
-
         resolve_model(self.model)  # a bad path fails here, before anything is built
 
     @property
@@ -102,8 +111,10 @@ class QuantStudy:
         need = max(self.n_prompt + self.n_gen, self.ppl_n_ctx)
         return max(512, 256 * math.ceil(need / 256))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @property
+    def cache_path(self) -> Path:
+        """cache_dir as an absolute path (relative values from the repository root)."""
+        return resolve_path(self.cache_dir)
 
 
 # ---- building the ladder ---------------------------------------------------------------------------------------
@@ -120,14 +131,14 @@ def quantize_file(source: str | os.PathLike, out_path: str | os.PathLike, ftype:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = Path(log_file) if log_file else out.with_suffix(".quantize.log")
     tmp = out.with_name(out.name + f".part{os.getpid()}")
-    cmd = [sys.executable, "-m", "kit.quantize", str(Path(source).resolve()), str(tmp.resolve()), ftype,
+    cmd = [sys.executable, "-m", "kit.studies.quantization", str(Path(source).resolve()), str(tmp.resolve()), ftype,
            str(nthread or 0), "1" if allow_requantize else "0", str(log.resolve())]
     t0 = time.perf_counter()
     with open(log, "ab") as err:
         err.write(f"\n=== quantize {Path(source).name} -> {ftype} ({time.strftime('%Y-%m-%dT%H:%M:%S')}) ===\n".encode())
         err.flush()
         proc = subprocess.run(cmd, stdout=err, stderr=err, stdin=subprocess.DEVNULL, timeout=timeout_s,
-                              cwd=str(Path(__file__).resolve().parent.parent),
+                              cwd=str(REPO_ROOT),
                               env={**os.environ, "GGML_NO_BACKTRACE": "1"})
     seconds = time.perf_counter() - t0
     if proc.returncode != 0 or not tmp.exists():
@@ -139,13 +150,7 @@ def quantize_file(source: str | os.PathLike, out_path: str | os.PathLike, ftype:
 
 
 def _child_main(argv: list[str]) -> int:
-    """python -m kit.quantize SRC DST FTYPE NTHREAD ALLOW_REQUANTIZE LOG"""
-    import ctypes
-
-    import llama_cpp
-
-    from kit.logs import llama_log_to_file
-
+    """python -m kit.studies.quantization SRC DST FTYPE NTHREAD ALLOW_REQUANTIZE LOG"""
     src, dst, ftype, nthread, allow, log = argv[1:7]
     llama_log_to_file(log)
     params = llama_cpp.llama_model_quantize_default_params()
@@ -167,15 +172,11 @@ def parse_fallbacks(log_text: str) -> dict:
 
 def _gguf_tensor_infos(path: str | os.PathLike) -> list[tuple[str, tuple, int, int]]:
     """(name, shape, ggml type id, n_elements) of every tensor, from the header alone (kit.models)."""
-    from kit.models import read_gguf_header
-
     return [(t["name"], t["shape"], t["type"], t["n_elements"]) for t in read_gguf_header(path)["tensors"]]
 
 
 def tensor_types(path: str | os.PathLike) -> dict:
     """Histogram of tensor storage types read back from the GGUF: tensors, weights and bytes per ggml type."""
-    import gguf
-
     hist: dict[str, dict] = {}
     n_el = n_bytes = 0
     for _, shape, ttype, n in _gguf_tensor_infos(path):
@@ -196,12 +197,59 @@ def tensor_types(path: str | os.PathLike) -> dict:
 
 
 def ladder_dir(source: str | os.PathLike, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
-    from kit.models import resolve_model, sha256_file
+    """<cache_dir>/<source sha256[:16]>/; a relative cache_dir is taken from the repository root."""
+    return resolve_path(cache_dir) / sha256_file(resolve_model(source))[:16]
 
-    return Path(cache_dir) / sha256_file(resolve_model(source))[:16]
+
+def _ensure_file(folder: Path, stem: str, ftype: str, src_path: str, manifest: dict, nthread: int | None):
+    """The file of one type in the cache, built unless the manifest knows it at its size: (path, log, info, cached)."""
+    path = folder / f"{stem}.{ftype}.gguf"
+    log = folder / f"{stem}.{ftype}.quantize.log"
+    info = manifest.get(ftype)
+    cached = path.exists() and info is not None and info.get("size_bytes") == path.stat().st_size
+    if not cached:
+        if log.exists():
+            log.unlink()
+        # F16 from the source (dequantizing it if needed); the rest from F16, as one quantizes from a float file
+        base = src_path if ftype == REFERENCE_TYPE else str(folder / f"{stem}.{REFERENCE_TYPE}.gguf")
+        q = quantize_file(base, path, ftype, nthread=nthread, allow_requantize=True, log_file=log)
+        fb = parse_fallbacks(log.read_text(errors="replace"))
+        info = {"quantize_s": q["quantize_s"], "from": Path(base).name, "size_bytes": path.stat().st_size, **fb}
+        manifest[ftype] = info
+        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return path, log, info, cached
 
 
-def build_ladder(source: str | os.PathLike = "smollm2-135m", types=LADDER,
+def _ladder_entry(ftype: str, path: Path, log: Path, info: dict, cached: bool, src) -> dict:
+    """One rung of the ladder: the file's facts, its tensor types read back, and the source's facts."""
+    th = tensor_types(path)
+    mats = sum(h["matrix_weights"] for h in th["types"].values())
+    base_type = BASE_TYPE.get(ftype, ftype)
+    in_base = th["types"].get(base_type, {}).get("matrix_weights", 0)
+    return {
+        "quant_type": ftype,
+        "path": str(path),
+        "size_bytes": path.stat().st_size,
+        "size_mib": round(path.stat().st_size / 2**20, 2),
+        "bits_per_weight": round(th["bits_per_weight"], 3),
+        "n_fallback": info.get("n_fallback", 0),
+        "n_tensors": th["n_tensors"],
+        "fallbacks": info.get("fallbacks", []),
+        "base_type": base_type,
+        "base_type_share_pct": round(100.0 * in_base / max(mats, 1), 1),
+        "tensor_types": {k: v["tensors"] for k, v in sorted(th["types"].items())},
+        "quantize_s": info.get("quantize_s"),
+        "cached": cached,
+        "quantized_from": info.get("from"),
+        "source_file": src.file_name,
+        "source_type": src.file_type,
+        "source_sha256": src.sha256,
+        "reference_dequantized": src.file_type.upper() not in UNQUANTIZED,
+        "log": str(log),
+    }
+
+
+def build_ladder(source: str | os.PathLike = DEFAULT_MODEL, types=LADDER,
                  cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, nthread: int | None = None,
                  progress: bool = True) -> list[dict]:
     """Build (or reuse from the cache) one file per type; F16 first, every other type quantized from that F16.
@@ -209,60 +257,23 @@ def build_ladder(source: str | os.PathLike = "smollm2-135m", types=LADDER,
     Returns one dict per type: type, path, size_bytes, bits_per_weight, n_fallback, fallbacks, tensor type
     histogram, share of matrix weights in the type's base type, cached (reused) or quantize_s, and source facts.
     """
-    from tqdm.auto import tqdm
-
-    from kit.models import model_card
-
     src = model_card(source)
     folder = ladder_dir(source, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(src.file_name).stem.replace(f".{src.file_type}", "")
-    source_quantized = src.file_type.upper() not in UNQUANTIZED
     types = [REFERENCE_TYPE] + [t for t in types if t != REFERENCE_TYPE]
     manifest_p = folder / "manifest.json"
     manifest = json.loads(manifest_p.read_text()) if manifest_p.exists() else {}
     out = []
     for ftype in tqdm(types, desc="quantize", unit="file", disable=not progress):
-        path = folder / f"{stem}.{ftype}.gguf"
-        log = folder / f"{stem}.{ftype}.quantize.log"
-        info = manifest.get(ftype)
-        cached = path.exists() and info is not None and info.get("size_bytes") == path.stat().st_size
-        if not cached:
-            if log.exists():
-                log.unlink()
-            # F16 from the source (dequantizing it if needed); the rest from F16, as one quantizes from a float file
-            base = src.path if ftype == REFERENCE_TYPE else str(folder / f"{stem}.{REFERENCE_TYPE}.gguf")
-            q = quantize_file(base, path, ftype, nthread=nthread, allow_requantize=True, log_file=log)
-            fb = parse_fallbacks(log.read_text(errors="replace"))
-            info = {"quantize_s": q["quantize_s"], "from": Path(base).name, "size_bytes": path.stat().st_size, **fb}
-            manifest[ftype] = info
-            manifest_p.write_text(json.dumps(manifest, indent=1))
-        th = tensor_types(path)
-        mats = sum(h["matrix_weights"] for h in th["types"].values())
-        base_type = BASE_TYPE.get(ftype, ftype)
-        in_base = th["types"].get(base_type, {}).get("matrix_weights", 0)
-        out.append({
-            "quant_type": ftype,
-            "path": str(path),
-            "size_bytes": path.stat().st_size,
-            "size_mib": round(path.stat().st_size / 2**20, 2),
-            "bits_per_weight": round(th["bits_per_weight"], 3),
-            "n_fallback": info.get("n_fallback", 0),
-            "n_tensors": th["n_tensors"],
-            "fallbacks": info.get("fallbacks", []),
-            "base_type": base_type,
-            "base_type_share_pct": round(100.0 * in_base / max(mats, 1), 1),
-            "tensor_types": {k: v["tensors"] for k, v in sorted(th["types"].items())},
-            "quantize_s": info.get("quantize_s"),
-            "cached": cached,
-            "quantized_from": info.get("from"),
-            "source_file": src.file_name,
-            "source_type": src.file_type,
-            "source_sha256": src.sha256,
-            "reference_dequantized": source_quantized,
-            "log": str(log),
-        })
+        path, log, info, cached = _ensure_file(folder, stem, ftype, src.path, manifest, nthread)
+        out.append(_ladder_entry(ftype, path, log, info, cached, src))
     return out
+
+
+def ladder_table(ladder: list[dict]):
+    """The ladder as the notebook shows it: size, bits per weight, fallbacks, tensor types, cached or built."""
+    return pd.DataFrame(ladder)[list(LADDER_COLUMNS)]
 
 
 def reference_note(ladder: list[dict]) -> str:
@@ -275,41 +286,31 @@ def reference_note(ladder: list[dict]) -> str:
 
 
 # ---- running the study --------------------------------------------------------------------------------------------
-def run_study(cfg: QuantStudy, progress: bool = True):
+def run_quantization_study(study: QuantStudy, progress: bool = True):
     """Build the ladder, then one sweep trial per file (reference first): pp, tg and KLD against F16.
 
-    Returns (ladder, rows DataFrame). Rows go to cfg.out_dir/results.jsonl; the ladder to cfg.out_dir/ladder.json.
+    Returns (ladder, rows DataFrame). Rows go to <out_dir>/results.jsonl; the ladder to <out_dir>/ladder.json.
     """
-    from kit import quality
-    from kit.config import Settings
-    from kit.measure import pp, tg
-    from kit.models import sha256_file
-    from kit.sweep import run_sweep
-
-    ladder = build_ladder(cfg.model, cfg.types, cfg.cache_dir, progress=progress)
-    out = Path(cfg.out_dir)
+    ladder = build_ladder(study.model, study.types, study.cache_path, progress=progress)
+    out = study.out_path
     out.mkdir(parents=True, exist_ok=True)
     (out / "ladder.json").write_text(json.dumps(ladder, indent=1))
     ref = ladder[0]
     ref_sha = sha256_file(ref["path"])
     # keyed by the F16 file's sha256, the held-out text and the chunking (kit.quality.reference_path)
-    ref_logits = quality.reference_path(ref["path"], cfg.ppl_n_ctx, cfg.ppl_chunks,
+    ref_logits = quality.reference_path(ref["path"], study.ppl_n_ctx, study.ppl_chunks,
                                         cache_dir=Path(ref["path"]).parent / "logprobs")
-    base = Settings(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads)
+    base = Settings(n_ctx=study.n_ctx, n_threads=study.n_threads or None)
     configs = [base.replace(model=l["path"]) for l in ladder]
-    tests = [pp(cfg.n_prompt), tg(cfg.n_gen),
-             quality.kld_test_for(ref_logits, cfg.ppl_n_ctx, cfg.ppl_chunks, reference_sha256=ref_sha)]
-    df = run_sweep(out.name, configs, tests, repetitions=cfg.repetitions, out_root=out.parent,
-                   timeout_s=cfg.timeout_s, progress=progress, extra={"claim": "Q1"})
+    tests = [pp(study.n_prompt), tg(study.n_gen),
+             quality.kld_test_for(ref_logits, study.ppl_n_ctx, study.ppl_chunks, reference_sha256=ref_sha)]
+    df = run_sweep(out.name, configs, tests, repetitions=study.repetitions, out_root=out.parent,
+                   timeout_s=study.timeout_s, progress=progress, extra={"claim": "Q1"})
     return ladder, df
 
 
 def study_table(ladder: list[dict], df):
     """One row per type: size, bpw, fallbacks, load, pp/tg medians with 95 % CIs, peak RSS, PPL, KLD, top-1."""
-    import pandas as pd
-
-    from kit.models import sha256_file
-
     by_sha = {sha256_file(l["path"]): l for l in ladder}
     rows = []
     for sha, l in by_sha.items():
@@ -343,6 +344,30 @@ def study_table(ladder: list[dict], df):
     return pd.DataFrame(rows)
 
 
+def write_study_table(study: QuantStudy, table) -> Path:
+    """<out_dir>/table.csv: study_table without its raw sample lists (they stay in results.jsonl)."""
+    path = study.out_path / TABLE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.drop(columns=["pp_samples", "tg_samples"], errors="ignore").to_csv(path, index=False)
+    return path
+
+
+def table_view(table):
+    """The columns of study_table the notebook shows: speed with intervals, quality with standard errors."""
+    return table[[c for c in TABLE_COLUMNS if c in table]]
+
+
+def verdict_evidence(study: QuantStudy, figure_path: str | os.PathLike) -> list[str]:
+    """Q1's and Q2's evidence: the figure, the rows and the table, relative to the outputs root."""
+    files = [figure_path, study.out_path / RESULTS_FILE, study.out_path / TABLE_FILE]
+    return [evidence_path(f, study.out_path) for f in files]
+
+
+def pairs_table(q1):
+    """Q1's adjacent pairs in the guide's order (each compared on raw tg samples) as a table; empty without."""
+    return pd.DataFrame(q1.details.get("pairs", []))
+
+
 # ---- Pareto front and verdicts --------------------------------------------------------------------------------------
 def pareto_front(table, x: str = "tg_ts", x_higher_is_better: bool = True, y: str = "kld_mean") -> list[str]:
     """Types no other type beats on both axes (point estimates; lower y is better)."""
@@ -370,8 +395,6 @@ def clear_dominators(table, quant_type: str) -> list[dict]:
     more than 1.96 combined standard errors (the KLD values of two types are computed on the same tokens, so
     this is conservative).
     """
-    from kit.verdicts import bootstrap_ratio
-
     t = table.set_index("quant_type")
     a = t.loc[quant_type]
     out = []
@@ -383,15 +406,13 @@ def clear_dominators(table, quant_type: str) -> list[dict]:
         point, lo, hi = bootstrap_ratio(b["tg_samples"], a["tg_samples"])
         se = math.sqrt(float(a["kld_stderr"]) ** 2 + float(b["kld_stderr"]) ** 2)
         kld_better = float(a["kld_mean"]) - float(b["kld_mean"]) > 1.96 * se
-        if lo > 1 and kld_better:
+        if decide(lo, hi, claimed="better") == SUPPORTED and kld_better:  # faster beyond the interval
             out.append({"by": name, "tg_ratio": round(point, 4), "tg_ci": [round(lo, 4), round(hi, 4)],
                         "kld_diff": round(float(a["kld_mean"]) - float(b["kld_mean"]), 6)})
     return out
 
 
 def spearman(x, y) -> float:
-    import pandas as pd
-
     rx, ry = pd.Series(list(x)).rank(), pd.Series(list(y)).rank()
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
@@ -409,10 +430,6 @@ def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
     Spearman rho between the guide's position and the measured median tg (+1 = exactly the guide's order), with a
     bootstrap interval over the raw samples of every type.
     """
-    import random
-
-    from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict, compare, not_testable
-
     t = table.set_index("quant_type")
     present = [q for q in GUIDE_SPEED_ORDER if q in t.index and t.loc[q].get("tg_samples") is not None
                and isinstance(t.loc[q]["tg_samples"], list) and len(t.loc[q]["tg_samples"]) > 0]
@@ -461,8 +478,6 @@ def recommendation_verdict(table, evidence=()):
     refuted: at least one is clearly dominated (another type is faster AND closer to F16 beyond the
     uncertainty, see `clear_dominators`); no measurable effect: some are off the front only within the noise.
     """
-    from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED, Verdict, not_testable
-
     recommended = [q for qs in GUIDE_RECOMMENDED.values() for q in qs]
     t = table.dropna(subset=["tg_ts", "kld_mean"])
     present = [q for q in recommended if q in set(t["quant_type"])]
@@ -490,8 +505,6 @@ def recommendation_verdict(table, evidence=()):
     summary = (f"tg-vs-KLD Pareto front: {', '.join(front)}. " + "; ".join(parts) +
                f". Size-vs-KLD front: {', '.join(size_front)}.")
     share = len([q for q in present if q in front]) / len(present)
-    from kit.verdicts import UNSTABLE_CV, cv
-
     noisy = [q for q, s in zip(t["quant_type"], t["tg_samples"])
              if isinstance(s, list) and (cv(s) or 0) >= UNSTABLE_CV]
     return Verdict(claim="Q2", verdict=verdict, summary=summary, effect=round(share, 4),
@@ -504,43 +517,46 @@ def recommendation_verdict(table, evidence=()):
                             "clear_dominators": dominated, "missing": [q for q in recommended if q not in present]})
 
 
-def pareto_plot(table, out_dir: str | os.PathLike, name: str = "pareto"):
-    """Two panels: tg t/s against mean KLD, size against mean KLD; error bars; the front joined and named."""
-    import matplotlib.pyplot as plt
+def _pareto_panel(ax, t, x: str, higher_is_better: bool, xlabel: str, floor: float) -> None:
+    """One axis of plot_pareto: every type with error bars, the front joined, labels cycled so they do not stack."""
+    front = pareto_front(t, x, higher_is_better, "kld_mean")
+    xerr = None
+    if x == "tg_ts":
+        xerr = [(t["tg_ts"] - t["tg_ci_low"]).clip(lower=0), (t["tg_ci_high"] - t["tg_ts"]).clip(lower=0)]
+    yerr = [(t["kld_stderr"] * 1.96).clip(upper=t["kld_plot"] - floor * 0.999).fillna(0), t["kld_stderr"] * 1.96]
+    ax.errorbar(t[x], t["kld_plot"], xerr=xerr, yerr=yerr, fmt="o", color="0.5", ecolor="0.7", capsize=2)
+    f = t[t["quant_type"].isin(front)].sort_values(x)
+    ax.plot(f[x], f["kld_plot"], "-o", color="C3", label="Pareto front")
+    offsets = [(4, 4), (4, -12), (-30, 8), (6, -4)]  # cycled along x, so neighbours' labels do not stack
+    for i, (_, r) in enumerate(t.sort_values(x).iterrows()):
+        on = r["quant_type"] in front
+        label = r["quant_type"] + (" (reference)" if r["quant_type"] == REFERENCE_TYPE else "")
+        ax.annotate(label, (r[x], r["kld_plot"]), textcoords="offset points", xytext=offsets[i % len(offsets)],
+                    fontsize=9, fontweight="bold" if on else "normal", color="C3" if on else "0.3")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean KLD vs F16 (nats/token, 95 % CI; F16 at the floor)")
+    ax.legend(loc="best")
 
-    from kit.plots import save_figure, setup
 
-    setup()
+def plot_pareto(table):
+    """Two panels: tg t/s against mean KLD, size against mean KLD; error bars; the front joined and named.
+    Returns the Figure (save it with kit.plots.save_figure)."""
+    # kit.plots imports matplotlib: imported here, because the quantizer's child runs this module as __main__
+    # and never plots
+    from kit.plots import panel_figure
+
     t = table.dropna(subset=["tg_ts", "kld_mean"]).copy()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     # KLD of the reference is 0: a log axis needs a floor
     others = t.loc[(t["quant_type"] != REFERENCE_TYPE) & (t["kld_mean"] > 0), "kld_mean"]
     floor = float(others.min()) / 5 if len(others) else 1e-6
     t["kld_plot"] = t["kld_mean"].clip(lower=floor)
-    for ax, (x, hib, xlabel) in zip(axes, (("tg_ts", True, "tg t/s (median, 95 % CI)"),
-                                          ("size_mib", False, "file size (MiB)"))):
-        front = pareto_front(t, x, hib, "kld_mean")
-        xerr = None
-        if x == "tg_ts":
-            xerr = [(t["tg_ts"] - t["tg_ci_low"]).clip(lower=0), (t["tg_ci_high"] - t["tg_ts"]).clip(lower=0)]
-        yerr = [(t["kld_stderr"] * 1.96).clip(upper=t["kld_plot"] - floor * 0.999).fillna(0), t["kld_stderr"] * 1.96]
-        ax.errorbar(t[x], t["kld_plot"], xerr=xerr, yerr=yerr, fmt="o", color="0.5", ecolor="0.7", capsize=2)
-        f = t[t["quant_type"].isin(front)].sort_values(x)
-        ax.plot(f[x], f["kld_plot"], "-o", color="C3", label="Pareto front")
-        offsets = [(4, 4), (4, -12), (-30, 8), (6, -4)]  # cycled along x, so neighbours' labels do not stack
-        for i, (_, r) in enumerate(t.sort_values(x).iterrows()):
-            on = r["quant_type"] in front
-            label = r["quant_type"] + (" (reference)" if r["quant_type"] == REFERENCE_TYPE else "")
-            ax.annotate(label, (r[x], r["kld_plot"]), textcoords="offset points", xytext=offsets[i % len(offsets)],
-                        fontsize=9, fontweight="bold" if on else "normal", color="C3" if on else "0.3")
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("mean KLD vs F16 (nats/token, 95 % CI; F16 at the floor)")
-        ax.legend(loc="best")
-    axes[0].set_title("speed against quality loss (better: right, down)")
-    axes[1].set_title("size against quality loss (better: left, down)")
-    fig.tight_layout()
-    return fig, save_figure(fig, out_dir, name)
+    return panel_figure([
+        ("speed against quality loss (better: right, down)",
+         lambda ax: _pareto_panel(ax, t, "tg_ts", True, "tg t/s (median, 95 % CI)", floor)),
+        ("size against quality loss (better: left, down)",
+         lambda ax: _pareto_panel(ax, t, "size_mib", False, "file size (MiB)", floor)),
+    ], ncols=2, figsize=(12, 4.5))
 
 
 if __name__ == "__main__":

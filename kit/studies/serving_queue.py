@@ -30,11 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from kit.config import Settings, SettingsError
+import pandas as pd
+
+from kit.config import SAMPLING_KEYS, ChatStudyConfig, Settings, SettingsError, check_rule, param
 from kit.data import load_prompts
-from kit.sweep import split_out_dir
-from kit.verdicts import too_few
-from kit.measure import Test, _pct, stream_chat, summarize
+from kit.measure import Test, percentile, requests_row, stream_chat
+from kit.paths import OUTPUTS_DIR, resolve
+from kit.results import load_results
+from kit.sweep import run_sweep, split_out_dir
+from kit.verdicts import bootstrap_ratio, compare, not_testable, too_few
 
 QUEUE_KIND = "kit.studies.serving_queue:queue_test"
 TIMED_REGION = ("per request, on one clock: submit -> worker takes it (queue_ms) -> streamed chat completion from a "
@@ -47,6 +51,7 @@ P1_METRICS = {
     "memory": "rss_peak_mb",
     "queue time": "queue_p50_ms",
 }
+_PER_REQUEST = ("ttft_ms", "decode_ms_per_token", "itl_p50_ms", "itl_p95_ms")
 
 
 # ---- the server -------------------------------------------------------------------------------------------------
@@ -69,29 +74,36 @@ class Ticket:
             raise TimeoutError(f"request {self.index} not served within {timeout} s")
         return self
 
-    def record(self, t0: float) -> dict:
-        """Per-request metrics in ms; t0 is the test's start (for the submit offset)."""
-        r = self.result or {}
+    def client_view(self) -> dict | None:
+        """The stream_chat result with TTFT and e2e on the client's clock (from submit), or None if it failed."""
+        r = self.result
+        if not r:
+            return None
         queue_ms = (self.t_start - self.t_submit) * 1e3
-        service_ms = (self.t_end - self.t_start) * 1e3
         # stream_chat's own clock starts just after its cache reset: put its TTFT on the worker's clock
-        pre_ms = service_ms - r["e2e_ms"] if r else 0.0
-        itl = r.get("itl_ms") or []
+        pre_ms = (self.t_end - self.t_start) * 1e3 - r["e2e_ms"]
+        return {**r, "ttft_ms": queue_ms + pre_ms + r["ttft_ms"] if r.get("ttft_ms") is not None else None,
+                "e2e_ms": (self.t_end - self.t_submit) * 1e3}
+
+    def record(self, t0: float) -> dict:
+        """Per-request metrics in ms (kit.measure.requests_row of this request, as the client sees it); t0 is the
+        test's start (for the submit offset)."""
+        r, view = self.result or {}, self.client_view()
+        queue_ms = (self.t_start - self.t_submit) * 1e3
+        one = requests_row([view], speed="decode") if view else dict.fromkeys(_PER_REQUEST)
         return {
             "index": self.index,
             "prompt_id": self.prompt_id,
             "submit_s": round(self.t_submit - t0, 4),
             "queue_ms": round(queue_ms, 3),
-            "service_ms": round(service_ms, 3),
-            "ttft_ms": round(queue_ms + pre_ms + r["ttft_ms"], 3) if r.get("ttft_ms") is not None else None,
-            "service_ttft_ms": round(pre_ms + r["ttft_ms"], 3) if r.get("ttft_ms") is not None else None,
+            "service_ms": round((self.t_end - self.t_start) * 1e3, 3),
+            **{k: one[k] for k in _PER_REQUEST},
+            "service_ttft_ms": round(one["ttft_ms"] - queue_ms, 3) if one["ttft_ms"] is not None else None,
             "e2e_ms": round((self.t_end - self.t_submit) * 1e3, 3),
-            "decode_ms_per_token": round(statistics.fmean(itl), 4) if itl else None,
-            "itl_p50_ms": round(_pct(itl, 0.5), 4) if itl else None,
-            "itl_p95_ms": round(_pct(itl, 0.95), 4) if itl else None,
-            "itl_ms": [round(x, 3) for x in itl],
+            "itl_ms": [round(x, 3) for x in r.get("itl_ms") or []],
             "n_prompt_tokens": r.get("n_prompt_tokens"),
             "n_gen_tokens": r.get("n_gen_tokens"),
+            "engine_tg_ms": r.get("engine_tg_ms"),
             "finish_reason": r.get("finish_reason"),
             "error": self.error,
         }
@@ -130,9 +142,6 @@ class ModelServer:
         t.t_submit = time.perf_counter()
         self._q.put(t)
         return t
-
-    def queue_length(self) -> int:
-        return self._q.qsize()
 
     def _serve(self) -> None:
         while True:
@@ -219,6 +228,8 @@ def queue_test(lm, test: Test, repetitions: int) -> dict:
     """
     p = dict(test.params)
     mode = p.pop("mode")
+    if mode not in ("closed", "poisson"):
+        raise SettingsError(f"mode={mode!r}: use 'closed' or 'poisson'")
     prompts = p.pop("prompts", None) or load_prompts(n=3)
     clients = int(p.pop("clients", 1))
     rho = p.pop("rho", None)
@@ -226,57 +237,57 @@ def queue_test(lm, test: Test, repetitions: int) -> dict:
     n_cal = int(p.pop("calibration_requests", 3))
     arrival_seed = int(p.pop("arrival_seed", 0))
     label = p.pop("label", None)
+    if mode == "poisson" and (rho is None or rho <= 0 or n_requests < 1):
+        raise SettingsError("poisson mode needs rho > 0 and n_requests >= 1")
     s = lm.settings.replace(**p)  # the rest are sampling settings: validated like any Settings
-    sampling = {k: getattr(s, k) for k in ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens", "seed")}
+    sampling = {k: getattr(s, k) for k in SAMPLING_KEYS + ("seed",)}
     stream_chat(lm, prompts[0]["prompt"], max_tokens=4)  # warm-up, untimed
-    calibration = []
+    calibration, rate = [], None
     with ModelServer(lm, **sampling) as srv:
         if mode == "closed":
             t0 = time.perf_counter()
             tickets = closed_loop(srv, prompts, clients, repetitions)
-            rate = None
-        elif mode == "poisson":
-            if rho is None or rho <= 0 or n_requests < 1:
-                raise SettingsError("poisson mode needs rho > 0 and n_requests >= 1")
+        else:
             cal = [srv.submit(q["prompt"], q["id"]).wait() for q in
                    (prompts[i % len(prompts)] for i in range(max(n_cal, 1)))]
             calibration = [(t.t_end - t.t_start) * 1e3 for t in cal]
-            mu = 1e3 / statistics.fmean(calibration)
-            rate = float(rho) * mu
+            rate = float(rho) * 1e3 / statistics.fmean(calibration)  # rho x the measured service rate mu
             t0 = time.perf_counter()
             tickets = poisson_arrivals(srv, prompts, rate, n_requests, seed=arrival_seed)
-        else:
-            raise SettingsError(f"mode={mode!r}: use 'closed' or 'poisson'")
-    wall_s = max(t.t_end for t in tickets) - t0
     recs = [t.record(t0) for t in tickets]
-    row = queue_row(recs, wall_s)
-    served = [r for r in recs if r["error"] is None]
-    mean_service_s = statistics.fmean(r["service_ms"] for r in served) / 1e3 if served else None
-    submits = sorted(r["submit_s"] for r in recs)
-    arrival = ((len(submits) - 1) / (submits[-1] - submits[0]) if mode == "poisson" and len(submits) > 1
-               and submits[-1] > submits[0] else None)
+    row = queue_row(recs, max(t.t_end for t in tickets) - t0)
     row.update({
         "label": label or (f"closed, {clients} client(s)" if mode == "closed" else f"poisson, rho={rho}"),
         "mode": mode,
         "clients": clients if mode == "closed" else None,
         "rho_target": rho,
         "arrival_rate_rps": round(rate, 4) if rate else None,
-        "arrival_rate_measured_rps": round(arrival, 4) if arrival else None,
         "calibration_service_ms": [round(x, 3) for x in calibration],
-        "service_rate_rps": round(1 / mean_service_s, 4) if mean_service_s else None,
-        "rho_measured": round(arrival * mean_service_s, 4) if arrival and mean_service_s else None,
-        "pk_queue_ms": (round(pk_queue_ms(arrival, [r["service_ms"] for r in served]), 3)
-                        if arrival and served and pk_queue_ms(arrival, [r["service_ms"] for r in served]) is not None
-                        else None),
-        **{k: v for k, v in sampling.items()},
+        **_offered_load(recs, mode),
+        **sampling,
         "max_tokens_label": "unlimited" if sampling["max_tokens"] is None else str(sampling["max_tokens"]),
-        "n_prompt": round(statistics.fmean(r["n_prompt_tokens"] for r in served)) if served else 0,
         "n_gen": sampling["max_tokens"] or 0,
         "n_depth": 0,
         "repetitions": repetitions,
         "timed_region": TIMED_REGION,
     })
     return row
+
+
+def _offered_load(recs: list[dict], mode: str) -> dict:
+    """The load a level really offered: measured arrival rate, service rate, rho, and the M/G/1 mean wait."""
+    served = [r["service_ms"] for r in recs if r["error"] is None]
+    mean_service_s = statistics.fmean(served) / 1e3 if served else None
+    submits = sorted(r["submit_s"] for r in recs)
+    arrival = ((len(submits) - 1) / (submits[-1] - submits[0]) if mode == "poisson" and len(submits) > 1
+               and submits[-1] > submits[0] else None)
+    pk = pk_queue_ms(arrival, served) if arrival and served else None
+    return {
+        "arrival_rate_measured_rps": round(arrival, 4) if arrival else None,
+        "service_rate_rps": round(1 / mean_service_s, 4) if mean_service_s else None,
+        "rho_measured": round(arrival * mean_service_s, 4) if arrival and mean_service_s else None,
+        "pk_queue_ms": round(pk, 3) if pk is not None else None,
+    }
 
 
 def _by_load(df):
@@ -294,36 +305,26 @@ def _num(x):
 
 
 def _stat(values: list[float], q: float) -> float | None:
-    return round(_pct(values, q), 3) if values else None
+    return round(percentile(values, q), 3) if values else None
 
 
 def queue_row(recs: list[dict], wall_s: float) -> dict:
-    """Latency percentiles (p50/p95/p99), throughput, raw samples, from per-request records."""
+    """A load level's row: kit.measure.requests_row of the served requests as the client saw them (tokens/s =
+    1000 / mean ITL per request), then queue / service / TTFT / e2e percentiles (p50/p95/p99), throughput."""
     ok = [r for r in recs if r["error"] is None]
-    out: dict = {"n_requests": len(recs), "n_failed": len(recs) - len(ok), "wall_s": round(wall_s, 4)}
+    out: dict = {**requests_row(ok, speed="decode"), "n_requests": len(recs), "n_failed": len(recs) - len(ok),
+                 "wall_s": round(wall_s, 4)}
     for name in ("queue_ms", "service_ms", "ttft_ms", "e2e_ms"):
         xs = [r[name] for r in ok if r[name] is not None]
-        base = name[:-3]
         for q in (50, 95, 99):
-            out[f"{base}_p{q}_ms"] = _stat(xs, q / 100)
+            out[f"{name[:-3]}_p{q}_ms"] = _stat(xs, q / 100)
         out[f"samples_{name}"] = xs
-    itl = [x for r in ok for x in r["itl_ms"]]
-    for q in (50, 95, 99):
-        out[f"itl_p{q}_ms"] = _stat(itl, q / 100)
-    per_tok = [r["decode_ms_per_token"] for r in ok if r["decode_ms_per_token"]]
-    ts = [1e3 / x for x in per_tok]
-    n_gen = sum(r["n_gen_tokens"] or 0 for r in ok)
+    out["itl_p99_ms"] = _stat([x for r in ok for x in r["itl_ms"]], 0.99)
+    n_gen, e2e_total = sum(r["n_gen_tokens"] or 0 for r in ok), sum(r["e2e_ms"] for r in ok)
     out.update({
-        "samples_decode_ms_per_token": per_tok,
-        "decode_ms_per_token": round(statistics.median(per_tok), 4) if per_tok else None,
-        "samples_ts": [round(x, 4) for x in ts],
-        **summarize(ts),
         "throughput_rps": round(len(ok) / wall_s, 4) if wall_s > 0 else None,
         "throughput_ts": round(n_gen / wall_s, 4) if wall_s > 0 else None,
-        "ttft_ms": _stat([r["ttft_ms"] for r in ok if r["ttft_ms"] is not None], 0.5),
-        "e2e_ms": _stat([r["e2e_ms"] for r in ok], 0.5),
-        "queue_share_of_e2e": (round(sum(r["queue_ms"] for r in ok) / sum(r["e2e_ms"] for r in ok), 4)
-                               if ok and sum(r["e2e_ms"] for r in ok) > 0 else None),
+        "queue_share_of_e2e": round(sum(r["queue_ms"] for r in ok) / e2e_total, 4) if e2e_total > 0 else None,
         "requests": [{k: v for k, v in r.items() if k != "itl_ms"} for r in recs],
     })
     return out
@@ -331,49 +332,28 @@ def queue_row(recs: list[dict], wall_s: float) -> dict:
 
 # ---- the study --------------------------------------------------------------------------------------------------
 @dataclass
-class ServingStudy:
+class ServingStudy(ChatStudyConfig):
     """Parameters of notebooks/75_serving_queue, validated before anything runs."""
 
-    model: str = "smollm2-135m"
-    n_ctx: int = 2048
-    n_threads: int | None = None
-    prompts_file: str | None = None
-    n_prompts: int = 6
-    max_tokens: int = 64
-    temperature: float = 0.0
-    clients: list = field(default_factory=lambda: [1, 2, 4, 8])
-    rhos: list = field(default_factory=lambda: [0.5, 0.8, 0.95, 1.2])
-    poisson_requests: int = 24
-    calibration_requests: int = 3
-    repetitions: int = 5
-    timeout_s: float = 1800.0
-    out_dir: str = "outputs/75_serving_queue"
+    n_prompts: int = param(6, "prompts (the first n of the prompt set), cycled over requests", ge=1)
+    max_tokens: int = param(32, "cap per answer: keeps service time short and steady", ge=1)
+    temperature: float = param(0.0, "greedy: the same prompt costs the same every time", ge=0)
+    clients: list[int] = param([1, 2, 4], "closed-loop concurrency levels", ge=1)
+    rhos: list[float] = param([0.5, 0.9, 1.2], "offered loads for Poisson arrivals (arrival rate / service rate)",
+                              gt=0, le=5)
+    poisson_requests: int = param(10, "requests per Poisson load level", ge=1)
+    calibration_requests: int = param(3, "one-at-a-time requests that measure the service rate first", ge=1)
+    repetitions: int = param(5, "requests per client in the closed loop", ge=1)
+    timeout_s: float = param(1800.0, "wall-clock limit of one trial (child process), seconds", gt=0)
+    out_dir: str = param("outputs/75_serving_queue", "rows, figures and verdicts.json go here")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> "ServingStudy":
-        self.settings()
+    def check(self) -> None:
         n_file = len(load_prompts(self.prompts_file))
-        if not isinstance(self.n_prompts, int) or not 1 <= self.n_prompts <= n_file:
-            raise SettingsError(f"n_prompts={self.n_prompts!r} must be 1..{n_file}")
-        if not isinstance(self.clients, (list, tuple)) or not isinstance(self.rhos, (list, tuple)):
-            raise SettingsError("clients and rhos must be lists")
-        if not self.clients and not self.rhos:
-            raise SettingsError("nothing to run: clients and rhos are both empty")
-        for c in self.clients:
-            if not isinstance(c, int) or isinstance(c, bool) or c < 1:
-                raise SettingsError(f"clients: {c!r} must be a positive int")
-        for r in self.rhos:
-            if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r <= 5:
-                raise SettingsError(f"rhos: {r!r} must be a number in (0, 5]")
-        for name in ("poisson_requests", "calibration_requests", "repetitions"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SettingsError(f"{name}={v!r} must be a positive int")
-        if self.max_tokens >= self.n_ctx:
-            raise SettingsError(f"max_tokens={self.max_tokens} must leave room for the prompt in n_ctx={self.n_ctx}")
-        return self
+        check_rule(self.n_prompts <= n_file, f"n_prompts={self.n_prompts}: the prompt file has {n_file} prompts")
+        check_rule(bool(self.clients or self.rhos), "nothing to run: clients and rhos are both empty")
+        check_rule(self.max_tokens < self.n_ctx,
+                   f"max_tokens={self.max_tokens} must leave room for the prompt in n_ctx={self.n_ctx}")
+        self.settings()
 
     def settings(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.n_ctx, n_threads=self.n_threads,
@@ -396,10 +376,7 @@ class ServingStudy:
 
 def run_serving_study(study: ServingStudy, progress: bool = True):
     """Two trials (closed loop, Poisson), each one child process with one model load. Returns all rows."""
-    from kit.results import load_results
-    from kit.sweep import run_sweep
-
-    name, root = split_out_dir(study.out_dir)
+    name, root = split_out_dir(study.out_path)
     base = study.settings()
     if study.clients:
         run_sweep(name, base, study.closed_tests(), repetitions=study.repetitions, out_root=root,
@@ -407,14 +384,12 @@ def run_serving_study(study: ServingStudy, progress: bool = True):
     if study.rhos:
         run_sweep(name, base, study.poisson_tests(), repetitions=study.repetitions, out_root=root,
                   timeout_s=study.timeout_s, progress=progress, extra={"claim": "P1", "part": "poisson"})
-    return load_results(Path(root) / name)
+    return load_results(study.out_path)
 
 
 # ---- analysis -------------------------------------------------------------------------------------------------------
 def requests_frame(df):
     """One row per request, with its load level (label, mode, clients, rho)."""
-    import pandas as pd
-
     recs = []
     ok = df[df["status"] == "ok"]
     for _, row in ok.iterrows():
@@ -437,8 +412,6 @@ def load_table(df):
 
 def metric_coverage(df, metrics: dict[str, str] = P1_METRICS):
     """For each metric the guide says to track: its column, whether rows carry it, and the non-empty share."""
-    import pandas as pd
-
     rows = []
     for metric, col in metrics.items():
         present = col in df.columns
@@ -451,135 +424,136 @@ def metric_coverage(df, metrics: dict[str, str] = P1_METRICS):
     return pd.DataFrame(rows)
 
 
-def p1_verdict(df, evidence: Sequence[str] = ()):
-    """P1: do the rows carry every metric the guide lists, and what does queue time do past rho ~ 1.
-
-    supported: every metric column is present and, at the highest offered load measured, the median queue
-    time exceeds the median service time with a 95 % interval above 1 (queue time, not decode, dominates).
-    no measurable effect: the columns are there but the loads run did not make queue time dominate.
-    """
-    from kit.verdicts import NO_EFFECT, SUPPORTED, Verdict, bootstrap_ratio, not_testable
-
-    cov = metric_coverage(df[df["status"] == "ok"])
-    missing = cov[~cov["present"]]["metric"].tolist()
-    gpu_empty = bool(cov.loc[cov["metric"] == "GPU utilisation", "filled_share"].iloc[0] == 0)
-    ok = df[(df["status"] == "ok")]
-    if ok.empty or "mode" not in ok:
-        return not_testable("P1", "no successful load rows", evidence=evidence)
+def _load_extremes(ok):
+    """The heaviest load (the highest measured rho of the open loop, else the most clients), the lightest (the
+    fewest clients, else the lowest rho), and where the heaviest is, in words."""
     pois = ok[ok["mode"] == "poisson"].sort_values("rho_measured")
     closed = ok[ok["mode"] == "closed"].sort_values("clients")
-    # the heaviest load: the highest measured rho (open loop), else the most clients; the lightest: one client
     if not pois.empty:
-        hi = pois.iloc[-1]
-        where = f"rho={hi['rho_measured']:.2f} (Poisson arrivals)"
+        hi, where = pois.iloc[-1], f"rho={pois.iloc[-1]['rho_measured']:.2f} (Poisson arrivals)"
     else:
-        hi = closed.iloc[-1]
-        where = f"{int(hi['clients'])} closed-loop clients"
-    lo = closed.iloc[0] if not closed.empty else pois.iloc[0]
+        hi, where = closed.iloc[-1], f"{int(closed.iloc[-1]['clients'])} closed-loop clients"
+    return hi, (closed.iloc[0] if not closed.empty else pois.iloc[0]), where
+
+
+def p1_verdict(df, evidence: Sequence[str] = ()):
+    """P1: do the rows carry every metric the guide lists, and does queue time take over at the highest load.
+
+    The effect is median queue time / median service time at the heaviest load measured, through
+    kit.verdicts.compare (claimed: the ratio is above 1). supported: its 95 % interval lies above 1 (latency there
+    is mostly waiting, which a monitor of tokens/s misses); refuted: it lies below 1; otherwise no measurable
+    effect. Not testable when a metric's column is missing or the heaviest load served too few requests.
+    """
+    ok = df[df["status"] == "ok"]
+    if ok.empty or "mode" not in ok:
+        return not_testable("P1", "no successful load rows", evidence=evidence)
+    cov = metric_coverage(ok)
+    missing = cov[~cov["present"]]["metric"].tolist()
+    if missing:
+        return not_testable("P1", f"the rows lack {', '.join(missing)}: the kit does not record them here",
+                            evidence=evidence, coverage=cov.to_dict("records"))
+    hi, lo, where = _load_extremes(ok)
     qs, ss = hi["samples_queue_ms"], hi["samples_service_ms"]
     if not qs or not ss or statistics.median(ss) == 0:
         return not_testable("P1", "the highest load level has no served requests", evidence=evidence)
     short = too_few("P1", len(qs), len(ss), "poisson_requests (or repetitions)", evidence)
     if short:
         return short
-    ratio, r_lo, r_hi = bootstrap_ratio(qs, ss)
-    dec, d_lo, d_hi = bootstrap_ratio(hi["samples_decode_ms_per_token"], lo["samples_decode_ms_per_token"])
-    if missing:
-        return not_testable("P1", f"the rows lack {', '.join(missing)}: the kit does not record them here",
-                            evidence=evidence, coverage=cov.to_dict("records"))
+    v = compare("P1", qs, ss, higher_is_better=True, claimed="better", evidence=evidence,
+                metric=f"median queue time / median service time at the highest load ({where})")
+    decode = bootstrap_ratio(hi["samples_decode_ms_per_token"], lo["samples_decode_ms_per_token"])
+    v.details = _p1_details(ok, cov, hi, lo, decode)
+    v.summary = _p1_summary(v, ok, hi, lo, where, decode)
+    return v
+
+
+def _p1_summary(v, ok, hi, lo, where: str, decode: tuple[float, float, float]) -> str:
+    pois = ok[ok["mode"] == "poisson"].sort_values("rho_measured")
     by_load = ", ".join(f"rho {r['rho_measured']:.2f}: {r['queue_p50_ms']:.0f} / {r['service_p50_ms']:.0f} ms"
                         for _, r in pois.iterrows() if r.get("rho_measured") is not None)
-    if r_lo > 1:
-        verdict = SUPPORTED
-    else:
-        verdict = NO_EFFECT
     gpu_note = (" GPU utilisation: the column is there (gpu_util_pct, vram_peak_mb) but empty, because no GPU is "
-                "visible to NVML on this machine." if gpu_empty else "")
-    summary = (
-        "Every row carries tokens/s (median_ts, throughput_ts), TTFT, memory (rss_peak_mb) and queue time "
-        "(p50/p95/p99)." + gpu_note +
-        f" At {where} the median queue time is {statistics.median(qs):.0f} ms against a median service time of "
-        f"{statistics.median(ss):.0f} ms: queue/service {ratio:.2f}x (95 % CI {r_lo:.2f}-{r_hi:.2f}), while the "
-        f"per-token decode time is {dec:.2f}x that at the lightest load, {lo['label']} (95 % CI {d_lo:.2f}-{d_hi:.2f}). "
-        + (f"Median queue / service time by offered load: {by_load}. " if by_load else "")
-        + ("At this load, latency is mostly waiting, not decoding: a monitor that tracks only tokens/s "
-           "misses it." if verdict == SUPPORTED else
-           "At the loads run here queue time did not clearly exceed service time; raise rhos or "
-           "poisson_requests to see the queue take over.")
-    )
-    return Verdict(
-        claim="P1", verdict=verdict, summary=summary, effect=round(ratio, 4), ci_low=round(r_lo, 4),
-        ci_high=round(r_hi, 4), metric=f"median queue time / median service time at the highest load ({where})",
-        evidence=list(evidence), n_baseline=len(ss), n_candidate=len(qs),
-        details={"coverage": cov.to_dict("records"), "gpu_columns_empty": gpu_empty,
-                 "decode_ratio_high_vs_low_load": round(dec, 4), "decode_ratio_ci": [round(d_lo, 4), round(d_hi, 4)],
-                 "queue_share_of_e2e_at_high_load": _num(hi.get("queue_share_of_e2e")),
-                 "lightest_load": lo["label"], "heaviest_load": hi["label"],
-                 "queue_p50_ms_lightest_load": _num(lo.get("queue_p50_ms")),
-                 "queue_p50_ms_heaviest_load": _num(hi.get("queue_p50_ms")),
-                 "queue_p95_ms_heaviest_load": _num(hi.get("queue_p95_ms")),
-                 "service_p50_ms_heaviest_load": _num(hi.get("service_p50_ms")),
-                 "by_load": [{"label": r["label"], "rho_measured": _num(r.get("rho_measured")),
-                              "queue_p50_ms": _num(r.get("queue_p50_ms")), "service_p50_ms": _num(r.get("service_p50_ms")),
-                              "e2e_p95_ms": _num(r.get("e2e_p95_ms"))} for _, r in _by_load(ok)]},
-    )
+                "visible to NVML on this machine." if v.details["gpu_columns_empty"] else "")
+    outcome = {
+        "supported": "At this load, latency is mostly waiting, not decoding: a monitor that tracks only tokens/s "
+                     "misses it.",
+        "refuted": "Even at this load queue time stayed clearly below service time: the loads run here did not "
+                   "saturate the server; raise rhos above 1 or poisson_requests to see the queue take over.",
+    }.get(v.verdict, "At the loads run here queue time did not clearly exceed service time; raise rhos or "
+                     "poisson_requests to see the queue take over.")
+    dec, d_lo, d_hi = decode
+    return ("Every row carries tokens/s (median_ts, throughput_ts), TTFT, memory (rss_peak_mb) and queue time "
+            "(p50/p95/p99)." + gpu_note +
+            f" At {where} the median queue time is {statistics.median(hi['samples_queue_ms']):.0f} ms against a "
+            f"median service time of {statistics.median(hi['samples_service_ms']):.0f} ms: queue/service "
+            f"{v.effect:.2f}x (95 % CI {v.ci_low:.2f}-{v.ci_high:.2f}), while the per-token decode time is "
+            f"{dec:.2f}x that at the lightest load, {lo['label']} (95 % CI {d_lo:.2f}-{d_hi:.2f}). "
+            + (f"Median queue / service time by offered load: {by_load}. " if by_load else "") + outcome)
+
+
+def _p1_details(ok, cov, hi, lo, decode: tuple[float, float, float]) -> dict:
+    dec, d_lo, d_hi = decode
+    return {"coverage": cov.to_dict("records"),
+            "gpu_columns_empty": bool(cov.loc[cov["metric"] == "GPU utilisation", "filled_share"].iloc[0] == 0),
+            "decode_ratio_high_vs_low_load": round(dec, 4), "decode_ratio_ci": [round(d_lo, 4), round(d_hi, 4)],
+            "queue_share_of_e2e_at_high_load": _num(hi.get("queue_share_of_e2e")),
+            "lightest_load": lo["label"], "heaviest_load": hi["label"],
+            "queue_p50_ms_lightest_load": _num(lo.get("queue_p50_ms")),
+            "queue_p50_ms_heaviest_load": _num(hi.get("queue_p50_ms")),
+            "queue_p95_ms_heaviest_load": _num(hi.get("queue_p95_ms")),
+            "service_p50_ms_heaviest_load": _num(hi.get("service_p50_ms")),
+            "by_load": [{"label": r["label"], "rho_measured": _num(r.get("rho_measured")),
+                         "queue_p50_ms": _num(r.get("queue_p50_ms")), "service_p50_ms": _num(r.get("service_p50_ms")),
+                         "e2e_p95_ms": _num(r.get("e2e_p95_ms"))} for _, r in _by_load(ok)]}
 
 
 # ---- figures --------------------------------------------------------------------------------------------------------
 def plot_queue(df):
     """Left: queue time against offered load rho (Poisson), with the M/G/1 prediction. Right: closed loop."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
+    # not at the top: a trial child imports this module for queue_test and must not load matplotlib
+    from kit.plots import median_plot, panel_figure  # (start-up time and RSS are measured there)
 
-    from kit.plots import setup
-
-    setup()
-    req = requests_frame(df)
-    ok = df[df["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    req, ok = requests_frame(df), df[df["status"] == "ok"]
     pois = req[req["mode"] == "poisson"] if not req.empty else req
-    if not pois.empty:
-        long = pois.melt(id_vars=["rho_measured"], value_vars=["queue_ms", "service_ms"], var_name="part",
-                         value_name="ms")
-        sns.pointplot(data=long, x="rho_measured", y="ms", hue="part", estimator=np.median, errorbar=("ci", 95),
-                      native_scale=True, ax=axes[0], markersize=4, linewidth=1.2)
-        pk = ok[(ok["mode"] == "poisson") & ok["pk_queue_ms"].notna()].sort_values("rho_measured")
-        if not pk.empty:
-            axes[0].plot(pk["rho_measured"], pk["pk_queue_ms"], "k--", lw=1, label="M/G/1 mean wait (P-K)")
-        axes[0].axvline(1.0, color="grey", lw=0.8, ls=":")
-        axes[0].set_yscale("symlog", linthresh=100)
-        axes[0].legend()
-    axes[0].set_xlabel("offered load rho = arrival rate / service rate (measured)")
-    axes[0].set_ylabel("ms per request (median, 95 % CI)")
-    axes[0].set_title("Poisson arrivals: queue time vs service time")
     closed = req[req["mode"] == "closed"] if not req.empty else req
-    if not closed.empty:
-        long = closed.melt(id_vars=["clients"], value_vars=["queue_ms", "ttft_ms", "e2e_ms"], var_name="metric",
-                           value_name="ms")
-        sns.pointplot(data=long, x="clients", y="ms", hue="metric", estimator=np.median, errorbar=("ci", 95),
-                      ax=axes[1], markersize=4, linewidth=1.2)
-        ax2 = axes[1].twinx()
-        c = ok[ok["mode"] == "closed"].sort_values("clients")
-        ax2.plot(range(len(c)), c["throughput_ts"], "s:", color="grey", label="throughput tokens/s")
-        ax2.set_ylabel("throughput, generated tokens/s", color="grey")
-        ax2.grid(False)
-        ax2.set_ylim(0, max(c["throughput_ts"].max() * 1.3, 1))
-    axes[1].set_xlabel("concurrent clients (closed loop, no think time)")
-    axes[1].set_ylabel("ms per request (median, 95 % CI)")
-    axes[1].set_title("closed loop: latency grows, throughput does not")
-    fig.tight_layout()
-    return fig
+
+    def poisson(ax):
+        if not pois.empty:
+            long = pois.melt(id_vars=["rho_measured"], value_vars=["queue_ms", "service_ms"], var_name="part",
+                             value_name="ms")
+            median_plot(long, x="rho_measured", y="ms", hue="part", ax=ax, native_scale=True, linewidth=1.2)
+            pk = ok[(ok["mode"] == "poisson") & ok["pk_queue_ms"].notna()].sort_values("rho_measured")
+            if not pk.empty:
+                ax.plot(pk["rho_measured"], pk["pk_queue_ms"], "k--", lw=1, label="M/G/1 mean wait (P-K)")
+            ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+            ax.set_yscale("symlog", linthresh=100)
+            ax.legend()
+        ax.set_xlabel("offered load rho = arrival rate / service rate (measured)")
+        ax.set_ylabel("ms per request (median, 95 % CI)")
+
+    def closed_loop_panel(ax):
+        if not closed.empty:
+            long = closed.melt(id_vars=["clients"], value_vars=["queue_ms", "ttft_ms", "e2e_ms"], var_name="metric",
+                               value_name="ms")
+            median_plot(long, x="clients", y="ms", hue="metric", ax=ax, linewidth=1.2)
+            ax2 = ax.twinx()
+            c = ok[ok["mode"] == "closed"].sort_values("clients")
+            ax2.plot(range(len(c)), c["throughput_ts"], "s:", color="grey", label="throughput tokens/s")
+            ax2.set_ylabel("throughput, generated tokens/s", color="grey")
+            ax2.grid(False)
+            ax2.set_ylim(0, max(c["throughput_ts"].max() * 1.3, 1))
+        ax.set_xlabel("concurrent clients (closed loop, no think time)")
+        ax.set_ylabel("ms per request (median, 95 % CI)")
+
+    return panel_figure([("Poisson arrivals: queue time vs service time", poisson),
+                         ("closed loop: latency grows, throughput does not", closed_loop_panel)],
+                        ncols=2, figsize=(12, 4.2))
 
 
-def coverage_across_studies(out_root: str | Path = "outputs", metrics: dict[str, str] = P1_METRICS):
-    """The P1 metrics' columns in every study's results.jsonl under out_root: filled share per study and metric."""
-    import pandas as pd
-
-    from kit.results import load_results
-
+def coverage_across_studies(out_root: str | Path = OUTPUTS_DIR, metrics: dict[str, str] = P1_METRICS):
+    """The P1 metrics' columns in every study's results.jsonl under out_root (relative: from the repository root):
+    filled share per study and metric."""
     rows = []
-    for f in sorted(Path(out_root).glob("*/results.jsonl")):
+    for f in sorted(resolve(out_root).glob("*/results.jsonl")):
         df = load_results(f)
         if df.empty or "status" not in df:
             continue

@@ -14,7 +14,6 @@ configuration):
   cached (warm): load time, time to the first token after loading, resident and locked memory.
 
 Test kinds defined here run inside a trial's child process (see `kit.measure.Test`):
-  Test("kit.measure:memory_probe")                                  memory of the process right now
   Test("kit.studies.threads_system:niced_bench", params={"nice": -10, "inner": "tg", "n_gen": 64, "max_s": 1.5,
                                          "load_procs": 2, "load_nice": 0, "load_session": "same"})
   Test("kit.studies.threads_system:load_probe", params={"cache": "cold", "rep": 0, "n_prompt": 32})
@@ -28,27 +27,36 @@ import mmap as _mmap
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kit.results import ok_rows as _ok, pooled_samples as _samples
-from kit.sweep import StudyLocation
-from kit.config import NUMA_STRATEGIES, Settings, SettingsError
-from kit.measure import Test
+import pandas as pd
+import psutil
+
+from kit.config import NUMA_STRATEGIES, Settings, SettingsError, StudyConfig, StudyConfigError, check_rule, param
+from kit.environment import memory_settings, numa_nodes
+from kit.measure import Test, bench_engine, pp, proc_memory, tg
+from kit.models import model_card
+from kit.paths import DEFAULT_MODEL
+from kit.results import load_results, median_table, ok_rows, pooled_samples
+from kit.sweep import run_sweep
+from kit.verdicts import compare, not_testable
 
 CACHE_STATES = ("cold", "warm")
 # A cold trial whose file is still more than this fraction in the page cache is not cold: flagged in the row.
 COLD_RESIDENCY_MAX = 0.05
+PARTS = ("threads", "numa", "priority", "loading")
+NICED_BENCH = "kit.studies.threads_system:niced_bench"
+LOAD_PROBE = "kit.studies.threads_system:load_probe"
 
 
 # ---- the machine ----------------------------------------------------------------------------------------------
 def cpu_topology() -> dict:
     """Logical CPUs, physical cores, the CPUs this process may run on, and what os.cpu_count() says (the guide's value)."""
-    import psutil
-
     logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
     physical = psutil.cpu_count(logical=False) or logical
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
@@ -259,8 +267,6 @@ def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
     (see `timeboxed_tg`). If raising priority is not permitted the bench still runs at the old niceness and the row says so
     (nice_applied False, nice_error).
     """
-    from kit.measure import bench_engine
-
     p = dict(test.params or {})
     unknown = set(p) - {"nice", "inner", "n_gen", "n_prompt", "n_depth", "condition", "max_s", "load_procs",
                         "load_nice", "load_session"}
@@ -298,8 +304,6 @@ def niced_bench(lm, test: Test, repetitions: int = 5) -> dict:
 
 def timeboxed_tg(lm, n_gen: int, max_s: float, repetitions: int = 5, warmup: bool = True, seed: int = 0) -> dict:
     """tg from an empty cache, each timed run stopped after n_gen tokens or max_s seconds (`bench_engine` max_s)."""
-    from kit.measure import bench_engine, tg
-
     return bench_engine(lm, tg(n_gen), repetitions, warmup=warmup, seed=seed, max_s=max_s)
 
 
@@ -309,20 +313,20 @@ def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
     The load itself is timed by the trial (row column load_ms); this adds first_decode_ms, and memory before and
     after it. One sample per trial: repeat with params['rep'].
     """
-    from kit.measure import Test as _T, bench_engine
-
     p = dict(test.params or {})
     n_prompt = int(p.get("n_prompt", 32))
     after_load = {f"{k}_after_load": v for k, v in proc_memory().items()}
     path = getattr(lm.llm, "model_path", None)
     after_load["residency_after_load"] = page_cache_residency(path) if path else None
     t0 = time.perf_counter()
-    bench_engine(lm, _T("pg", n_prompt=n_prompt, n_gen=1), repetitions=1, warmup=False)
+    bench_engine(lm, Test("pg", n_prompt=n_prompt, n_gen=1), repetitions=1, warmup=False)
     first_ms = (time.perf_counter() - t0) * 1e3
     return {"n_prompt": n_prompt, "n_gen": 1, "n_depth": 0, "repetitions": 1,
             "first_decode_ms": round(first_ms, 3), **after_load, **proc_memory(),
             "timed_region": "first_decode_ms: the first prompt of n_prompt random tokens + 1 generated token after "
                             "loading, including the page faults mmap defers; load_ms: llama_cpp.Llama() construction"}
+
+
 
 
 # ---- the study ------------------------------------------------------------------------------------------------
@@ -332,67 +336,47 @@ def load_probe(lm, test: Test, repetitions: int = 1) -> dict:
 
 
 @dataclass
-class SystemStudy(StudyLocation):
+class SystemStudy(StudyConfig):
     """Threads (C1), NUMA (C2), priority under load (O1), loading (O2, O3). Validated on construction."""
 
-    model: str = "smollm2-135m"
-    repetitions: int = 5
-    out_dir: str = "outputs/40_threads_system"
-    n_ctx: int = 1024
-    n_gen: int = 64                       # tg length
-    n_prompt: int = 256                   # pp length
-    thread_counts: list = field(default_factory=list)   # empty: 1, 2, 4, ... physical, logical
-    numa_modes: list = field(default_factory=lambda: ["disabled", "distribute", "isolate"])
-    nice: int = -10                       # the guide's `nice -n -10`
-    load_nice_proxy: int = 10             # competing load lowered by this much: the same priority gap, no root
-    load_procs: int = 0                   # busy-loop processes; 0 = one per logical CPU
-    priority_threads: int = 0             # n_threads in the priority part; 0 = os.cpu_count() (the guide)
-    priority_max_s: float = 1.5           # a priority run stops after n_gen tokens or this many seconds
-    load_repetitions: int = 5             # trials (loads) per loading condition
-    mmap_values: list = field(default_factory=lambda: [True, False])
-    mlock_values: list = field(default_factory=lambda: [False, True])
-    first_prompt: int = 32                # tokens of the first request after loading
-    timeout_s: float = 600.0
+    model: str = param(DEFAULT_MODEL, "bundled model name or a path to any GGUF")
+    repetitions: int = param(5, "timed runs per test after one warm-up", ge=1)
+    out_dir: str = param("outputs/40_threads_system", "rows, figures and verdicts go here")
+    n_ctx: int = param(1024, "context of every configuration", ge=1)
+    n_gen: int = param(64, "generated tokens per tg test", ge=1)
+    n_prompt: int = param(256, "prompt tokens per pp test", ge=1)
+    thread_counts: list[int] = param([], "thread counts to sweep, empty means 1, 2, 4, ..., physical, logical", ge=1)
+    numa_modes: list[str] = param(["disabled", "distribute", "isolate"], "NUMA strategies (multi-node machines only)",
+                                  choices=NUMA_STRATEGIES)
+    nice: int = param(-10, "niceness change of the bench process (the guide's nice -n -10)", ge=-20, le=19)
+    load_nice_proxy: int = param(10, "niceness of the competing load in the no-root condition (the same priority "
+                                     "gap)", ge=0, le=19)
+    load_procs: int = param(0, "busy-loop processes, 0 means one per logical CPU", ge=0)
+    priority_threads: int = param(0, "n_threads in the priority part, 0 means os.cpu_count() as in the guide", ge=0)
+    priority_max_s: float = param(1.5, "a priority run stops after n_gen tokens or this many seconds (time-boxed)",
+                                  gt=0, le=60)
+    load_repetitions: int = param(3, "loads (trials) per loading condition", ge=1)
+    mmap_values: list[bool] = param([True, False], "use_mmap values", nonempty=True)
+    mlock_values: list[bool] = param([False, True], "use_mlock values", nonempty=True)
+    first_prompt: int = param(32, "tokens of the first request after loading", ge=1)
+    timeout_s: float = param(600.0, "seconds one trial may take before its child is killed", gt=0)
 
-    def __post_init__(self) -> None:
-        from kit.models import model_card
-
-        for name in ("repetitions", "n_ctx", "n_gen", "n_prompt", "load_repetitions", "first_prompt"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SettingsError(f"{name}={v!r} must be a positive int")
-        for name in ("load_procs", "priority_threads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise SettingsError(f"{name}={v!r} must be an int >= 0 (0 = one per logical CPU)")
-        if isinstance(self.priority_max_s, bool) or not isinstance(self.priority_max_s, (int, float)) \
-                or not 0 < self.priority_max_s <= 60:
-            raise SettingsError(f"priority_max_s={self.priority_max_s!r} must be a number of seconds in (0, 60]")
-        if self.n_prompt + self.n_gen > self.n_ctx or self.first_prompt + 1 > self.n_ctx:
-            raise SettingsError(f"n_ctx={self.n_ctx} must hold n_prompt + n_gen = {self.n_prompt + self.n_gen}")
-        for t in self.thread_counts:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-                raise SettingsError(f"thread_counts: {t!r} is not a positive int")
-        for m in self.numa_modes:
-            if m not in NUMA_STRATEGIES:
-                raise SettingsError(f"numa_modes: {m!r} is not one of {', '.join(NUMA_STRATEGIES)}")
-        if "numactl" in self.numa_modes:
-            raise SettingsError("numa_modes: 'numactl' means the process was started under numactl; the sweep "
-                                "starts its own children, so that mode is not reachable here (use 'isolate')")
-        if not -20 <= self.nice <= 19 or not 0 <= self.load_nice_proxy <= 19:
-            raise SettingsError(f"nice={self.nice} must be in -20..19 and load_nice_proxy in 0..19")
-        for name in ("mmap_values", "mlock_values"):
-            v = getattr(self, name)
-            if not v or any(not isinstance(x, bool) for x in v):
-                raise SettingsError(f"{name}={v!r} must be a non-empty list of booleans")
-        if not str(self.out_dir):
-            raise SettingsError("out_dir must be a folder")
+    def check(self) -> None:
+        """Cross-field rules; reads the model card and the CPU topology, fills in the default thread counts."""
+        check_rule("numactl" not in self.numa_modes,
+                   "numa_modes: 'numactl' means the process was started under numactl; the sweep starts its own "
+                   "children, so that mode is not reachable here (use 'isolate')")
+        check_rule(self.n_prompt + self.n_gen <= self.n_ctx and self.first_prompt + 1 <= self.n_ctx,
+                   f"n_ctx={self.n_ctx} must hold n_prompt + n_gen = {self.n_prompt + self.n_gen} and "
+                   f"first_prompt + 1 = {self.first_prompt + 1}")
+        check_rule(bool(str(self.out_dir).strip()), "out_dir must be a folder")
+        try:
+            self.base()  # model + context validated the settings' way
+        except SettingsError as exc:
+            raise StudyConfigError(f"{type(self).__name__}: {exc}") from None
         self.card = model_card(self.model)
         self.topology = cpu_topology()
-        if not self.thread_counts:
-            self.thread_counts = default_thread_counts(self.topology)
-        self.thread_counts = sorted(set(self.thread_counts))
-        Settings(model=self.model, n_ctx=self.n_ctx)  # model + context validated the settings' way
+        self.thread_counts = sorted(set(self.thread_counts or default_thread_counts(self.topology)))
 
     def base(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.n_ctx)
@@ -402,14 +386,10 @@ class SystemStudy(StudyLocation):
         return [self.base().replace(n_threads=t, n_threads_batch=t) for t in self.thread_counts]
 
     def thread_tests(self) -> list[Test]:
-        from kit.measure import pp, tg
-
         return [tg(self.n_gen), pp(self.n_prompt)]
 
     # -- numa
     def numa_nodes(self) -> list[dict]:
-        from kit.environment import numa_nodes
-
         return numa_nodes()
 
     def numa_testable(self) -> tuple[bool, str]:
@@ -445,15 +425,18 @@ class SystemStudy(StudyLocation):
              "nice": n, "load_session": "other"},
         ]
 
+    def load_processes(self) -> int:
+        return self.load_procs or self.topology["logical"]
+
     def priority_test(self, cond: dict) -> Test:
         # time-boxed: with every core busy, llama.cpp's threads wait on each other at every barrier and a decode
         # can be 10-100x slower, so n_gen tokens x repetitions could run for many minutes per condition
         params = {"nice": cond["nice"], "inner": "tg", "n_gen": self.n_gen, "max_s": float(self.priority_max_s),
                   "condition": cond["condition"]}
         if cond["load_nice"] is not None:
-            params.update(load_procs=self.load_procs or self.topology["logical"], load_nice=cond["load_nice"],
+            params.update(load_procs=self.load_processes(), load_nice=cond["load_nice"],
                           load_session=cond["load_session"])
-        return Test("kit.studies.threads_system:niced_bench", params=params)
+        return Test(NICED_BENCH, params=params)
 
     # -- loading
     def loading_conditions(self) -> list[tuple[Settings, str]]:
@@ -465,7 +448,7 @@ class SystemStudy(StudyLocation):
         return out
 
     def load_test(self, cache: str, rep: int) -> Test:
-        return Test("kit.studies.threads_system:load_probe", params={"cache": cache, "rep": rep, "n_prompt": self.first_prompt})
+        return Test(LOAD_PROBE, params={"cache": cache, "rep": rep, "n_prompt": self.first_prompt})
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -476,9 +459,8 @@ class SystemStudy(StudyLocation):
 # ---- running ----------------------------------------------------------------------------------------------------
 def _sweep(study: SystemStudy, configs, tests, repetitions: int, part: str, extra: dict | None = None,
            progress: bool = True):
-    from kit.sweep import run_sweep
-
-    return run_sweep(study.study, configs, tests, repetitions=repetitions, out_root=study.out_root,
+    out = study.out_path
+    return run_sweep(out.name, configs, tests, repetitions=repetitions, out_root=out.parent,
                      timeout_s=study.timeout_s, progress=progress, extra={"part": part, **(extra or {})})
 
 
@@ -489,28 +471,24 @@ def run_threads(study: SystemStudy, progress: bool = True):
 
 def run_numa(study: SystemStudy, progress: bool = True):
     """Runs only where there is more than one NUMA node; returns the study's rows either way."""
-    from kit.results import load_results
-
     ok, _ = study.numa_testable()
     if ok:
         _sweep(study, study.numa_configs(), study.thread_tests(), study.repetitions, "numa", progress=progress)
-    return load_results(study.out_dir)
+    return load_results(study.out_path)
 
 
 def run_priority(study: SystemStudy, progress: bool = True):
     """Each condition is one trial; its child starts the competing load after loading the model and kills it at
     the end (so the load shares the bench's session, or not, exactly as the condition says)."""
-    from kit.results import load_results
-
     permitted, why = priority_permitted(study.nice)
     s = study.priority_settings()
     for cond in study.priority_conditions():
         extra = {"condition": cond["condition"], "priority_role": cond["role"], "load_nice": cond["load_nice"],
                  "load_session": cond["load_session"],
-                 "load_procs": (study.load_procs or study.topology["logical"]) if cond["load_nice"] is not None else 0,
+                 "load_procs": study.load_processes() if cond["load_nice"] is not None else 0,
                  "priority_permitted": permitted, "priority_check": why}
         _sweep(study, [s], [study.priority_test(cond)], study.repetitions, "priority", extra, progress)
-    return load_results(study.out_dir)
+    return load_results(study.out_path)
 
 
 def run_loading(study: SystemStudy, progress: bool = True):
@@ -519,11 +497,7 @@ def run_loading(study: SystemStudy, progress: bool = True):
     One trial per load (a load happens once per trial); conditions are interleaved per repetition so a slow
     phase of a shared machine does not land on one condition only.
     """
-    from kit.results import load_results
-
-    from kit.models import model_card
-
-    copy = private_model_copy(study.card.path, Path(study.out_dir) / "model_copy")
+    copy = private_model_copy(study.card.path, study.out_path / "model_copy")
     model_card(copy)  # hashes the copy now (memoised): the sweep's own check must not re-read, and so re-cache, it
     try:
         for rep in range(study.load_repetitions):
@@ -536,57 +510,45 @@ def run_loading(study: SystemStudy, progress: bool = True):
                        {"cache": cache, **state}, progress=False)
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
-    return load_results(study.out_dir)
+    return load_results(study.out_path)
 
 
-def run_system_study(study: SystemStudy, parts: tuple = ("threads", "numa", "priority", "loading"),
-                     progress: bool = True):
+def run_system_study(study: SystemStudy, parts: tuple = PARTS, progress: bool = True):
     """Every part in turn; returns all rows of the study folder as a DataFrame."""
-    from kit.results import load_results
-
     runners = {"threads": run_threads, "numa": run_numa, "priority": run_priority, "loading": run_loading}
     for p in parts:
         if p not in runners:
             raise SettingsError(f"unknown part {p!r}; parts: {', '.join(runners)}")
         runners[p](study, progress=progress)
-    return load_results(study.out_dir)
+    return load_results(study.out_path)
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------
+def _fmt_ci(lo, hi) -> str:
+    return f"[{lo:.1f}, {hi:.1f}]" if lo is not None else ""
 
 
 def thread_table(df, study: SystemStudy):
     """Median t/s with its 95 % interval per thread count, for tg (n_threads) and pp (n_threads_batch)."""
-    import pandas as pd
-
-    from kit.verdicts import median_ci
-
-    rows = []
-    d = _ok(df, "threads")
+    d = ok_rows(df, "threads")
     d = d[d["n_threads"].isin(study.thread_counts)] if not d.empty else d
-    for (t, kind), g in d.groupby(["n_threads", "test_kind"]):
-        xs = _samples(g)
-        med, lo, hi = median_ci(xs)
-        rows.append({"threads": int(t), "test": kind, "median_ts": med, "ci_low": lo, "ci_high": hi,
-                     "n_samples": len(xs), "is_cpu_count": int(t) == study.topology["os_cpu_count"],
-                     "is_physical": int(t) == study.topology["physical"]})
-    return pd.DataFrame(rows)
+    t = median_table(d, ["n_threads", "test_kind"], "samples_ts")
+    return pd.DataFrame([{"threads": int(r["n_threads"]), "test": r["test_kind"], "median_ts": r["samples_ts"],
+                          "ci_low": r["samples_ts_lo"], "ci_high": r["samples_ts_hi"], "n_samples": int(r["n"]),
+                          "is_cpu_count": int(r["n_threads"]) == study.topology["os_cpu_count"],
+                          "is_physical": int(r["n_threads"]) == study.topology["physical"]} for _, r in t.iterrows()])
 
 
 def _thread_verdict(df, study: SystemStudy, kind: str, evidence):
-    from kit.verdicts import compare, not_testable
-
-    d = _ok(df, "threads")
+    d = ok_rows(df, "threads")
     d = d[d["test_kind"] == kind] if not d.empty else d
     n_all = study.topology["os_cpu_count"]
-    by_t = {int(t): _samples(g) for t, g in d.groupby("n_threads")} if not d.empty else {}
+    by_t = {int(t): pooled_samples(g) for t, g in d.groupby("n_threads")} if not d.empty else {}
     cand = by_t.get(n_all)
     others = {t: xs for t, xs in by_t.items() if t != n_all and xs}
     if not cand or not others:
         return not_testable("C1", f"{kind}: need rows at os.cpu_count()={n_all} threads and at another count "
                                   f"(have {sorted(by_t)})", evidence)
-    import statistics
-
     best_t = max(others, key=lambda t: statistics.median(others[t]))
     phys = study.topology["physical"]
     base_t = phys if phys != n_all and phys in others else best_t
@@ -615,14 +577,13 @@ def thread_verdict(df, study: SystemStudy, evidence=()):
 
 
 def numa_verdict(df, study: SystemStudy, evidence=()):
-    from kit.verdicts import compare, not_testable
-
+    """C2: numa=isolate (or another mode) against disabled, tg t/s; not testable on a single NUMA node."""
     ok, why = study.numa_testable()
     if not ok:
         return not_testable("C2", why, list(evidence), numa_nodes=study.numa_nodes())
-    d = _ok(df, "numa")
+    d = ok_rows(df, "numa")
     d = d[d["test_kind"] == "tg"] if not d.empty else d
-    by = {m: _samples(g) for m, g in d.groupby("numa")} if not d.empty else {}
+    by = {m: pooled_samples(g) for m, g in d.groupby("numa")} if not d.empty else {}
     cand_mode = "isolate" if "isolate" in by else next((m for m in by if m != "disabled"), None)
     if "disabled" not in by or cand_mode is None:
         return not_testable("C2", f"NUMA rows missing (have {sorted(by)})", list(evidence))
@@ -631,29 +592,39 @@ def numa_verdict(df, study: SystemStudy, evidence=()):
 
 
 def priority_table(df):
-    import pandas as pd
-
-    from kit.verdicts import median_ci
-
-    d = _ok(df, "priority")
+    """Per priority condition, in the order run: median tg t/s with its interval, and how the niceness was set."""
+    d = ok_rows(df, "priority")
+    if d.empty:
+        return pd.DataFrame()
+    med = median_table(d, "condition", "samples_ts").set_index("condition")
     rows = []
     for cond, g in d.groupby("condition", sort=False):
-        xs = _samples(g)
-        med, lo, hi = median_ci(xs)
-        last = g.iloc[-1]
-        rows.append({"condition": cond, "median_ts": med, "ci_low": lo, "ci_high": hi, "n_samples": len(xs),
+        m, last = med.loc[cond], g.iloc[-1]
+        rows.append({"condition": cond, "median_ts": m["samples_ts"], "ci_low": m["samples_ts_lo"],
+                     "ci_high": m["samples_ts_hi"], "n_samples": int(m["n"]),
                      "nice_applied": last.get("nice_applied"), "bench_nice": last.get("nice_target"),
                      "load_nice": last.get("load_nice"), "load_session": last.get("load_session"),
                      "n_threads": last.get("n_threads")})
     return pd.DataFrame(rows)
 
 
+def _other_sessions(v, study: SystemStudy, other_load, other_raised) -> dict:
+    """The bench raised against a load in other sessions: its comparison, and the autogroup sentence on v."""
+    other = compare("O1", pooled_samples(other_raised), pooled_samples(other_load), claimed="better",
+                    metric=f"tg t/s under load in other sessions, bench at nice {study.nice:+d} / nice 0")
+    autogroup = bool(other_raised["autogroup"].iloc[-1]) if "autogroup" in other_raised else None
+    v.summary = (f"{v.summary}. Against a load in other sessions: {other.effect_text(2)} ({other.verdict})"
+                 + ("; this kernel shares CPU time between sessions before it looks at niceness (autogroup "
+                    "on), so `nice` only orders processes of one session. A server competing with other "
+                    "sessions or services needs its group's weight instead (the autogroup's nice in "
+                    "/proc/<pid>/autogroup, systemd's CPUWeight=)" if autogroup else ""))
+    return other.to_dict()
+
+
 def priority_verdict(df, study: SystemStudy, evidence=()):
     """O1: tg under a competing load, raised priority vs normal. Falls back to the no-root equivalent (the load
     lowered by the same amount: CFS shares CPU by the niceness *difference*) where raising is not permitted."""
-    from kit.verdicts import compare, not_testable
-
-    d = _ok(df, "priority")
+    d = ok_rows(df, "priority")
     conds = {c: g for c, g in d.groupby("condition")} if not d.empty else {}
     by_role = {c["role"]: conds.get(c["condition"]) for c in study.priority_conditions()}
     free, load, raised, proxy = (by_role.get(r) for r in ("free", "load", "raised", "proxy"))
@@ -662,15 +633,15 @@ def priority_verdict(df, study: SystemStudy, evidence=()):
         return not_testable("O1", "no rows under competing load", list(evidence))
     details = {}
     if free is not None:
-        details["load_slowdown"] = compare("O1", _samples(load), _samples(free), claimed="worse",
+        details["load_slowdown"] = compare("O1", pooled_samples(load), pooled_samples(free), claimed="worse",
                                            metric="tg t/s, competing load / no load").to_dict()
     raised_ok = raised is not None and bool(raised["nice_applied"].all())
     if raised_ok:
-        v = compare("O1", _samples(raised), _samples(load), claimed="better", evidence=list(evidence),
+        v = compare("O1", pooled_samples(raised), pooled_samples(load), claimed="better", evidence=list(evidence),
                     metric=f"tg t/s under load, bench at nice {study.nice:+d} / nice 0")
     elif proxy is not None:
         why = raised["nice_error"].iloc[-1] if raised is not None else "not run"
-        v = compare("O1", _samples(proxy), _samples(load), claimed="better", evidence=list(evidence),
+        v = compare("O1", pooled_samples(proxy), pooled_samples(load), claimed="better", evidence=list(evidence),
                     metric=f"tg t/s under load, load at nice {study.load_nice_proxy:+d} / load at nice 0 (the same "
                            f"priority gap as the bench at {-study.load_nice_proxy:+d}; raising priority not permitted)")
         v.reason = (v.reason + "; " if v.reason else "") + f"raising priority not permitted here ({why}): measured " \
@@ -679,39 +650,29 @@ def priority_verdict(df, study: SystemStudy, evidence=()):
         return not_testable("O1", "raising priority is not permitted here and the proxy condition did not run",
                             list(evidence))
     if raised_ok and proxy is not None:
-        details["proxy_load_niced"] = compare("O1", _samples(proxy), _samples(load), claimed="better",
+        details["proxy_load_niced"] = compare("O1", pooled_samples(proxy), pooled_samples(load), claimed="better",
                                               metric=f"load at nice {study.load_nice_proxy:+d} / 0").to_dict()
     if other_load is not None and other_raised is not None and bool(other_raised["nice_applied"].all()):
-        other = compare("O1", _samples(other_raised), _samples(other_load), claimed="better",
-                        metric=f"tg t/s under load in other sessions, bench at nice {study.nice:+d} / nice 0")
-        details["other_sessions"] = other.to_dict()
-        autogroup = bool(other_raised["autogroup"].iloc[-1]) if "autogroup" in other_raised else None
-        v.summary = (f"{v.summary}. Against a load in other sessions: {other.effect_text(2)} ({other.verdict})"
-                     + ("; this kernel shares CPU time between sessions before it looks at niceness (autogroup "
-                        "on), so `nice` only orders processes of one session. A server competing with other "
-                        "sessions or services needs its group's weight instead (the autogroup's nice in "
-                        "/proc/<pid>/autogroup, systemd's CPUWeight=)" if autogroup else ""))
+        details["other_sessions"] = _other_sessions(v, study, other_load, other_raised)
     v.details.update(details)
     return v
 
 
 def loading_table(df):
     """Per use_mmap x use_mlock x cache: load_ms, first_decode_ms, load + first, memory, residency (medians + CI)."""
-    import pandas as pd
-
-    from kit.verdicts import median_ci
-
-    d = _ok(df, "loading")
-    rows = []
+    d = ok_rows(df, "loading")
     if d.empty:
-        return pd.DataFrame(rows)
+        return pd.DataFrame()
     d = d.assign(load_to_first_ms=d["load_ms"] + d["first_decode_ms"])
-    for (mm, ml, cache), g in d.groupby(["use_mmap", "use_mlock", "cache"]):
+    keys, timed = ["use_mmap", "use_mlock", "cache"], ["load_ms", "first_decode_ms", "load_to_first_ms"]
+    med = median_table(d, keys, timed, samples=False).set_index(keys)
+    rows = []
+    for (mm, ml, cache), g in d.groupby(keys):
+        m = med.loc[(mm, ml, cache)]
         r = {"use_mmap": mm, "use_mlock": ml, "cache": cache, "n_loads": len(g)}
-        for col in ("load_ms", "first_decode_ms", "load_to_first_ms"):
-            med, lo, hi = median_ci(list(g[col].astype(float)))
-            r[col] = med
-            r[f"{col}_ci"] = f"[{lo:.1f}, {hi:.1f}]" if lo is not None else ""
+        for col in timed:
+            r[col] = m[col]
+            r[f"{col}_ci"] = _fmt_ci(m[f"{col}_lo"], m[f"{col}_hi"])
         for col in ("proc_rss_mb", "rss_anon_mb", "rss_file_mb", "vm_lck_mb", "rss_file_mb_after_load"):
             if col in g:
                 r[col] = round(float(g[col].astype(float).median()), 1)
@@ -722,14 +683,9 @@ def loading_table(df):
     return pd.DataFrame(rows)
 
 
-def loading_verdicts(df, study: SystemStudy, evidence=()):
-    """O2 (huge pages, swappiness: kernel settings, reported; not changed) and O3 (cold vs warm load)."""
-    from kit.environment import memory_settings
-    from kit.verdicts import compare, not_testable
-
+def _o2_verdict(df, study: SystemStudy, evidence):
+    """O2: huge pages and swappiness are kernel settings: reported, not changed; mlock's effect in details."""
     mem = memory_settings()
-    tab = loading_table(df)
-    d = _ok(df, "loading")
     o2 = not_testable(
         "O2",
         f"huge pages (nr_hugepages={mem['nr_hugepages']}, transparent_hugepage='{mem['transparent_hugepage']}') and "
@@ -737,29 +693,33 @@ def loading_verdicts(df, study: SystemStudy, evidence=()):
         f"them needs root and would disturb everything else running, and swappiness only matters under memory "
         f"pressure, which a {study.card.size_bytes / 2**20:.0f} MiB model does not create. Measured instead: "
         f"use_mmap / use_mlock load time and resident memory (table).",
-        list(evidence), memory_settings=mem, loading=tab.to_dict("records"))
-    if not d.empty:
-        locked = d[d["use_mlock"] == True]  # noqa: E712
-        if not locked.empty:
-            o2.details["mlock_locked_mb_median"] = float(locked["vm_lck_mb"].astype(float).median())
-            o2.details["memlock_limit"] = mem["memlock_limit"]
+        list(evidence), memory_settings=mem, loading=loading_table(df).to_dict("records"))
+    d = ok_rows(df, "loading")
+    locked = d[d["use_mlock"] == True] if not d.empty else d  # noqa: E712
+    if not locked.empty:
+        o2.details["mlock_locked_mb_median"] = float(locked["vm_lck_mb"].astype(float).median())
+        o2.details["memlock_limit"] = mem["memlock_limit"]
+    return o2
+
+
+def _o3_verdict(df, evidence):
+    """O3: warm (page cache) against cold (evicted) load time with use_mmap=True; the first decode in details."""
+    d = ok_rows(df, "loading")
     mm = d[(d["use_mmap"] == True) & (d["use_mlock"] == False)] if not d.empty else d  # noqa: E712
     if mm.empty:
         mm = d
     cold = mm[mm["cache"] == "cold"] if not mm.empty else mm
     warm = mm[mm["cache"] == "warm"] if not mm.empty else mm
     if cold.empty or warm.empty:
-        return o2, not_testable("O3", "no cold and warm loads to compare", list(evidence))
+        return not_testable("O3", "no cold and warm loads to compare", list(evidence))
     cold_ok = cold[cold["cold_ok"] == True]  # noqa: E712
     if cold_ok.empty:
         res = float(cold["residency"].astype(float).median())
-        return o2, not_testable("O3", f"could not evict the model file from the page cache (still {res:.0%} "
-                                      f"resident after posix_fadvise): a cold load cannot be produced here",
-                                list(evidence))
+        return not_testable("O3", f"could not evict the model file from the page cache (still {res:.0%} resident "
+                                  f"after posix_fadvise): a cold load cannot be produced here", list(evidence))
     # load_ms is where storage is read: llama.cpp maps the file with MAP_POPULATE (read ahead at load) or reads it
     # (use_mmap=False); the first decode is compute and, on a busy machine, mostly scheduling noise
-    c = list(cold_ok["load_ms"].astype(float))
-    w = list(warm["load_ms"].astype(float))
+    c, w = list(cold_ok["load_ms"].astype(float)), list(warm["load_ms"].astype(float))
     o3 = compare("O3", w, c, higher_is_better=False, claimed="better", evidence=list(evidence),
                  metric="load ms, page cache (warm: the fastest storage there is) / cold read from this machine's "
                         "disk; use_mmap=True")
@@ -775,46 +735,46 @@ def loading_verdicts(df, study: SystemStudy, evidence=()):
     o3.summary = (f"{o3.summary}. A cold load from this disk took {o3.details['median_cold_ms']:.0f} ms, a warm one "
                   f"{o3.details['median_warm_ms']:.0f} ms: faster storage can save at most about {max(saved, 0):.0f} ms, "
                   f"once per cold start; generation speed after loading does not depend on storage.")
-    return o2, o3
+    return o3
 
 
-def figure(df, study: SystemStudy):
-    """Three panels: t/s against threads (tg, pp), tg under competing load by priority, load + first token."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import seaborn as sns
+def loading_verdicts(df, study: SystemStudy, evidence=()):
+    """O2 (huge pages, swappiness: kernel settings, reported; not changed) and O3 (cold vs warm load)."""
+    return _o2_verdict(df, study, evidence), _o3_verdict(df, evidence)
 
-    from kit.plots import samples_long, setup
 
-    setup()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax = axes[0]
-    d = _ok(df, "threads")
-    if not d.empty:
-        sns.pointplot(data=samples_long(d), x="n_threads", y="samples_ts", hue="test_kind", estimator=np.median,
-                      errorbar=("ci", 95), ax=ax, markersize=4)
-        ax.set_xlabel("n_threads (tg) = n_threads_batch (pp)")
-        ax.set_ylabel("tokens/s")
+# ---- figure -----------------------------------------------------------------------------------------------------
+def plot_system(df, study: SystemStudy):
+    """Three panels: t/s against threads (tg, pp), tg under competing load by priority, load time cold / warm.
+    Returns the Figure (save it with kit.plots.save_figure)."""
+    # kit.plots imports matplotlib and seaborn: imported here, not at the top, because every trial child of
+    # this study imports this module for its test kinds (niced_bench, load_probe) and must stay lean
+    from kit.plots import median_plot, panel_figure, samples_long
+
+    def threads(ax):
+        d = ok_rows(df, "threads")
+        if not d.empty:
+            median_plot(samples_long(d), "n_threads", "samples_ts", ax, hue="test_kind")
+            ax.set_xlabel("n_threads (tg) = n_threads_batch (pp)")
+            ax.set_ylabel("tokens/s")
+
+    def priority(ax):
+        p = ok_rows(df, "priority")
+        if not p.empty:
+            median_plot(samples_long(p), "samples_ts", "condition", ax, kind="bar", color="C0")
+            ax.set_xlabel("tg tokens/s")
+            ax.set_ylabel("")
+
+    def loading(ax):
+        lo = ok_rows(df, "loading")
+        if not lo.empty:
+            lo = lo.assign(config=[f"mmap={'on' if a else 'off'}, mlock={'on' if b else 'off'}"
+                                   for a, b in zip(lo["use_mmap"], lo["use_mlock"])])
+            median_plot(lo, "load_ms", "config", ax, kind="bar", hue="cache")
+            ax.set_xlabel("load time, ms")
+            ax.set_ylabel("")
+
     topo = study.topology
-    ax.set_title(f"Threads ({topo['physical']} physical / {topo['logical']} logical cores)")
-    ax = axes[1]
-    p = _ok(df, "priority")
-    if not p.empty:
-        sns.barplot(data=samples_long(p), y="condition", x="samples_ts", estimator=np.median, errorbar=("ci", 95),
-                    ax=ax, color="C0")
-        ax.set_xlabel("tg tokens/s")
-        ax.set_ylabel("")
-    ax.set_title("Generation under a competing CPU load")
-    ax = axes[2]
-    lo = _ok(df, "loading")
-    if not lo.empty:
-        lo = lo.assign(load_to_first_ms=lo["load_ms"] + lo["first_decode_ms"],
-                       config=[f"mmap={'on' if a else 'off'}, mlock={'on' if b else 'off'}"
-                               for a, b in zip(lo["use_mmap"], lo["use_mlock"])])
-        sns.barplot(data=lo, y="config", x="load_ms", hue="cache", estimator=np.median,
-                    errorbar=("ci", 95), ax=ax)
-        ax.set_xlabel("load time, ms")
-        ax.set_ylabel("")
-    ax.set_title("Loading: cold (evicted) vs warm (page cache)")
-    fig.tight_layout()
-    return fig
+    return panel_figure([(f"Threads ({topo['physical']} physical / {topo['logical']} logical cores)", threads),
+                         ("Generation under a competing CPU load", priority),
+                         ("Loading: cold (evicted) vs warm (page cache)", loading)], ncols=3, figsize=(16, 4.5))

@@ -96,8 +96,9 @@ def load_corpus(corpus: str = PYDOC_CORPUS, topics: Sequence[str] | None = None)
 
 
 def load_folder(path: str | os.PathLike, suffixes: Sequence[str] = (".txt", ".md", ".markdown", ".rst")) -> list[Document]:
-    """Every text/markdown file under `path` (recursively), doc_id = its path relative to the folder."""
-    root = Path(path)
+    """Every text/markdown file under `path` (recursively; relative: from the repository root), doc_id = its path
+    relative to the folder."""
+    root = resolve(path)
     if not root.is_dir():
         raise ValueError(f"corpus {str(path)!r} is neither {PYDOC_CORPUS!r} nor a folder")
     docs = []
@@ -322,7 +323,7 @@ class Embedder:
     """
 
     def __init__(self, model_path: str | os.PathLike | None = None, batch_size: int = 32, device: str = "cpu"):
-        self.model_path = Path(model_path) if model_path else bundled_embedding_model()
+        self.model_path = resolve(model_path) if model_path else bundled_embedding_model()
         self.batch_size = batch_size
         self.device = device
         self.model_id = f"{EMBEDDING_MODEL_NAME if model_path is None else self.model_path.name}-{model_fingerprint(self.model_path)}"
@@ -335,6 +336,10 @@ class Embedder:
     @property
     def loaded(self) -> bool:
         return self._model is not None
+
+    def load(self) -> None:
+        """Load the model now (otherwise the first encode does), so that its load time is kept apart."""
+        self._load()
 
     def _load(self):
         with self._lock:

@@ -1,0 +1,511 @@
+"""The constrained tuner: the guide's `benchmark_settings()` implemented for real (claims X3, X4).
+
+The search (``benchmark_settings``):
+1. **Start** from the guide's "good settings" (n_gpu_layers 30 capped by the build, use_mmap, n_batch 512,
+   Q4_K_M where such a file exists, else the model given) and measure a quality reference there.
+2. **GPU layers** through `kit.search.find_optimal_gpu_layers` with a real probe (a child process per count);
+   on a build without GPU offload this is "not testable here" and n_gpu_layers stays 0.
+3. **Screen** one axis at a time (threads, n_batch, n_ubatch, flash_attn, KV cache type, n_ctx) with few
+   repetitions (`kit.sweep.run_sweep`, resumable): a value replaces the current one only when it is
+   faster by more than ``min_gain`` (the guide's "change gradually") *and* it passes every constraint.
+   Memory: peak RSS of the trial (and VRAM the trial added, where there is a GPU) under the limit.
+   Quality: a candidate that changes the numbers (a quantized KV cache, another model file, a RoPE
+   override) gets a perplexity test; its per-chunk perplexity ratio to the reference must stay under
+   ``max_ppl_ratio``. Context: n_ctx must hold the workload.
+   Every faster setting refused for memory, quality or context goes to ``refusals`` with the numbers.
+4. **Confirm** the best few screened configurations, the start point and llama.cpp's defaults with full
+   repetitions; the winner is the best *confirmed* score.
+
+Score: the time of one RAG-shaped request, ``n_prompt / pp_t/s + n_gen / tg_t/s`` at depth n_prompt
+(engine timing as llama-bench measures it: random tokens, no tokenizing or sampling), so both prompt
+processing (n_batch, threads_batch) and decoding at depth (threads, flash_attn, KV type) count.
+
+Quality: `kit.quality`'s perplexity test (llama-perplexity's method, per-chunk NLL kept, so ratios pair chunk by
+chunk). The values searched, the limits and the workload come from `AutotuneStudy` (study.py), which holds
+their defaults; the dataclasses here are the tuner's vocabulary and hold none of their own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from kit.config import UNQUANTIZED_KV, Settings, SettingsError
+from kit.gpu import build_supports_gpu_offload
+from kit.measure import Test, pp, tg
+from kit.models import model_card
+from kit.paths import DEFAULT_MODEL, resolve
+from kit.quality import ppl_test
+from kit.search import find_optimal_gpu_layers
+from kit.sweep import run_sweep, trial_key
+
+# the guide's "good settings" (section "Анализ текущих настроек") and its current n_ctx (section 2)
+GUIDE_GOOD = {"n_gpu_layers": 30, "use_mmap": True, "n_batch": 512, "n_ctx": 8192}
+GUIDE_QUANT = "Q4_K_M"
+AXES_ORDER = ("threads", "n_batch", "n_ubatch", "flash_attn", "kv_type", "n_ctx")
+QUALITY_FIELDS = ("model", "type_k", "type_v", "rope_freq_base")
+QUALITY_KIND = "kit.quality:perplexity_test"
+TUNE_FILE = "autotune.json"
+
+
+# ---- what the tuner searches, respects and scores --------------------------------------------------------------
+@dataclass
+class SearchSpace:
+    """Values screened per axis; an empty list leaves that axis at the start point's value."""
+
+    threads: list            # n_threads = n_threads_batch
+    n_batch: list
+    n_ubatch: list
+    flash_attn: list
+    kv_type: list            # K and V together
+    n_ctx: list
+    gpu_layers: bool = True  # run find_optimal_gpu_layers first
+
+
+@dataclass
+class Constraints:
+    """What the tuner must respect (the guide's warnings, section "Предупреждения"); None = no limit."""
+
+    ram_limit_mb: float | None      # peak resident memory of a trial (model + KV + compute buffers)
+    vram_limit_mb: float | None     # VRAM a trial adds (GPU builds); None = free VRAM minus a margin
+    max_ppl_ratio: float | None     # quality floor: perplexity at most this x the reference's
+    min_n_ctx: int = 0              # the context the workload needs (prompt + answer)
+
+
+@dataclass
+class Workload:
+    """The request the score stands for, and the quality test's size."""
+
+    n_prompt: int            # prompt tokens (pp test; tg runs at this depth)
+    n_gen: int               # generated tokens (tg test)
+    ppl_chunks: int          # perplexity chunks for quality-changing candidates
+    ppl_chunk_tokens: int    # tokens per perplexity chunk (second half scored, as llama-perplexity)
+
+    def speed_tests(self) -> list[Test]:
+        return [pp(self.n_prompt), tg(self.n_gen, depth=self.n_prompt)]
+
+    def quality_test(self) -> Test:
+        return ppl_test(n_ctx=self.ppl_chunk_tokens, n_chunks=self.ppl_chunks)
+
+
+# ---- the guide's settings ------------------------------------------------------------------------------------
+def quantized_model_candidates(out_root: str | os.PathLike, quant: str = GUIDE_QUANT) -> list[Path]:
+    """Q4_K_M files the quantization study left in <out_root>/cache/quantized/ (if it ran)."""
+    d = Path(out_root) / "cache" / "quantized"
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.glob("*.gguf") if quant.lower() in p.name.lower())
+
+
+def guide_baseline(model: str, out_root: str | os.PathLike, use_quantized: bool = True) -> tuple[Settings, list[str]]:
+    """The guide's "good settings" on this build and model, and notes on what had to differ."""
+    notes = []
+    chosen = model
+    if use_quantized and model == DEFAULT_MODEL:
+        found = quantized_model_candidates(out_root)
+        if found:
+            chosen = str(found[0].resolve())
+            notes.append(f"{GUIDE_QUANT}: using {found[0].name} from the quantization study")
+    card = model_card(chosen)
+    if GUIDE_QUANT not in card.file_type.upper():
+        notes.append(f"the guide's baseline is {GUIDE_QUANT}; this model file is {card.file_type} "
+                     f"({card.file_name}): the baseline runs on it")
+    n_gpu = GUIDE_GOOD["n_gpu_layers"]
+    if not build_supports_gpu_offload():
+        notes.append("n_gpu_layers 30 -> 0: this build has no GPU offload")
+        n_gpu = 0
+    elif n_gpu > card.n_layers:
+        notes.append(f"n_gpu_layers 30 -> {card.n_layers}: the model has {card.n_layers} layers")
+        n_gpu = card.n_layers
+    n_ctx = GUIDE_GOOD["n_ctx"]
+    if card.n_ctx_train and n_ctx > card.n_ctx_train:
+        notes.append(f"n_ctx 8192 -> {card.n_ctx_train}: the model was trained on {card.n_ctx_train}")
+        n_ctx = card.n_ctx_train
+    s = Settings(model=chosen, n_gpu_layers=n_gpu, use_mmap=True, n_batch=GUIDE_GOOD["n_batch"],
+                 n_ubatch=GUIDE_GOOD["n_batch"], n_ctx=n_ctx)
+    return s, notes
+
+
+def llama_defaults(model: str) -> Settings:
+    """llama-cpp-python's own defaults (kit.config.Settings() is exactly Llama()'s defaults)."""
+    return Settings(model=model)
+
+
+# ---- rows -> numbers (shared with profiles.py) -----------------------------------------------------------------
+def rows_for(df, settings: Settings, tests: Sequence[Test], repetitions: int) -> list[dict]:
+    """The study's row of each test for these settings (by trial key); {"status": "missing"} where none."""
+    sha = model_card(settings.model).sha256
+    keys = [trial_key(sha, settings, t, repetitions) for t in tests]
+    if df is None or df.empty:
+        return [{} for _ in keys]
+    by = {r["trial_key"]: r for r in df.to_dict("records")}
+    return [by.get(k, {"trial_key": k, "status": "missing"}) for k in keys]
+
+
+def samples_of(row: dict, col: str = "samples_ts") -> list[float]:
+    """The raw samples of one row's list column (empty when the row has none)."""
+    v = row.get(col)
+    return [float(x) for x in v if x is not None] if isinstance(v, list) else []
+
+
+def request_time_samples(pp_row: dict, tg_row: dict, n_prompt: int, n_gen: int) -> list[float]:
+    """Per-repetition request time n_prompt/pp + n_gen/tg (samples paired by repetition index)."""
+    a, b = samples_of(pp_row), samples_of(tg_row)
+    return [n_prompt / x + n_gen / y for x, y in zip(a, b) if x > 0 and y > 0]
+
+
+def num(v) -> float | None:
+    """A row value as a float; None for missing, non-numeric or NaN."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def describe(s: Settings) -> str:
+    t = s.n_threads if s.n_threads == s.n_threads_batch else f"{s.n_threads}/{s.n_threads_batch}"
+    kv = s.type_k if s.type_k == s.type_v else f"{s.type_k}/{s.type_v}"
+    return (f"ngl={s.n_gpu_layers} t={t} b={s.n_batch} ub={s.n_ubatch} fa={int(s.flash_attn)} "
+            f"kv={kv} ctx={s.n_ctx}")
+
+
+def changes_quality(s: Settings, ref: Settings) -> bool:
+    return any(getattr(s, f) != getattr(ref, f) for f in QUALITY_FIELDS)
+
+
+def settings_key(s: Settings) -> str:
+    return json.dumps(s.to_dict(), sort_keys=True, default=str)
+
+
+# ---- candidates and the result ---------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    """One screened or confirmed configuration with everything the tuner decided on."""
+
+    settings: Settings
+    stage: str
+    axis: str
+    change: dict
+    status: str = "ok"
+    error: str = ""
+    score_s: float | None = None            # median request time (s), lower is better
+    pp_ts: float | None = None
+    tg_ts: float | None = None
+    rss_peak_mb: float | None = None
+    vram_added_mb: float | None = None
+    ppl: float | None = None
+    ppl_ratio: float | None = None
+    samples_ppl: list = field(default_factory=list)
+    trial_keys: list = field(default_factory=list)
+    samples_request_s: list = field(default_factory=list)
+
+    def label(self) -> str:
+        return describe(self.settings)
+
+    def to_row(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "settings"}
+        d.update({f"cfg_{k}": v for k, v in self.settings.to_dict().items()})
+        d["label"] = self.label()
+        return d
+
+
+@dataclass
+class TuneResult:
+    best: Settings
+    start: Settings
+    defaults: Settings
+    start_notes: list
+    gpu_layers: dict
+    screened: list                      # Candidate
+    confirmed: list                     # Candidate
+    refusals: list                      # dicts: what, why, the numbers
+    steps: list                         # dicts: axis, chosen, why
+    reference_ppl: float | None
+    constraints: Constraints
+    workload: Workload
+    repetitions: int
+    screen_repetitions: int
+    min_gain: float                     # the step a screened value had to beat the current one by
+    study_dir: str
+
+    def table(self, which: str = "confirmed"):
+        return pd.DataFrame([c.to_row() for c in getattr(self, which)])
+
+    def refusal_table(self):
+        return pd.DataFrame(self.refusals)
+
+    def confirmed_for(self, settings: Settings) -> Candidate | None:
+        for c in self.confirmed:
+            if c.settings == settings:
+                return c
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "best": self.best.to_dict(), "start": self.start.to_dict(), "defaults": self.defaults.to_dict(),
+            "start_notes": self.start_notes, "gpu_layers": self.gpu_layers,
+            "screened": [c.to_row() for c in self.screened], "confirmed": [c.to_row() for c in self.confirmed],
+            "refusals": self.refusals, "steps": self.steps, "reference_ppl": self.reference_ppl,
+            "constraints": asdict(self.constraints), "workload": asdict(self.workload),
+            "repetitions": self.repetitions, "screen_repetitions": self.screen_repetitions,
+            "min_gain": self.min_gain,
+        }
+
+    @property
+    def path(self) -> Path:
+        return Path(self.study_dir) / TUNE_FILE
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        p = Path(path) if path else self.path
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        return p
+
+
+# ---- one tuner run: measuring, judging, refusing ---------------------------------------------------------------
+class _Tuner:
+    def __init__(self, study: str, out_root: str, constraints: Constraints, workload: Workload,
+                 screen_reps: int, reps: int, min_gain: float, progress: bool):
+        self.study, self.out_root = study, out_root
+        self.c, self.w = constraints, workload
+        self.screen_reps, self.reps = screen_reps, reps
+        self.min_gain = min_gain
+        self.progress = progress
+        self.reference: Candidate | None = None
+        self.screened: list[Candidate] = []
+        self.refusals: list[dict] = []
+        self.steps: list[dict] = []
+
+    def measure(self, configs: list[Settings], stage: str, axis: str, changes: list[dict], reps: int,
+                extra_tests: Sequence[Test] = (), quality_ref: Settings | None = None) -> list[Candidate]:
+        speed = self.w.speed_tests()
+        plain = [s for s in configs if quality_ref is None or not changes_quality(s, quality_ref)]
+        qual = [s for s in configs if s not in plain]
+        tests_plain = speed + list(extra_tests)
+        tests_qual = tests_plain + [self.w.quality_test()]
+        df = None
+        for group, tests in ((plain, tests_plain), (qual, tests_qual)):
+            if group:
+                df = run_sweep(self.study, group, tests, repetitions=reps, out_root=self.out_root,
+                               progress=self.progress, extra={"autotune_stage": stage, "autotune_axis": axis})
+        out = []
+        for s, ch in zip(configs, changes):
+            tests = tests_qual if s in qual else tests_plain
+            out.append(self._candidate(s, stage, axis, ch, rows_for(df, s, tests, reps)))
+        return out
+
+    def _candidate(self, s: Settings, stage: str, axis: str, change: dict, rows: list[dict]) -> Candidate:
+        c = Candidate(settings=s, stage=stage, axis=axis, change=change,
+                      trial_keys=[r.get("trial_key") for r in rows])
+        mem_rows = [r for r in rows if r.get("test_kind") != QUALITY_KIND]
+        rss = [x for x in (num(r.get("rss_peak_mb")) for r in mem_rows) if x is not None]
+        c.rss_peak_mb = max(rss) if rss else None
+        vram = [(num(r.get("vram_peak_mb")), num(r.get("vram_baseline_mb"))) for r in mem_rows]
+        vram = [a - (b or 0) for a, b in vram if a is not None]
+        c.vram_added_mb = round(max(vram), 1) if vram else None
+        bad = [r for r in rows if r.get("status") != "ok"]
+        if bad:
+            c.status = bad[0].get("status", "error")
+            c.error = str(bad[0].get("error") or "")[:300]
+        pp_row, tg_row = rows[0], rows[1]
+        if pp_row.get("status") == "ok" and tg_row.get("status") == "ok":
+            c.samples_request_s = request_time_samples(pp_row, tg_row, self.w.n_prompt, self.w.n_gen)
+            if c.samples_request_s:
+                c.score_s = statistics.median(c.samples_request_s)
+            c.pp_ts, c.tg_ts = num(pp_row.get("median_ts")), num(tg_row.get("median_ts"))
+        q = [r for r in rows if r.get("test_kind") == QUALITY_KIND and r.get("status") == "ok"]
+        if q:
+            c.ppl = num(q[0].get("ppl"))
+            c.samples_ppl = [round(math.exp(x), 5) for x in samples_of(q[0], "chunk_nll")]
+        return c
+
+    def violation(self, c: Candidate) -> tuple[str, str] | None:
+        """(kind, words) when a candidate breaks a constraint, else None."""
+        if c.status != "ok" or c.score_s is None:
+            return "failed", f"trial {c.status}: {c.error}"
+        if self.c.min_n_ctx and c.settings.n_ctx and c.settings.n_ctx < self.c.min_n_ctx:
+            return "context", f"n_ctx={c.settings.n_ctx} < the {self.c.min_n_ctx} tokens the workload needs"
+        if self.c.ram_limit_mb is not None and c.rss_peak_mb is not None and c.rss_peak_mb > self.c.ram_limit_mb:
+            return "memory", f"peak RSS {c.rss_peak_mb:.0f} MB > RAM limit {self.c.ram_limit_mb:.0f} MB"
+        if self.c.vram_limit_mb is not None and c.vram_added_mb is not None and c.vram_added_mb > self.c.vram_limit_mb:
+            return "memory", f"VRAM {c.vram_added_mb:.0f} MB > limit {self.c.vram_limit_mb:.0f} MB"
+        if self.reference is not None and changes_quality(c.settings, self.reference.settings):
+            return self._quality_violation(c)
+        return None
+
+    def _quality_violation(self, c: Candidate) -> tuple[str, str] | None:
+        if c.ppl is None:
+            return "quality", "quality changes with this setting and its perplexity was not measured"
+        ref = self.reference
+        if ref.ppl:
+            c.ppl_ratio = round(c.ppl / ref.ppl, 5)
+        floor = self.c.max_ppl_ratio
+        if floor is not None and c.ppl_ratio is not None and c.ppl_ratio > floor:
+            return "quality", (f"perplexity {c.ppl:.4g} is {100 * (c.ppl_ratio - 1):.2f} % above the reference "
+                               f"{ref.ppl:.4g} (floor: at most {100 * (floor - 1):.2f} %)")
+        return None
+
+    def refuse(self, c: Candidate, current: Candidate, kind: str, words: str) -> None:
+        faster = (c.score_s is not None and current.score_s is not None and c.score_s < current.score_s)
+        self.refusals.append({
+            "stage": c.stage, "axis": c.axis, "change": c.change, "reason": kind, "detail": words,
+            "faster": faster,
+            "speedup": round(current.score_s / c.score_s, 4) if (c.score_s and current.score_s) else None,
+            "score_s": c.score_s, "current_score_s": current.score_s,
+            "rss_peak_mb": c.rss_peak_mb, "ram_limit_mb": self.c.ram_limit_mb,
+            "vram_added_mb": c.vram_added_mb, "vram_limit_mb": self.c.vram_limit_mb,
+            "ppl": c.ppl, "ppl_ratio": c.ppl_ratio, "max_ppl_ratio": self.c.max_ppl_ratio,
+            "settings": c.label(), "trial_keys": c.trial_keys,
+        })
+
+    def step(self, current: Candidate, axis: str, configs: list[Settings], changes: list[dict]) -> Candidate:
+        todo = [(s, ch) for s, ch in zip(configs, changes) if s != current.settings]
+        if not todo:
+            return current
+        cands = self.measure([s for s, _ in todo], "screen", axis, [ch for _, ch in todo], self.screen_reps,
+                             quality_ref=self.reference.settings)
+        self.screened.extend(cands)
+        best = current
+        for c in cands:
+            v = self.violation(c)
+            if v:
+                self.refuse(c, current, *v)
+                continue
+            if c.score_s < best.score_s * (1 - self.min_gain):
+                best = c
+        self.steps.append({"axis": axis, "from": current.label(), "to": best.label(),
+                           "changed": best is not current,
+                           "score_s": best.score_s, "tried": [c.change for c in cands]})
+        return best
+
+
+def _axis_configs(axis: str, cur: Settings, values: list) -> tuple[list[Settings], list[dict]]:
+    configs, changes = [], []
+    for v in values:
+        if axis == "threads":
+            ch = {"n_threads": v, "n_threads_batch": v}
+        elif axis == "kv_type":
+            ch = {"type_k": v, "type_v": v}
+            if v not in UNQUANTIZED_KV:
+                ch["flash_attn"] = True      # a quantized V cache needs flash attention
+        else:
+            ch = {axis: v}
+        if axis == "n_batch" and cur.n_ubatch > v:
+            ch["n_ubatch"] = v
+        try:
+            s = cur.replace(**ch)
+        except SettingsError:
+            continue
+        configs.append(s)
+        changes.append(ch)
+    return configs, changes
+
+
+# ---- benchmark_settings and its steps --------------------------------------------------------------------------
+def _check_args(start: Settings, cons: Constraints, w: Workload, screen_repetitions: int, repetitions: int,
+                confirm_top: int, min_gain: float) -> Constraints:
+    """The arguments' rules; returns the constraints with min_n_ctx raised to what the workload needs."""
+    if screen_repetitions < 1 or repetitions < 1 or confirm_top < 0:
+        raise SettingsError("screen_repetitions and repetitions must be >= 1, confirm_top >= 0")
+    if min_gain < 0:
+        raise SettingsError("min_gain must be >= 0")
+    need = w.n_prompt + w.n_gen
+    if start.n_ctx and start.n_ctx < max(need, w.ppl_chunk_tokens):
+        raise SettingsError(f"start n_ctx={start.n_ctx} cannot hold the workload ({need} tokens)")
+    return Constraints(**{**asdict(cons), "min_n_ctx": max(cons.min_n_ctx, need)})
+
+
+def _search_origin(start: Settings, space: SearchSpace, vram_limit_mb: float | None) -> tuple[dict, Settings, Settings]:
+    """find_optimal_gpu_layers from the start point: (its result, the baseline, the search's origin).
+
+    The search starts from the guide's settings with the GPU layers found; the guide's own settings stay the
+    baseline every comparison is made against (with n_gpu_layers 0 where offload is not testable)."""
+    if space.gpu_layers:
+        gpu = find_optimal_gpu_layers(start.model, vram_limit_mb=vram_limit_mb, base=start.replace(n_gpu_layers=0))
+    else:
+        gpu = {"best_n_gpu_layers": start.n_gpu_layers, "reason": "not searched", "testable": False, "probes": []}
+    origin = start
+    if gpu.get("testable") and gpu.get("best_n_gpu_layers") is not None:
+        origin = start.replace(n_gpu_layers=gpu["best_n_gpu_layers"])
+    elif gpu.get("reason", "").startswith("not testable"):
+        start = origin = start.replace(n_gpu_layers=0)
+    return gpu, start, origin
+
+
+def _screen(t: _Tuner, origin: Settings, space: SearchSpace) -> tuple[Candidate, Candidate]:
+    """The quality reference measured at the origin (quality test forced on), then one axis at a time:
+    (reference, the screening's winner)."""
+    ref = t.measure([origin], "reference", "start", [{}], t.screen_reps, extra_tests=[t.w.quality_test()])[0]
+    if ref.status != "ok" or ref.score_s is None:
+        raise RuntimeError(f"the start configuration failed: {ref.status} {ref.error}")
+    t.reference = ref
+    cur = ref
+    for axis in AXES_ORDER:
+        values = getattr(space, axis)
+        if values:
+            cur = t.step(cur, axis, *_axis_configs(axis, cur.settings, values))
+    return ref, cur
+
+
+def _confirm(t: _Tuner, ref: Candidate, cur: Candidate, start: Settings, defaults: Settings, confirm_top: int,
+             confirm_tests: Sequence[Test]) -> tuple[Settings, list[Candidate]]:
+    """The best few feasible screened, the start point and llama.cpp's defaults with full repetitions:
+    (the best confirmed settings, or the start point where none passes; the confirmed candidates)."""
+    feasible = sorted((c for c in [ref] + t.screened if c.score_s is not None and t.violation(c) is None),
+                      key=lambda c: c.score_s)
+    top: list[Settings] = []
+    for c in [cur] + feasible:
+        if c.settings not in top and len(top) < max(confirm_top, 1):
+            top.append(c.settings)
+    pool: list[Settings] = []
+    for s in top + [start, defaults]:
+        if s not in pool:
+            pool.append(s)
+    conf = t.measure(pool, "confirm", "confirm", [{} for _ in pool], t.reps, extra_tests=confirm_tests)
+    by_settings = {settings_key(c.settings): c for c in [ref] + t.screened}
+    for c in conf:  # quality is deterministic: carry the screening's perplexity over
+        prev = by_settings.get(settings_key(c.settings))
+        if prev is not None and prev.ppl is not None:
+            c.ppl, c.ppl_ratio, c.samples_ppl = prev.ppl, prev.ppl_ratio, prev.samples_ppl
+    ok = []
+    for c in conf:
+        v = t.violation(c)
+        if c.settings in top:
+            if v:
+                t.refuse(c, conf[pool.index(start)], *v)
+            else:
+                ok.append(c)
+    return (min(ok, key=lambda c: c.score_s).settings if ok else start), conf
+
+
+def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, space: SearchSpace,
+                       constraints: Constraints, workload: Workload, screen_repetitions: int, repetitions: int,
+                       confirm_top: int, min_gain: float, start: Settings | None = None,
+                       confirm_tests: Sequence[Test] = (), progress: bool = True) -> TuneResult:
+    """Search for the fastest settings under a memory limit and a quality floor (see the module docstring).
+
+    AutotuneStudy.tuner_kwargs() gives every argument but `start` (default: the guide's good settings);
+    a relative out_root is taken from the repository root."""
+    out_root = resolve(out_root)
+    notes: list[str] = []
+    if start is None:
+        start, notes = guide_baseline(model, out_root)
+    cons = _check_args(start, constraints, workload, screen_repetitions, repetitions, confirm_top, min_gain)
+    t = _Tuner(study, str(out_root), cons, workload, screen_repetitions, repetitions, min_gain, progress)
+    gpu, start, origin = _search_origin(start, space, constraints.vram_limit_mb)
+    ref, cur = _screen(t, origin, space)
+    defaults = llama_defaults(start.model)
+    if defaults.n_ctx < workload.n_prompt + workload.n_gen:
+        defaults = defaults.replace(n_ctx=start.n_ctx)
+    best, conf = _confirm(t, ref, cur, start, defaults, confirm_top, confirm_tests)
+    return TuneResult(best=best, start=start, defaults=defaults, start_notes=notes, gpu_layers=gpu,
+                      screened=[ref] + t.screened, confirmed=conf, refusals=t.refusals, steps=t.steps,
+                      reference_ppl=ref.ppl, constraints=cons, workload=workload, repetitions=repetitions,
+                      screen_repetitions=screen_repetitions, min_gain=min_gain, study_dir=str(Path(out_root) / study))
