@@ -184,15 +184,17 @@ def format_rows(df, fmt: str) -> str:
 def cmd_bench(args) -> int:
     combos = bench_configs(args)
     out = resolve(args.out)
-    # one sweep call per distinct test keeps llama-bench's "context sized to the test" semantics; per -fa value
-    # too, so that each row says what was asked (flash_attn_requested) beside what ran (flash_attn)
-    for test, fa in dict.fromkeys((t, f) for _, t, f in combos):
-        run_sweep(out.name, [s for s, t, f in combos if t == test and f == fa], [test], repetitions=args.r,
+    # one sweep call per distinct test keeps llama-bench's "context sized to the test" semantics; the -fa values
+    # of a test are configurations of that one sweep, so their repetitions interleave like any other setting
+    for test in dict.fromkeys(t for _, t, _ in combos):
+        # "-fa on,auto" names one configuration twice: measure it once
+        configs = {json.dumps(s.to_dict(), sort_keys=True): s for s, t, _ in combos if t == test}
+        run_sweep(out.name, list(configs.values()), [test], repetitions=args.r,
                   out_root=out.parent, progress=not args.quiet, retry_failed=args.retry_failed,
-                  interleave=False if args.no_interleave else None, extra=_fa_columns(fa))
+                  interleave=False if args.no_interleave else None)
     df = load_results(out)
-    # this invocation's rows, in the order of the combinations; a resumed row measured under another -fa
-    # spelling of the same setting says what this invocation asked
+    # this invocation's rows, in the order of the combinations, with what -fa asked and what it resolved to
+    # (results.jsonl keeps `flash_attn`, the resolved switch)
     df = pd.concat([planned_rows(df, [s], [t], args.r).assign(**_fa_columns(fa)) for s, t, fa in combos],
                    ignore_index=True)
     print(format_rows(df, args.o))

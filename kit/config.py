@@ -107,11 +107,11 @@ class Settings:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Settings":
         """Build from a plain mapping; unknown names are an error (with the closest known name)."""
-        _check_names(d.keys())
+        check_setting_names(d.keys())
         return cls(**dict(d))
 
     def replace(self, **changes) -> "Settings":
-        _check_names(changes.keys())
+        check_setting_names(changes.keys())
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -258,7 +258,8 @@ class Settings:
 _FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
 
 
-def _check_names(names) -> None:
+def check_setting_names(names) -> None:
+    """Raise SettingsError for any name that is not a Settings field (with the closest one), e.g. a grid axis."""
     for n in names:
         if n in NOT_SETTINGS:
             raise SettingsError(NOT_SETTINGS[n])
@@ -266,11 +267,6 @@ def _check_names(names) -> None:
             close = difflib.get_close_matches(n, list(_FIELD_TYPES), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise SettingsError(f"unknown setting {n!r}{hint} (llama-cpp-python would silently ignore it)")
-
-
-def check_setting_names(names) -> None:
-    """Raise SettingsError for any name that is not a Settings field (with the closest one), e.g. a grid axis."""
-    _check_names(names)
 
 
 def _unknown_env(key: str, by_env: Mapping[str, str]) -> None:
@@ -283,20 +279,11 @@ def _unknown_env(key: str, by_env: Mapping[str, str]) -> None:
 
 
 def _check_type(name: str, value: Any, type_: str) -> None:
+    """A Settings field's value against its annotation (the same check StudyConfig uses: _type_ok)."""
     t = str(type_)
-    optional = "None" in t
-    if value is None:
-        if optional:
-            return
+    if value is None and "None" not in t:
         raise SettingsError(f"{name} must not be None")
-    base = t.split("|")[0].strip()
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }[base]
-    if not ok:
+    if not _type_ok(value, t):
         raise SettingsError(f"{name}={value!r} has type {type(value).__name__}; expected {t}")
 
 
@@ -396,7 +383,7 @@ _SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
 def _type_ok(value: Any, type_: str) -> bool:
     """Checks a value against an annotation string: int, float, bool, str, X | None, list, list[X], dict."""
     t = type_.replace(" ", "")
-    if "|None" in t or t.startswith("None|") or t.startswith("Optional["):
+    if "|None" in t or t.startswith("None|"):
         if value is None:
             return True
         t = t.replace("|None", "").replace("None|", "")

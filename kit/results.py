@@ -99,6 +99,20 @@ def pooled_samples(rows, col: str = "samples_ts") -> list[float]:
     return out
 
 
+def as_float(v) -> float | None:
+    """A row value as a plain float (verdict details are JSON); None for missing, non-numeric or NaN."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if f != f else f
+
+
+def ci_label(lo, hi, digits: int = 1) -> str:
+    """An interval as a table cell, "[lo, hi]"; empty where there is none (one sample)."""
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else ""
+
+
 def median_table(df, by: Sequence[str] | str, cols: Sequence[str] | str, samples: bool = True):
     """The one group-by -> median with 95 % bootstrap interval table.
 

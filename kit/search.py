@@ -24,6 +24,7 @@ from kit.config import Settings
 from kit.measure import Test, pp, tg
 from kit.models import model_card
 from kit.paths import DEFAULT_MODEL
+from kit.results import as_float
 
 NOT_TESTABLE_NO_GPU = "not testable here: no GPU"
 NOT_TESTABLE_NO_OFFLOAD = "not testable here: this build has no GPU offload"
@@ -173,16 +174,8 @@ def offload_statement(support: dict) -> str:
 
 
 # ---- probes --------------------------------------------------------------------------------------------------
-def _num(x) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if f != f else f
-
-
 def _present(rows: Sequence[dict], col: str) -> list[float]:
-    return [v for v in (_num(r.get(col)) for r in rows) if v is not None]
+    return [v for v in (as_float(r.get(col)) for r in rows) if v is not None]
 
 
 def summarise_probe_rows(rows: Sequence[dict]) -> dict:
@@ -194,7 +187,7 @@ def summarise_probe_rows(rows: Sequence[dict]) -> dict:
     error = (bad or {}).get("error")
     if status != "ok" and error and OOM_PATTERN.search(str(error)):
         status = "oom"
-    added = [(_num(r.get("vram_peak_mb")), _num(r.get("vram_baseline_mb"))) for r in rows]
+    added = [(as_float(r.get("vram_peak_mb")), as_float(r.get("vram_baseline_mb"))) for r in rows]
     added = [p - b for p, b in added if p is not None and b is not None]
     peaks, rss = _present(rows, "vram_peak_mb"), _present(rows, "rss_peak_mb")
     out = {"status": status,

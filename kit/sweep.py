@@ -88,20 +88,6 @@ def planned_rows(df, configs: Sequence[Settings], tests: Sequence[Test], repetit
     return df[df["trial_key"].isin(keys)].reset_index(drop=True)
 
 
-class StudyLocation:
-    """For a study config with an `out_dir` (outputs/<study>): the sweep's study name and output root."""
-
-    out_dir: str
-
-    @property
-    def study(self) -> str:
-        return split_out_dir(self.out_dir)[0]
-
-    @property
-    def out_root(self) -> str:
-        return str(split_out_dir(self.out_dir)[1])
-
-
 # ---- keys and provenance ----------------------------------------------------------------------------------------
 def trial_key(model_sha256: str, settings: Settings, test: Test, repetitions: int) -> str:
     s = settings.to_dict()

@@ -184,17 +184,18 @@ def decide(lo: float, hi: float, *, claimed: str = "better", higher_is_better: b
 
 def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool = True,
             claimed: str = "better", metric: str = "", equivalence: float = 0.0, evidence: Sequence[str] = (),
-            summary: str = "", seed: int = 0, min_samples: int = MIN_SAMPLES) -> Verdict:
+            summary: str = "", seed: int = 0, min_samples: int = MIN_SAMPLES,
+            hint: str = "the repetitions") -> Verdict:
     """Verdict on "candidate is <claimed> than baseline" from raw samples.
 
     claimed: "better" (the guide says the change helps), "worse" (it says the change costs), or "same".
     equivalence: a band around 1 (e.g. 0.02 = +-2 %) inside which a whole interval counts as no effect.
     Fewer than `min_samples` on either side gives "not testable here": a bootstrap of one or two values
-    has no honest interval.
+    has no honest interval; `hint` names what to raise for more samples (a study parameter).
     """
     if claimed not in ("better", "worse", "same"):
         raise ValueError("claimed must be 'better', 'worse' or 'same'")
-    few = too_few(claim, len(candidate), len(baseline), "the repetitions", evidence, min_samples,
+    few = too_few(claim, len(candidate), len(baseline), hint, evidence, min_samples,
                   point_ratio=_point_ratio(candidate, baseline))
     if few is not None:
         few.metric = metric

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kit.models import resolve_model
-from kit.paths import DEFAULT_MODEL, NOTEBOOKS_DIR, OUTPUTS_DIR, QUICK_FILE, REPO_ROOT
+from kit.paths import DEFAULT_MODEL, NOTEBOOKS_DIR, OUTPUTS_DIR, REPO_ROOT
+from kit.runner import load_quick
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,9 +19,8 @@ os.environ.setdefault("KIT_LLAMA_LOG", str(OUTPUTS_DIR / "test-llama.log"))
 
 
 def quick_params(stem: str) -> dict:
-    """notebooks/quick.json's smoke parameters for one notebook."""
-    data = json.loads(QUICK_FILE.read_text())
-    return dict(data.get(stem, {}))
+    """notebooks/quick.json's smoke parameters for one notebook (read as `kit run --quick` reads them)."""
+    return dict(load_quick().get(stem, {}))
 
 
 @dataclass

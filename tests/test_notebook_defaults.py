@@ -6,26 +6,27 @@ from __future__ import annotations
 import ast
 import json
 
-import nbformat
 import pytest
 
 from kit.config import StudyConfig, StudyConfigError
-from kit.paths import NOTEBOOKS_DIR, QUICK_FILE
+from kit.paths import NOTEBOOKS_DIR
+from kit.runner import load_quick, notebook_parameters
 from kit.studies import STUDIES, study_class
 
 NOTEBOOKS = sorted(p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
 def parameters_cell(stem: str) -> dict:
-    nb = nbformat.read(str(NOTEBOOKS_DIR / f"{stem}.ipynb"), as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    """The cell's values as `kit run` reads them (kit.runner.notebook_parameters), after checking its shape."""
+    path = NOTEBOOKS_DIR / f"{stem}.ipynb"
+    cells = [c for c in json.loads(path.read_text())["cells"]
+             if c["cell_type"] == "code" and "parameters" in c["metadata"].get("tags", [])]
     assert len(cells) == 1, f"{stem}: expected one cell tagged 'parameters', found {len(cells)}"
-    out = {}
-    for node in ast.parse(cells[0].source).body:
+    source = "".join(cells[0]["source"])
+    for node in ast.parse(source).body:
         assert isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name), \
             f"{stem}: the parameters cell holds typed assignments only (line {node.lineno})"
-        out[node.target.id] = ast.literal_eval(node.value)
-    return out
+    return {name: ast.literal_eval(spec["default"]) for name, spec in notebook_parameters(path).items()}
 
 
 def test_every_notebook_has_a_registered_study() -> None:
@@ -47,7 +48,7 @@ def test_the_parameters_cell_equals_the_study_defaults(stem: str) -> None:
 
 @pytest.mark.parametrize("stem", sorted(STUDIES))
 def test_the_smoke_parameters_build_a_valid_config(stem: str) -> None:
-    quick = json.loads(QUICK_FILE.read_text()).get(stem, {})
+    quick = load_quick().get(stem, {})
     study_class(stem).from_params(quick)
 
 

@@ -27,7 +27,7 @@ from kit.models import model_card
 from kit.paths import DEFAULT_MODEL
 from kit.plots import median_plot, panel_figure, samples_long
 from kit.quality import ensure_reference, reference_path
-from kit.results import load_results, median_table, ok_rows, pooled_samples
+from kit.results import ci_label, load_results, median_table, ok_rows, pooled_samples
 from kit.sweep import run_sweep
 from kit.verdicts import (NO_EFFECT, SUPPORTED, compare, from_interval, median_ci, not_testable,
                           paired_log_ratio)
@@ -260,14 +260,10 @@ def _ttft_ms(rows) -> list[float]:
     return [ns / 1e6 for ns in pooled_samples(rows, "samples_ns")]
 
 
-def _fmt_ci(lo, hi, digits: int = 1) -> str:
-    return f"[{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else ""
-
-
 def _medians(rows, by: str, col: str, name: str, ci_name: str) -> dict:
     """{group: {name: median, ci_name: "[lo, hi]"}} of a samples column, through kit.results.median_table."""
     t = median_table(rows, by, col)
-    return {r[by]: {name: r[col], ci_name: _fmt_ci(r[f"{col}_lo"], r[f"{col}_hi"])} for _, r in t.iterrows()}
+    return {r[by]: {name: r[col], ci_name: ci_label(r[f"{col}_lo"], r[f"{col}_hi"])} for _, r in t.iterrows()}
 
 
 def allocated_table(df, study: ContextStudy):
@@ -304,7 +300,7 @@ def fill_table(df):
     for _, r in t.iterrows():
         med = r["samples_ttft_ms"]
         rows.append({"n_ctx": int(r["n_ctx"]), "prompt_tokens": int(r["n_prompt"]), "ttft_ms": med,
-                     "ttft_ci": _fmt_ci(r["samples_ttft_ms_lo"], r["samples_ttft_ms_hi"]),
+                     "ttft_ci": ci_label(r["samples_ttft_ms_lo"], r["samples_ttft_ms_hi"]),
                      "prompt_ts": round(int(r["n_prompt"]) / (med / 1e3), 1) if med else None})
     return pd.DataFrame(rows)
 
@@ -316,7 +312,7 @@ def depth_table(df):
         return pd.DataFrame()
     t = median_table(d, ["test_kind", "n_depth"], "samples_ts")
     rows = [{"test": r["test_kind"], "depth": int(r["n_depth"]), "n_ctx": int(d["n_ctx"].iloc[0]),
-             "median_ts": r["samples_ts"], "ci": _fmt_ci(r["samples_ts_lo"], r["samples_ts_hi"])}
+             "median_ts": r["samples_ts"], "ci": ci_label(r["samples_ts_lo"], r["samples_ts_hi"])}
             for _, r in t.iterrows()]
     return pd.DataFrame(rows).sort_values(["test", "depth"]).reset_index(drop=True)
 
@@ -351,8 +347,8 @@ def _kv_row(g, study: ContextStudy, key, ref_nll) -> dict:
          "flash_attn": bool(fa), "n_ctx": eff,
          "kv_mib_computed": round(study.card.kv_cache_bytes(eff, tk, tv) / 2**20, 1),
          "rss_anon_mb": float(mem["rss_anon_mb"].iloc[0]) if not mem.empty else None,
-         f"tg_ts@d{study.kv_depth}": tg_m, "tg_ci": _fmt_ci(tg_lo, tg_hi), "pp_ts": pp_m,
-         "pp_ci": _fmt_ci(pp_lo, pp_hi)}
+         f"tg_ts@d{study.kv_depth}": tg_m, "tg_ci": ci_label(tg_lo, tg_hi), "pp_ts": pp_m,
+         "pp_ci": ci_label(pp_lo, pp_hi)}
     if not qq.empty:
         x = qq.iloc[0]
         r.update(ppl=x["ppl"], ppl_stderr=x["ppl_stderr"], kld_mean=x["kld_mean"],
@@ -360,7 +356,7 @@ def _kv_row(g, study: ContextStudy, key, ref_nll) -> dict:
                  ln_ppl_ratio=x["ln_ppl_ratio"], ln_ppl_ratio_stderr=x["ln_ppl_ratio_stderr"])
         if ref_nll is not None:
             pt, lo, hi = paired_log_ratio(x["chunk_nll"], ref_nll)
-            r.update(ppl_ratio_vs_f16fa=round(pt, 4), ppl_ratio_ci=_fmt_ci(lo, hi, 4))
+            r.update(ppl_ratio_vs_f16fa=round(pt, 4), ppl_ratio_ci=ci_label(lo, hi, 4))
     return r
 
 
@@ -396,7 +392,7 @@ def rope_table(df, study: ContextStudy):
              "ppl_stderr": x["ppl_stderr"], "kld_mean": x["kld_mean"], "top1_agree_pct": x["top1_agree_pct"]}
         if not ref.empty:
             pt, lo, hi = paired_log_ratio(x["chunk_nll"], ref.iloc[0]["chunk_nll"])
-            r.update(ppl_ratio=round(pt, 4), ppl_ratio_ci=_fmt_ci(lo, hi, 4))
+            r.update(ppl_ratio=round(pt, 4), ppl_ratio_ci=ci_label(lo, hi, 4))
         rows.append(r)
     return pd.DataFrame(rows)
 

@@ -142,11 +142,11 @@ def run_gpu_layers(study: GpuLayersStudy, progress: bool = True, nvml: Any = Non
         counts = [0]
     (out / "gpu_search.json").write_text(json.dumps({"support": support, "layers": search, "context": ctx_search},
                                                     indent=2, default=str))
-    configs = [study.base_settings().replace(n_gpu_layers=k) for k in counts]
+    configs, tests = [study.base_settings().replace(n_gpu_layers=k) for k in counts], study.tests()
     # with real offload the layer counts are measured back to back: live children would share the GPU's memory
-    df = run_sweep(out.name, configs, study.tests(), study.repetitions, out_root=out.parent, timeout_s=study.timeout_s,
+    df = run_sweep(out.name, configs, tests, study.repetitions, out_root=out.parent, timeout_s=study.timeout_s,
                    progress=progress, extra={"claim": CLAIM}, interleave=False if support.get("testable") else None)
-    df = planned_rows(df, configs, study.tests(), study.repetitions)
+    df = planned_rows(df, configs, tests, study.repetitions)
     return GpuLayersRun(df, support, counts, search, ctx_search, card.n_layers)
 
 

@@ -36,7 +36,7 @@ from kit.config import SAMPLING_KEYS, ChatStudyConfig, Settings, SettingsError, 
 from kit.data import load_prompts
 from kit.measure import Test, percentile, requests_row, stream_chat
 from kit.paths import OUTPUTS_DIR, resolve
-from kit.results import load_results
+from kit.results import as_float, load_results
 from kit.sweep import run_sweep, split_out_dir
 from kit.verdicts import bootstrap_ratio, compare, not_testable, too_few
 
@@ -296,14 +296,6 @@ def _by_load(df):
     return [(i, r) for p in parts for i, r in p.iterrows()]
 
 
-def _num(x):
-    """numpy scalar or NaN -> a plain float or None (verdict details are JSON)."""
-    if x is None:
-        return None
-    x = float(x)
-    return None if x != x else x
-
-
 def _stat(values: list[float], q: float) -> float | None:
     return round(percentile(values, q), 3) if values else None
 
@@ -363,14 +355,16 @@ class ServingStudy(ChatStudyConfig):
         return load_prompts(self.prompts_file, self.n_prompts)
 
     def closed_tests(self) -> list[Test]:
+        prompts = self._prompts()
         return [Test(QUEUE_KIND, n_gen=self.max_tokens,
-                     params={"mode": "closed", "clients": c, "prompts": self._prompts(),
+                     params={"mode": "closed", "clients": c, "prompts": prompts,
                              "label": f"closed, {c} client(s)"}) for c in self.clients]
 
     def poisson_tests(self) -> list[Test]:
+        prompts = self._prompts()
         return [Test(QUEUE_KIND, n_gen=self.max_tokens,
                      params={"mode": "poisson", "rho": float(r), "n_requests": self.poisson_requests,
-                             "calibration_requests": self.calibration_requests, "prompts": self._prompts(),
+                             "calibration_requests": self.calibration_requests, "prompts": prompts,
                              "label": f"poisson, rho={r}"}) for r in self.rhos]
 
 
@@ -495,15 +489,15 @@ def _p1_details(ok, cov, hi, lo, decode: tuple[float, float, float]) -> dict:
     return {"coverage": cov.to_dict("records"),
             "gpu_columns_empty": bool(cov.loc[cov["metric"] == "GPU utilisation", "filled_share"].iloc[0] == 0),
             "decode_ratio_high_vs_low_load": round(dec, 4), "decode_ratio_ci": [round(d_lo, 4), round(d_hi, 4)],
-            "queue_share_of_e2e_at_high_load": _num(hi.get("queue_share_of_e2e")),
+            "queue_share_of_e2e_at_high_load": as_float(hi.get("queue_share_of_e2e")),
             "lightest_load": lo["label"], "heaviest_load": hi["label"],
-            "queue_p50_ms_lightest_load": _num(lo.get("queue_p50_ms")),
-            "queue_p50_ms_heaviest_load": _num(hi.get("queue_p50_ms")),
-            "queue_p95_ms_heaviest_load": _num(hi.get("queue_p95_ms")),
-            "service_p50_ms_heaviest_load": _num(hi.get("service_p50_ms")),
-            "by_load": [{"label": r["label"], "rho_measured": _num(r.get("rho_measured")),
-                         "queue_p50_ms": _num(r.get("queue_p50_ms")), "service_p50_ms": _num(r.get("service_p50_ms")),
-                         "e2e_p95_ms": _num(r.get("e2e_p95_ms"))} for _, r in _by_load(ok)]}
+            "queue_p50_ms_lightest_load": as_float(lo.get("queue_p50_ms")),
+            "queue_p50_ms_heaviest_load": as_float(hi.get("queue_p50_ms")),
+            "queue_p95_ms_heaviest_load": as_float(hi.get("queue_p95_ms")),
+            "service_p50_ms_heaviest_load": as_float(hi.get("service_p50_ms")),
+            "by_load": [{"label": r["label"], "rho_measured": as_float(r.get("rho_measured")),
+                         "queue_p50_ms": as_float(r.get("queue_p50_ms")), "service_p50_ms": as_float(r.get("service_p50_ms")),
+                         "e2e_p95_ms": as_float(r.get("e2e_p95_ms"))} for _, r in _by_load(ok)]}
 
 
 # ---- figures --------------------------------------------------------------------------------------------------------

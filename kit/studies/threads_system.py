@@ -42,7 +42,7 @@ from kit.environment import memory_settings, numa_nodes
 from kit.measure import Test, bench_engine, pp, proc_memory, tg
 from kit.models import model_card
 from kit.paths import DEFAULT_MODEL
-from kit.results import load_results, median_table, ok_rows, pooled_samples
+from kit.results import ci_label, load_results, median_table, ok_rows, pooled_samples
 from kit.sweep import run_sweep
 from kit.verdicts import compare, not_testable
 
@@ -524,10 +524,6 @@ def run_system_study(study: SystemStudy, parts: tuple = PARTS, progress: bool = 
 
 
 # ---- analysis ---------------------------------------------------------------------------------------------------
-def _fmt_ci(lo, hi) -> str:
-    return f"[{lo:.1f}, {hi:.1f}]" if lo is not None else ""
-
-
 def thread_table(df, study: SystemStudy):
     """Median t/s with its 95 % interval per thread count, for tg (n_threads) and pp (n_threads_batch)."""
     d = ok_rows(df, "threads")
@@ -672,7 +668,7 @@ def loading_table(df):
         r = {"use_mmap": mm, "use_mlock": ml, "cache": cache, "n_loads": len(g)}
         for col in timed:
             r[col] = m[col]
-            r[f"{col}_ci"] = _fmt_ci(m[f"{col}_lo"], m[f"{col}_hi"])
+            r[f"{col}_ci"] = ci_label(m[f"{col}_lo"], m[f"{col}_hi"])
         for col in ("proc_rss_mb", "rss_anon_mb", "rss_file_mb", "vm_lck_mb", "rss_file_mb_after_load"):
             if col in g:
                 r[col] = round(float(g[col].astype(float).median()), 1)

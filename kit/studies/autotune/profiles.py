@@ -140,7 +140,8 @@ def measure_profiles(profiles: dict[str, Settings], *, study: str, out_root: str
     for name, s in profiles.items():
         engine_from[name] = first.setdefault(_engine_key(s), name)
     leaders = list(dict.fromkeys(engine_from.values()))
-    earlier = {n: measured_engine_rows(study, out_root, profiles[n], speed, repetitions) for n in leaders}
+    rows = read_rows(study_dir(study, out_root) / RESULTS_FILE)  # once, for every leader
+    earlier = {n: measured_engine_rows(study, out_root, profiles[n], speed, repetitions, rows) for n in leaders}
     todo = [profiles[n] for n in leaders if earlier[n] is None]
     if todo:
         run_sweep(study, todo, speed, repetitions=repetitions, out_root=out_root, progress=progress,
@@ -161,10 +162,11 @@ def measure_profiles(profiles: dict[str, Settings], *, study: str, out_root: str
 
 
 def measured_engine_rows(study: str, out_root: str | os.PathLike, s: Settings, tests: Sequence[Test],
-                          min_repetitions: int) -> list[dict] | None:
+                          min_repetitions: int, rows: list[dict] | None = None) -> list[dict] | None:
     """The study's latest successful rows of these engine tests under the same model and load settings, run with
-    at least min_repetitions; None unless every test has one."""
-    rows = read_rows(study_dir(study, out_root) / RESULTS_FILE)
+    at least min_repetitions; None unless every test has one. `rows`: the study's rows if already read."""
+    if rows is None:
+        rows = read_rows(study_dir(study, out_root) / RESULTS_FILE)
     if not rows:
         return None
     sha = model_card(s.model).sha256

@@ -42,6 +42,7 @@ from kit.measure import Test, pp, tg
 from kit.models import model_card
 from kit.paths import DEFAULT_MODEL, resolve
 from kit.quality import ppl_test
+from kit.results import as_float
 from kit.search import find_optimal_gpu_layers
 from kit.sweep import run_sweep, trial_key
 
@@ -160,13 +161,7 @@ def request_time_samples(pp_row: dict, tg_row: dict, n_prompt: int, n_gen: int) 
     return [n_prompt / x + n_gen / y for x, y in zip(a, b) if x > 0 and y > 0]
 
 
-def num(v) -> float | None:
-    """A row value as a float; None for missing, non-numeric or NaN."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
+num = as_float  # the package's short name for kit.results.as_float (profiles and verdicts use it)
 
 
 def describe(s: Settings) -> str:

@@ -41,12 +41,11 @@ def x1_verdict(guide_measured: dict[str, dict], notes: dict[str, list] | None = 
     if not a or not b:
         return not_testable("X1", "the guide's speed or quality profile produced no request samples "
                             "(see the profile rows' status and error)", evidence=evidence)
-    few = too_few("X1", len(a), len(b), "the repetitions (request e2e time, guide speed vs quality profile)",
-                  evidence)
-    if few:
-        return few
     v = compare("X1", a, b, higher_is_better=False, claimed="better", evidence=evidence,
-                metric="request e2e time ratio, guide .env.speed / .env.quality (RAG-shaped prompt)")
+                metric="request e2e time ratio, guide .env.speed / .env.quality (RAG-shaped prompt)",
+                hint="the repetitions (request e2e time, guide speed vs quality profile)")
+    if v.verdict == NOT_TESTABLE:
+        return v
     med = {n: {"ttft_ms": num(m.get("request", {}).get("ttft_ms")),
                "tokens_per_s": num(m.get("request", {}).get("median_ts")),
                "e2e_ms": num(m.get("request", {}).get("e2e_ms")),
@@ -128,16 +127,14 @@ def x3_verdict(result: TuneResult, evidence: Sequence[str] = ()) -> Verdict:
     if best is None or start is None or not best.samples_request_s or not start.samples_request_s:
         return not_testable("X3", "the confirmation trials of the start or the tuned configuration failed",
                             evidence=evidence)
-    few = too_few("X3", len(best.samples_request_s), len(start.samples_request_s),
-                  "the repetitions (request time, tuned vs start)", evidence)
-    if few:
-        few.details = {"find_optimal_gpu_layers": gpu, "steps": result.steps}
-        return few
     kept = best.settings == start.settings
     v = compare("X3", best.samples_request_s, start.samples_request_s, higher_is_better=False,
-                claimed="better", evidence=evidence,
+                claimed="better", evidence=evidence, hint="the repetitions (request time, tuned vs start)",
                 metric="request time ratio, tuned / guide's good settings" if kept else
                 "request time ratio (n_prompt/pp + n_gen/tg), tuned / guide's good settings")
+    if v.verdict == NOT_TESTABLE:
+        v.details = {"find_optimal_gpu_layers": gpu, "steps": result.steps}
+        return v
     if kept:
         v.summary = ("the tuner kept the guide's good settings: nothing it screened beat them by more than "
                      f"the {100 * result.min_gain:.0f} % step; " + v.summary)
@@ -172,11 +169,12 @@ def x4_verdict(result: TuneResult, evidence: Sequence[str] = ()) -> Verdict:
     # the most aggressive: the fastest of them
     c = min(qc, key=lambda x: x.score_s if x.score_s is not None else float("inf"))
     ratios = [a / b for a, b in zip(c.samples_ppl, ref.samples_ppl) if b]
-    few = too_few("X4", len(ratios), len(ratios), "the perplexity chunks (ppl_chunks)", evidence, **details)
-    if few:
-        return few
     v = compare("X4", ratios, [1.0] * len(ratios), higher_is_better=False, claimed="worse", evidence=evidence,
-                metric=f"perplexity ratio per chunk (paired), {c.label()} / reference")
+                metric=f"perplexity ratio per chunk (paired), {c.label()} / reference",
+                hint="the perplexity chunks (ppl_chunks)")
+    if v.verdict == NOT_TESTABLE:
+        v.details = {**v.details, **details}
+        return v
     faster = [r for r in refused if r["faster"]]
     words = (f"{c.change}: perplexity {100 * (v.effect - 1):+.2f} % (95 % CI {v.ci_low:.4f}-{v.ci_high:.4f}, "
              f"{len(ratios)} paired chunks). The tuner refused {len(faster)} faster setting(s) for quality or memory")

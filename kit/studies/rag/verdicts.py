@@ -1,6 +1,6 @@
 """R1-R4 from the RAG study's rows: one function per claim, each labelled by kit.verdicts' one rule.
 
-Every comparison goes through kit.verdicts.compare(min_samples=5) (`compare_at_least_5`): a bootstrap interval of
+Every comparison goes through kit.verdicts.compare(min_samples=MIN_RAG_SAMPLES, hint=<the parameter>): an interval of
 2-4 samples (a few answered questions, a few concurrent queries) says nothing, so fewer than five per side is
 "not testable here" (kit.verdicts.too_few), naming the study parameter to raise. Where the two conditions of R2
 are the very same prompts (the 4000-token budget never bound), their effect is exactly 1 by construction:
@@ -13,29 +13,18 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from kit.verdicts import (SUPPORTED, Verdict, bootstrap_ratio, compare, evidence_path, from_interval, not_testable,
-                          too_few)
+from kit.verdicts import SUPPORTED, Verdict, bootstrap_ratio, compare, evidence_path, from_interval, not_testable
 from kit.studies.rag.pipeline import bootstrap_mean_diff
 from kit.studies.rag.study import GUIDE, RagStudyResult
 
 K_AFTER, K_BEFORE, BUDGET = GUIDE["k_after"], GUIDE["k_before"], GUIDE["max_context_length"]
+MIN_RAG_SAMPLES = 5  # a few answered questions or concurrent queries: fewer than five per side says nothing
 
 
 def rag_verdicts(result: RagStudyResult, equivalence: float = 0.05) -> list[Verdict]:
     """R1-R4 from the measured rows, each with its interval and what it costs in quality."""
     return [r1_verdict(result, equivalence), r2_verdict(result, equivalence), r3_verdict(result, equivalence),
             r4_verdict(result, equivalence)]
-
-
-def compare_at_least_5(claim: str, candidate: list[float], baseline: list[float], hint: str, **kw) -> Verdict:
-    """kit.verdicts.compare with five samples per side at least (see the module docstring); too few names the
-    study parameter that gives more (`hint`) instead of compare's generic "repetitions"."""
-    ratio = (round(statistics.median(candidate) / statistics.median(baseline), 4)
-             if candidate and baseline and statistics.median(baseline) else None)
-    few = too_few(claim, len(candidate), len(baseline), hint, kw.get("evidence", ()), min_samples=5, point_ratio=ratio)
-    if few is not None:
-        return dataclasses.replace(few, metric=kw.get("metric", ""))
-    return compare(claim, candidate, baseline, min_samples=5, **kw)
 
 
 def evidence(result: RagStudyResult, *names: str) -> list[str]:
@@ -69,10 +58,10 @@ def r1_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
         return not_testable("R1", f"search latency was not measured at k={K_AFTER} and k={K_BEFORE}")
     c = lat[lat["k"] == K_AFTER]["search_ms"].tolist()
     b = lat[lat["k"] == K_BEFORE]["search_ms"].tolist()
-    v = compare_at_least_5("R1", c, b, "n_latency_questions or repetitions", higher_is_better=False,
-                           claimed="better", equivalence=equivalence,
-                           metric=f"RAG search latency (query embedding + exact FAISS search), k={K_AFTER} / k={K_BEFORE}",
-                           evidence=evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"))
+    v = compare("R1", c, b, min_samples=MIN_RAG_SAMPLES, hint="n_latency_questions or repetitions",
+                higher_is_better=False, claimed="better", equivalence=equivalence,
+                metric=f"RAG search latency (query embedding + exact FAISS search), k={K_AFTER} / k={K_BEFORE}",
+                evidence=evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"))
     fa = statistics.median(lat[lat["k"] == K_AFTER]["faiss_ms"])
     fb = statistics.median(lat[lat["k"] == K_BEFORE]["faiss_ms"])
     details = {f"search_ms_median_k{K_AFTER}": statistics.median(c), f"search_ms_median_k{K_BEFORE}": statistics.median(b),
@@ -137,8 +126,8 @@ def r2_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
                           metric=metric, n_candidate=len(c), n_baseline=len(b), evidence=ev,
                           summary=f"{metric}: identical prompts on both sides (n={len(c)}), ratio 1 by construction")
     else:
-        v = compare_at_least_5("R2", c, b, "n_answer_questions", higher_is_better=False, claimed="better",
-                               equivalence=equivalence, metric=metric, evidence=ev)
+        v = compare("R2", c, b, min_samples=MIN_RAG_SAMPLES, hint="n_answer_questions", higher_is_better=False,
+                    claimed="better", equivalence=equivalence, metric=metric, evidence=ev)
     details = {f"budget_binds_at_{BUDGET}_for_any_k": bool(((r["budget"] == BUDGET) & (r["n_dropped"] > 0)).any()),
                f"max_context_tokens_at_k{K_BEFORE}": max_tokens_kb, "identical_prompts": same}
     words.append(r2_binding_words(a, r, big, details))
@@ -176,9 +165,10 @@ def r3_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
         return cache[(cache["phase"] == phase) & (cache["what"] == what)]["batch_ms"].tolist()
 
     cold, warm = batch_ms("cold", "corpus"), batch_ms("warm", "corpus")
-    v = compare_at_least_5("R3", warm, cold, "corpus_topics (more documents)", higher_is_better=False, claimed="better",
-                           equivalence=equivalence, metric="corpus embedding time per batch, warm cache / cold (empty) cache",
-                           evidence=evidence(result, "cache.jsonl", "figures/cache_concurrency.png"))
+    v = compare("R3", warm, cold, min_samples=MIN_RAG_SAMPLES, hint="corpus_topics (more documents)",
+                higher_is_better=False, claimed="better", equivalence=equivalence,
+                metric="corpus embedding time per batch, warm cache / cold (empty) cache",
+                evidence=evidence(result, "cache.jsonl", "figures/cache_concurrency.png"))
     tot = cache[cache["what"] == "total"].set_index("phase")
     details = {"corpus_cold_s": tot.loc["cold", "corpus_embed_ms"] / 1e3,
                "corpus_warm_s": tot.loc["warm", "corpus_embed_ms"] / 1e3,
@@ -206,10 +196,10 @@ def r4_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
     if cc.empty or not {1, 2} <= set(cc["concurrency"]):
         return not_testable("R4", "concurrency levels 1 and 2 were not both measured")
     gaps = cc[cc["stage"] == "rag_gaps"].set_index("concurrency")["gaps_s"]
-    v = compare_at_least_5("R4", list(gaps.loc[2]), list(gaps.loc[1]), "n_concurrency_queries",
-                           higher_is_better=False, claimed="better", equivalence=equivalence,
-                           metric="time between completed RAG requests (1/throughput), 2 concurrent / 1",
-                           evidence=evidence(result, "concurrency.jsonl", "figures/cache_concurrency.png"))
+    v = compare("R4", list(gaps.loc[2]), list(gaps.loc[1]), min_samples=MIN_RAG_SAMPLES,
+                hint="n_concurrency_queries", higher_is_better=False, claimed="better", equivalence=equivalence,
+                metric="time between completed RAG requests (1/throughput), 2 concurrent / 1",
+                evidence=evidence(result, "concurrency.jsonl", "figures/cache_concurrency.png"))
     ret = cc[cc["stage"] == "retrieval"].groupby(["concurrency", "repetition"])["throughput_qps"].first()
     rp, rlo, rhi = bootstrap_ratio(ret.loc[2].tolist(), ret.loc[1].tolist())
     rag = cc[cc["stage"] == "rag"]
