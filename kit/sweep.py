@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -35,6 +35,7 @@ from kit.measure import DEFAULT_REPETITIONS, ENGINE_KINDS, Test
 from kit.models import KV_TYPE_BYTES, model_card
 from kit.paths import OUTPUTS, REPO_ROOT, resolve as resolve_path
 from kit.results import RESULTS_FILE, append_rows, load_results, read_rows
+from kit.verdicts import INCONCLUSIVE, compare, looks_confidence
 
 DEFAULT_TIMEOUT_S = 600
 STDERR_TAIL_LINES = 15
@@ -355,6 +356,61 @@ class LiveTrial:
         self._tmp.cleanup()
 
 
+@dataclass
+class Adaptive:
+    """More interleaved rounds for the comparisons of a sweep that are still inconclusive after the planned ones.
+
+    A fixed schedule of looks: the planned `repetitions` rounds are look 1; after each look, every (candidate,
+    baseline) pair in `pairs` whose engine t/s comparison is still inconclusive at confidence
+    `looks_confidence(looks)` gets one more block of `repetitions` rounds (both configurations, alternated as
+    before), up to `looks` blocks in all; decided pairs stop. Every look uses that Bonferroni confidence, and so must
+    the verdict on the rows (`kit.verdicts.rows_confidence`), so stopping at the first look that decides keeps the
+    chance of a wrong label at most 5 %. `max_s` caps the seconds spent on extra blocks in one sweep. Rows say how
+    many blocks their test ran (`looks`), the schedule (`looks_planned`), and `looks_capped` when the schedule or
+    the time cap, not a decision, ended it. Applies where a sweep interleaves (engine tests of several configurations).
+    """
+    claim: str
+    pairs: Sequence[tuple[Settings, Settings]]     # (candidate, baseline)
+    claimed: str = "better"
+    looks: int = 3
+    max_s: float = 120.0
+    equivalence: float | None = None                # None: the claim's band (kit.verdicts.BANDS)
+    spent_s: float = field(default=0.0, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.looks < 1 or self.max_s < 0:
+            raise SettingsError(f"adaptive looks={self.looks} must be >= 1 and max_s={self.max_s} >= 0")
+        for pair in self.pairs:
+            if len(pair) != 2 or not all(isinstance(s, Settings) for s in pair):
+                raise SettingsError("adaptive pairs are (candidate Settings, baseline Settings)")
+
+    @classmethod
+    def against(cls, claim: str, baseline: Settings, candidates: Sequence[Settings], **kw) -> "Adaptive":
+        """Every candidate against one baseline."""
+        return cls(claim, [(c, baseline) for c in candidates if c != baseline], **kw)
+
+    @property
+    def confidence(self) -> float:
+        return looks_confidence(self.looks)
+
+    def undecided(self, samples: dict[int, list[float]], settings: dict[int, Settings]) -> set[int]:
+        """Members (group indexes) of pairs still inconclusive on these samples."""
+        index = {}
+        for j, s in settings.items():
+            index.setdefault(json.dumps(s.to_dict(), sort_keys=True, default=str), j)
+        out: set[int] = set()
+        for cand, base in self.pairs:
+            c = index.get(json.dumps(cand.to_dict(), sort_keys=True, default=str))
+            b = index.get(json.dumps(base.to_dict(), sort_keys=True, default=str))
+            if c is None or b is None or c not in samples or b not in samples:
+                continue
+            v = compare(self.claim, samples[c], samples[b], claimed=self.claimed, equivalence=self.equivalence,
+                        confidence=self.confidence)
+            if v.verdict == INCONCLUSIVE:
+                out |= {c, b}
+        return out
+
+
 def _failed_row(test: Test, status: str, error: str) -> dict:
     return {"status": status, "error": error, "test": test.name, "test_kind": test.kind,
             "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth}
@@ -362,7 +418,8 @@ def _failed_row(test: Test, status: str, error: str) -> dict:
 
 def run_interleaved(group: Sequence[_Plan], todo: Sequence[list], repetitions: int, record,
                     timeout_s: float = DEFAULT_TIMEOUT_S, log_file: str | None = None,
-                    mem_limit_mb: int | None = None, on_trial_done=None, seed: int = 0) -> None:
+                    mem_limit_mb: int | None = None, on_trial_done=None, seed: int = 0,
+                    adaptive: Adaptive | None = None) -> None:
     """Measure a group of configurations with their repetitions alternated.
 
     Every configuration gets a live child (model loaded once, one after the other). Then, test by test: each
@@ -374,6 +431,7 @@ def run_interleaved(group: Sequence[_Plan], todo: Sequence[list], repetitions: i
 
     `record(plan, [(test, key)], rows)` is called for every test as soon as all configurations finished it, so a
     crash later loses nothing. A child that dies costs only its own configuration's remaining tests.
+    `adaptive` adds blocks of rounds to comparisons still inconclusive (`Adaptive`).
     """
     rng = random.Random(seed)
     t_origin = time.perf_counter()
@@ -388,7 +446,8 @@ def run_interleaved(group: Sequence[_Plan], todo: Sequence[list], repetitions: i
         pending = [len(pairs) for pairs in todo]
         for test in order:
             members = [j for j, pairs in enumerate(todo) if any(t == test for t, _ in pairs)]
-            rows = _interleave_test(test, lives, todo, members, repetitions, rng, died)
+            rows = _interleave_test(test, lives, todo, members, repetitions, rng, died, adaptive,
+                                    {j: group[j].settings for j in members})
             for j in members:
                 row = rows[j]
                 row.update(interleaved=True, interleave_group=len(group),
@@ -403,11 +462,15 @@ def run_interleaved(group: Sequence[_Plan], todo: Sequence[list], repetitions: i
 
 
 def _interleave_test(test: Test, lives: list[LiveTrial], todo: Sequence[list], members: list[int],
-                     repetitions: int, rng: random.Random, died: dict[int, Test]) -> dict[int, dict]:
-    """One test across the group's children: prepare each, `repetitions` rounds in a fresh random order, then
-    each child's row (or its failure's). Returns configuration index -> row."""
+                     repetitions: int, rng: random.Random, died: dict[int, Test], adaptive: Adaptive | None = None,
+                     settings: dict[int, Settings] | None = None) -> dict[int, dict]:
+    """One test across the group's children: prepare each, `repetitions` rounds in a fresh random order (then, with
+    `adaptive`, more blocks of rounds for the pairs still undecided), then each child's row (or its failure's).
+    Returns configuration index -> row."""
     idx = {j: [t for t, _ in todo[j]].index(test) for j in members}
     rows: dict[int, dict] = {}
+    samples: dict[int, list[float]] = {j: [] for j in members}
+    looks = {j: 1 for j in members}
 
     def step(j: int, op: str) -> dict | None:
         try:
@@ -422,18 +485,37 @@ def _interleave_test(test: Test, lives: list[LiveTrial], todo: Sequence[list], m
             return None
         return r
 
+    def block(who: list[int]) -> None:
+        for _ in range(repetitions):
+            turn = [j for j in who if j not in rows]
+            rng.shuffle(turn)
+            for j in turn:
+                r = step(j, "rep")
+                if r is not None and r.get("ts") is not None:
+                    samples[j].append(float(r["ts"]))
+
     for j in members:
         step(j, "prepare")
-    for _ in range(repetitions):
-        turn = [j for j in members if j not in rows]
-        rng.shuffle(turn)
-        for j in turn:
-            step(j, "rep")
+    block(members)
+    undecided: set[int] = set()
+    if adaptive is not None and test.kind in ENGINE_KINDS:
+        for look in range(1, adaptive.looks + 1):
+            undecided = adaptive.undecided({j: x for j, x in samples.items() if j not in rows}, settings or {})
+            if not undecided or look == adaptive.looks or adaptive.spent_s >= adaptive.max_s:
+                break
+            t0 = time.perf_counter()
+            block(sorted(undecided))
+            adaptive.spent_s += time.perf_counter() - t0
+            for j in undecided:
+                looks[j] = look + 1
     for j in members:
         if j not in rows:
             r = step(j, "finish")
             if r is not None:
                 rows[j] = r["row"]
+                if adaptive is not None:
+                    rows[j].update(looks=looks[j], looks_planned=adaptive.looks, adaptive_claim=adaptive.claim,
+                                   looks_capped=j in undecided)
     return rows
 
 
@@ -481,7 +563,8 @@ def _short(s: Settings) -> str:
 def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequence[Test],
               repetitions: int = DEFAULT_REPETITIONS, out_root: str | os.PathLike = OUTPUTS,
               timeout_s: float = DEFAULT_TIMEOUT_S, retry_failed: bool = False, progress: bool = True,
-              mem_limit_mb: int | None = None, extra: dict | None = None, interleave: bool | None = None):
+              mem_limit_mb: int | None = None, extra: dict | None = None, interleave: bool | None = None,
+              adaptive: Adaptive | None = None):
     """Run every configuration x test, each configuration in its own child process; returns the study's DataFrame.
 
     interleave: None (auto) alternates the repetitions of every configuration (`run_interleaved`) when the
@@ -489,6 +572,9 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
     (`interleave_group_size`); the sweep's other tests then run back to back, one more child per configuration.
     False measures each configuration's repetitions back to back, as llama-bench does;
     True asks for interleaving (still only where it can run). Rows say which (`interleaved`).
+
+    adaptive: extra interleaved rounds for comparisons still inconclusive after `repetitions` (`Adaptive`: a fixed
+    schedule of looks, Bonferroni; the verdict then uses `kit.verdicts.rows_confidence(rows)`).
 
     Rows go to outputs/<study>/results.jsonl as each trial ends; llama.cpp's log to outputs/<study>/llama.log.
     `extra` columns (e.g. {"claim": "G3"}) are added to every row of this call.
@@ -522,7 +608,7 @@ def run_sweep(study: str, configs: Sequence[Settings] | Settings, tests: Sequenc
                 group = live_plans[g:g + group_size]
                 todo = [[(t, k) for t, k in zip(p.tests, p.keys) if k not in done and t.kind in ENGINE_KINDS]
                         for p in group]
-                run_interleaved(group, todo, repetitions, record,
+                run_interleaved(group, todo, repetitions, record, adaptive=adaptive,
                                 on_trial_done=None if split else lambda: bar.update(1), **trial_kw)
         if group_size == 1 or split:
             for plan in live_plans:

@@ -414,6 +414,17 @@ def looks_confidence(looks: int, confidence: float = 0.95) -> float:
     return 1 - (1 - confidence) / max(1, looks)
 
 
+def rows_confidence(rows) -> float:
+    """The confidence a verdict on these rows must use: `looks_confidence` of the largest schedule of looks the
+    rows were measured under (column `looks_planned`, written by adaptive sweeps), else 95 %. Takes a DataFrame or
+    a list of row dicts."""
+    if isinstance(rows, pd.DataFrame):
+        planned = rows["looks_planned"].dropna().tolist() if "looks_planned" in rows else []
+    else:
+        planned = [r.get("looks_planned") for r in rows if r.get("looks_planned") is not None]
+    return looks_confidence(int(max(planned))) if planned else 0.95
+
+
 def _point_ratio(candidate: Sequence[float], baseline: Sequence[float]) -> float | None:
     if not candidate or not baseline or statistics.median(baseline) == 0:
         return None

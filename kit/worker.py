@@ -8,7 +8,7 @@ never reached.
 `python -m kit.worker --serve SPEC.json`: the same configuration, held open for an interleaved sweep
 (`kit.sweep`). The model is loaded once; the parent then sends one JSON command per line on stdin and reads one
 JSON reply per line: {"op": "prepare", "test": i} (depth fill and warm-up), {"op": "rep", "test": i} (one timed
-repetition), {"op": "finish", "test": i} (the test's row), {"op": "quit"}. Replies go to the process's original
+repetition; the reply carries its t/s as "ts"), {"op": "finish", "test": i} (the test's row), {"op": "quit"}. Replies go to the process's original
 stdout; anything else that writes to stdout (a library's print) is sent to stderr, so it cannot corrupt them.
 """
 from __future__ import annotations
@@ -84,8 +84,10 @@ def serve(spec_path: str) -> int:
                         runs[i].warmup()
                         out = {"ok": True}
                     elif op == "rep":
-                        runs[i].once()
-                        out = {"ok": True}
+                        run = runs[i]
+                        run.once()
+                        # the sample's t/s, for a parent deciding whether to add rounds (kit.sweep.Adaptive)
+                        out = {"ok": True, "ts": run.samples_n[-1] / (run.samples_ns[-1] / 1e9)}
                     elif op == "finish":
                         run = runs.pop(i)
                         cpu_s, wall_s = busy.get(i, [0.0, 0.0])

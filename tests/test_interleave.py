@@ -129,3 +129,43 @@ def test_a_model_that_fails_to_load_is_reported_for_its_configuration_only(tmp_p
     assert [r["status"] for r in good] == ["ok", "ok"]
     assert bad["tg4"]["status"] == "error" and bad["tg4"]["error"]
     assert bad["pp16"]["status"] == "skipped"
+
+
+def test_adaptive_rounds_follow_the_schedule_of_looks(tmp_path):
+    # n_batch does not touch single-token decoding: tg at 128 vs 256 is the same work, so with no band
+    # (equivalence 0) the comparison rarely decides and the schedule of looks has to run
+    from kit.sweep import Adaptive
+    from kit.verdicts import INCONCLUSIVE, compare, rows_confidence
+
+    a, b = BASE.replace(n_batch=128), BASE.replace(n_batch=256)
+    adaptive = Adaptive.against("G3", b, [a, b], looks=3, max_s=120, equivalence=0.0)
+    assert adaptive.pairs == [(a, b)]
+    df = run_sweep("adapt", [a, b], [tg(4)], repetitions=3, out_root=tmp_path, progress=False, timeout_s=300,
+                   adaptive=adaptive)
+    assert list(df["status"]) == ["ok", "ok"] and set(df["looks_planned"]) == {3}
+    assert df["looks"].nunique() == 1                       # a pair's two sides run the same blocks
+    looks = int(df["looks"].iloc[0])
+    assert all(len(s) == 3 * looks for s in df["samples_ts"])
+    conf = rows_confidence(df)
+    assert conf == pytest.approx(1 - 0.05 / 3)
+    final = compare("G3", df["samples_ts"].iloc[0], df["samples_ts"].iloc[1], equivalence=0.0, confidence=conf)
+    # the sweep stopped either because the pair was decided, or at the end of the schedule, and says which
+    assert bool(df["looks_capped"].iloc[0]) == (final.verdict == INCONCLUSIVE)
+    if final.verdict == INCONCLUSIVE:
+        assert looks == 3
+    assert adaptive.spent_s > 0 or looks == 1
+    # a resumed sweep keeps the longer rows: the trial key is the plan's, not the number of looks taken
+    again = run_sweep("adapt", [a, b], [tg(4)], repetitions=3, out_root=tmp_path, progress=False, adaptive=adaptive)
+    assert len(again) == 2
+
+
+def test_adaptive_time_cap_stops_extra_rounds(tmp_path):
+    from kit.sweep import Adaptive
+
+    a, b = BASE.replace(n_batch=128), BASE.replace(n_batch=256)
+    capped = Adaptive.against("G3", b, [a], looks=4, max_s=0, equivalence=0.0)
+    df = run_sweep("capped", [a, b], [tg(4)], repetitions=3, out_root=tmp_path, progress=False, adaptive=capped)
+    assert set(df["looks"]) == {1} and all(len(s) == 3 for s in df["samples_ts"])
+    assert capped.spent_s == 0
+    with pytest.raises(Exception, match="looks"):
+        Adaptive("G3", [(a, b)], looks=0)
