@@ -13,7 +13,8 @@ from kit import measure
 from kit.config import Settings, SettingsError, StudyConfigError
 from kit.measure import load_model, pp
 from kit.sweep import planned_rows
-from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, evidence_path, median_ci
+from kit.verdicts import (INCONCLUSIVE, MIXED, NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, decide, evidence_path,
+                          median_ci)
 
 
 # ---- config -------------------------------------------------------------------------------------------------------
@@ -153,35 +154,77 @@ def test_g3_verdict_follows_the_data() -> None:
                                     study, gpu_offload=True)
     assert slower.verdict == REFUTED and slower.details["scope"] == "gpu" and "not testable" not in slower.reason
     same = batch_flash_attn.verdict_batch(_grid_rows(lambda n, nb, nub: 300.0), study, gpu_offload=False)
-    assert same.verdict == NO_EFFECT
+    assert same.verdict == NO_EFFECT and same.band == 0.05
+    # the same work at 256 tokens (one call, one micro-batch), a gain at 1024: depends on the prompt length
+    mixed = batch_flash_attn.verdict_batch(
+        _grid_rows(lambda n, nb, nub: 400.0 if (n, nb, nub) == (1024, 1024, 512) else 300.0), study, gpu_offload=False)
+    assert mixed.verdict == MIXED and mixed.depends_on == "prompt length"
+    assert {c["condition"]: c["verdict"] for c in mixed.conditions} == {
+        "256-token prompt (same decode calls and micro-batches)": NO_EFFECT, "1024-token prompt": SUPPORTED}
+    assert mixed.effect == pytest.approx(4 / 3, rel=0.02)  # the longest prompt's
     failed = _grid_rows(lambda n, nb, nub: 300.0)
     failed["status"] = "error"
     assert batch_flash_attn.verdict_batch(failed, study).verdict == NOT_TESTABLE
 
 
-def _flash_rows(on_factor):
+def _flash_rows(on_factor, depths=(0, 1024), spread=0.01):
     rows = []
     for fa in (False, True):
-        for d in (0, 1024):
+        for d in depths:
             for mode in ("pp", "tg"):
                 base = 300.0 if mode == "pp" else 100.0
                 ts = base * (on_factor(mode, d) if fa else 1.0)
-                rows.append(_row(128 if mode == "pp" else 0, 512, 512, ts, flash_attn=fa, n_depth=d,
-                                 n_gen=0 if mode == "pp" else 32, test_kind=mode))
+                r = _row(128 if mode == "pp" else 0, 512, 512, ts, flash_attn=fa, n_depth=d,
+                         n_gen=0 if mode == "pp" else 32, test_kind=mode)
+                r["samples_ts"] = [ts * (1 + spread * i) for i in range(-2, 3)]
+                rows.append(r)
     return pd.DataFrame(rows)
+
+
+def _labels(v) -> dict:
+    return {c["condition"]: c["verdict"] for c in v.conditions}
 
 
 def test_g2_verdict_agreeing_and_mixed() -> None:
     v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: 1.3), gpu_offload=False)
-    assert v.claim == "G2" and v.verdict == SUPPORTED and v.details["mixed"] is False
-    assert len(v.details["comparisons"]) == 4
-    # faster prompts, slower decode at depth: the deepest tg decides, the mix is stated
-    v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: 1.3 if m == "pp" else (0.8 if d else 1.0)), gpu_offload=False)
-    assert v.verdict == REFUTED and v.details["mixed"] is True and "mixed" in v.summary
-    assert v.details["comparisons"][0]["verdict"] == SUPPORTED
+    assert v.claim == "G2" and v.verdict == SUPPORTED and v.depends_on == "test and context depth"
+    assert list(_labels(v)) == ["pp at depth 0", "tg at depth 0", "pp at depth 1024", "tg at depth 1024"]
+    assert set(_labels(v).values()) == {SUPPORTED}
+    # faster prompts, the same decode at depth 0, slower decode at depth: mixed, every condition's label kept
+    v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: 1.3 if m == "pp" else (0.8 if d else 1.0)),
+                                       gpu_offload=False)
+    assert v.verdict == MIXED and "Depends on the test and the context depth" in v.summary
+    assert _labels(v) == {"pp at depth 0": SUPPORTED, "tg at depth 0": NO_EFFECT, "pp at depth 1024": SUPPORTED,
+                          "tg at depth 1024": REFUTED}
+    # the effect shown is decode at the deepest context
+    assert v.details["headline"] == "tg at depth 1024" and v.effect == pytest.approx(0.8, rel=0.02)
     assert batch_flash_attn.verdict_flash(pd.DataFrame()).verdict == NOT_TESTABLE
     t = batch_flash_attn.flash_table(_flash_rows(lambda m, d: 1.0))
     assert set(t.test) == {"pp128", "tg32"} and len(t) == 8
+
+
+def test_g2_issue_example_is_mixed_not_one_word() -> None:
+    """x1.13 pp and x1.16 tg at depth 0, x0.925 tg at depth 1024 (two runs labelled it "refuted" and "no measurable
+    effect"): mixed, with each condition's own label."""
+    factors = {("pp", 0): 1.13, ("tg", 0): 1.16, ("pp", 1024): 1.0, ("tg", 1024): 0.925}
+    v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: factors[(m, d)]), gpu_offload=False)
+    labels = _labels(v)
+    assert v.verdict == MIXED
+    assert labels["pp at depth 0"] == labels["tg at depth 0"] == SUPPORTED
+    assert labels["tg at depth 1024"] == REFUTED and labels["pp at depth 1024"] == NO_EFFECT
+    for c in v.conditions:  # each label is the one rule's on its own interval and the claim's band
+        assert c["verdict"] == decide(c["ci_low"], c["ci_high"], equivalence=c["band"]) and c["band"] == 0.05
+
+
+def test_g2_wide_interval_is_inconclusive_with_the_samples_that_would_decide_it() -> None:
+    """A 3 % gain with +-20 % spread can be neither a gain nor inside the band: inconclusive, not "no effect"."""
+    v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: 1.03, depths=(0,), spread=0.1), gpu_offload=False)
+    assert v.verdict == INCONCLUSIVE
+    for c in v.conditions:
+        assert c["verdict"] == INCONCLUSIVE and c["ci_low"] < 0.95 and c["ci_high"] > 1.05
+        assert c["samples_to_decide"] > c["n_candidate"] == 5
+    assert v.samples_to_decide == max(c["samples_to_decide"] for c in v.conditions)
+    assert v.label().startswith("inconclusive: about ") and "samples per side would decide it" in v.label()
 
 
 def test_planned_rows_drops_rows_of_other_parameters() -> None:
@@ -261,9 +304,10 @@ def test_depth_test_refuses_what_does_not_fit_or_mixes_modes(lm) -> None:
 
 def test_equal_speeds_give_no_effect_at_every_depth() -> None:
     v = batch_flash_attn.verdict_flash(_flash_rows(lambda m, d: 1.0), gpu_offload=True)
-    assert v.verdict == NO_EFFECT and v.details["mixed"] is False and v.details["scope"] == "gpu"
-    assert all(c["verdict"] == NO_EFFECT and c["ci_low"] <= 1.0 <= c["ci_high"] for c in v.details["comparisons"])
-    assert v.metric.endswith("(all depths agree)") and v.details["n_depth"] == 1024 and v.details["test"] == "tg"
+    assert v.verdict == NO_EFFECT and v.details["scope"] == "gpu" and v.band == 0.05
+    assert all(c["verdict"] == NO_EFFECT and 0.95 <= c["ci_low"] <= 1.0 <= c["ci_high"] <= 1.05
+               for c in v.conditions)
+    assert v.details["n_depth"] == 1024 and v.details["test"] == "tg" and len(v.conditions) == 4
 
 
 def test_too_few_samples_give_no_verdict() -> None:
@@ -272,7 +316,7 @@ def test_too_few_samples_give_no_verdict() -> None:
     df["samples_ts"] = [s[:1] for s in df["samples_ts"]]
     v = batch_flash_attn.verdict_flash(df, gpu_offload=True)
     assert v.verdict == NOT_TESTABLE and "too few samples" in v.reason
-    assert v.details["comparisons"][0]["ratio"] == pytest.approx(1.5, rel=0.05)
+    assert v.conditions[0]["details"]["point_ratio"] == pytest.approx(1.5, rel=0.05)
     assert "point estimate" in v.summary
     rows = _grid_rows(lambda n, nb, nub: 400.0 if (nb, nub) == (1024, 512) else 300.0)
     rows["samples_ts"] = [s[:2] for s in rows["samples_ts"]]

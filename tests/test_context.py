@@ -10,7 +10,7 @@ from kit.config import StudyConfigError
 from kit.models import model_card
 from kit.paths import DEFAULT_MODEL, REPO_ROOT
 from kit.studies import context_kv as context
-from kit.verdicts import NO_EFFECT, REFUTED, SUPPORTED, decide, paired_log_ratio
+from kit.verdicts import INCONCLUSIVE, MIXED, NO_EFFECT, REFUTED, SUPPORTED, decide, paired_log_ratio
 
 
 def test_paired_ppl_ratio():
@@ -34,14 +34,21 @@ def test_ppl_ratio_verdict_directions_follow_the_one_rule():
     assert context.ppl_ratio_verdict("M2", worse, base, claimed="worse").verdict == SUPPORTED
     better = [x - 0.2 for x in base]
     assert context.ppl_ratio_verdict("M2", better, base, claimed="better").verdict == SUPPORTED
+    # +-5 % per chunk either way: the interval holds 1 but is wider than M2's +-1 % band: inconclusive
     noisy = [x + (0.05 if i % 2 else -0.05) for i, x in enumerate(base)]
     v = context.ppl_ratio_verdict("M2", noisy, base, claimed="better")
-    assert v.verdict == NO_EFFECT and v.ci_low < 1 < v.ci_high
-    # the label is kit.verdicts.decide's on the paired interval, lower perplexity being better
-    for cand in (worse, better, noisy):
+    assert v.verdict == INCONCLUSIVE and v.ci_low < 0.99 and v.ci_high > 1.01 and v.band == 0.01
+    assert v.samples_to_decide > 6 and v.label().startswith("inconclusive: about")
+    # +-0.2 % per chunk: the whole interval inside the band
+    tiny = [x + (0.002 if i % 2 else -0.002) for i, x in enumerate(base)]
+    v = context.ppl_ratio_verdict("M2", tiny, base, claimed="better")
+    assert v.verdict == NO_EFFECT and 0.99 <= v.ci_low < 1 < v.ci_high <= 1.01
+    assert context.ppl_ratio_verdict("M2", tiny, base, claimed="same").verdict == SUPPORTED
+    # the label is kit.verdicts.decide's on the paired interval and M2's band, lower perplexity being better
+    for cand in (worse, better, noisy, tiny):
         _, lo, hi = paired_log_ratio(cand, base)
         assert context.ppl_ratio_verdict("M2", cand, base, claimed="better").verdict == \
-            decide(lo, hi, claimed="better", higher_is_better=False)
+            decide(lo, hi, claimed="better", higher_is_better=False, equivalence=0.01)
 
 
 def test_study_excludes_beyond_train_and_says_so():
@@ -122,12 +129,21 @@ def test_m1_verdict():
     s = context.ContextStudy(n_ctx_values=[512, 4096, 8192, 16384], depths=[0, 2048])
     assert s.depth_ctx == 8192
     v = context.m1_verdict(_alloc_rows([100, 101, 99, 100, 102], [100, 99, 101, 100, 98]), s)
-    assert v.claim == "M1" and v.verdict == NO_EFFECT
+    assert v.claim == "M1" and v.verdict == NO_EFFECT and v.band == 0.05
+    assert {c["condition"]: c["verdict"] for c in v.conditions} == {"tg t/s": NO_EFFECT, "TTFT": NO_EFFECT}
     assert v.details["ttft"]["verdict"] == NO_EFFECT
     assert v.details["used_tg"]["verdict"] == SUPPORTED and v.details["used_tg"]["effect"] == pytest.approx(0.6)
-    assert "16384" in v.summary and v.details["kv_mib_saved"] > 0
+    assert "16384" in v.summary and v.details["kv_mib_saved"] > 0 and "by less than the band" in v.summary
+    # faster tg, the same TTFT: mixed, both kept
     v = context.m1_verdict(_alloc_rows([120, 121, 119, 120, 122], [100, 99, 101, 100, 98]), s)
-    assert v.verdict == SUPPORTED
+    assert v.verdict == MIXED and {c["condition"]: c["verdict"] for c in v.conditions} == {
+        "tg t/s": SUPPORTED, "TTFT": NO_EFFECT}
+    assert v.effect == pytest.approx(1.2, rel=0.01)  # tg's, the headline
+    # a 2 % difference within +-25 % spread: inconclusive (it used to read "no measurable effect")
+    v = context.m1_verdict(_alloc_rows([102, 75, 125, 80, 120], [100, 125, 75, 120, 80]), s)
+    tg = next(c for c in v.conditions if c["condition"] == "tg t/s")
+    assert tg["verdict"] == INCONCLUSIVE and tg["ci_low"] < 0.95 and tg["ci_high"] > 1.05
+    assert tg["samples_to_decide"] > 5 and v.verdict == MIXED  # TTFT is still inside the band
 
 
 def test_m2_verdict_from_rope_perplexity():

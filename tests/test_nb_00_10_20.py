@@ -13,7 +13,7 @@ from kit.gpu import build_supports_gpu_offload, nvml_available
 from kit.paths import NOTEBOOKS_DIR, QUICK_FILE, REPO_ROOT
 from kit.results import load_results
 from kit.search import NOT_TESTABLE_NO_OFFLOAD
-from kit.verdicts import NOT_TESTABLE, read_verdicts
+from kit.verdicts import MIXED, NOT_TESTABLE, decide, read_verdicts
 
 OFFLOAD = build_supports_gpu_offload() and nvml_available()
 cpu_only = pytest.mark.skipif(OFFLOAD, reason="checks the CPU-only path; this build offloads to a GPU")
@@ -90,7 +90,8 @@ def test_notebook_10_gpu_layers_on_a_gpu(run_notebook) -> None:
     assert (offloaded.vram_peak_mb > offloaded.vram_baseline_mb).all()  # the layers went to VRAM
     assert g1["verdict"] != NOT_TESTABLE and g1["details"]["candidate_layers"] == 31
     assert g1["details"]["baseline_layers"] == 30 and g1["ci_low"] <= g1["effect"] <= g1["ci_high"]
-    assert f"Use n_gpu_layers={best}" in run.text
+    assert f"n_gpu_layers={best} (the most that fit" in run.text
+    assert [c["condition"] for c in g1["conditions"]] == ["tg", "pp"]
 
 
 @pytest.mark.notebook
@@ -104,8 +105,19 @@ def test_notebook_20_batch_flash_attn(run_notebook) -> None:
     g3, g2 = verdicts["G3"], verdicts["G2"]
     assert g3["verdict"] != NOT_TESTABLE and 0.25 < g3["effect"] < 4 and g3["ci_low"] <= g3["effect"] <= g3["ci_high"]
     assert [p["n_prompt"] for p in g3["details"]["per_prompt"]] == quick["prompt_lengths"]
-    assert g2["verdict"] != NOT_TESTABLE and len(g2["details"]["comparisons"]) == 4  # pp, tg x 2 depths
+    # G2: one sub-verdict per test and depth, each the one rule's label on its own interval and band; the claim's
+    # label is the one they share, else mixed
+    conds = {c["condition"]: c for c in g2["conditions"]}
+    assert set(conds) == {f"{m} at depth {d}" for m in ("pp", "tg") for d in quick["depths"]}
+    assert g2["depends_on"] == "test and context depth"
+    for c in conds.values():
+        assert c["verdict"] == decide(c["ci_low"], c["ci_high"], equivalence=c["band"]) and c["band"] == 0.05
+    labels = {c["verdict"] for c in conds.values()}
+    assert g2["verdict"] == (labels.pop() if len(labels) == 1 else MIXED)
     assert 0.25 < g2["effect"] < 4 and g2["details"]["test"] == "tg" and g2["details"]["n_depth"] == 64
+    assert g2["effect"] == conds["tg at depth 64"]["effect"]
+    assert [c["condition"] for c in g3["conditions"]] == [f"{n}-token prompt" for n in quick["prompt_lengths"]]
+    assert g3["verdict"] == decide(g3["ci_low"], g3["ci_high"], equivalence=g3["band"])
     if not OFFLOAD:
         assert "not testable here" in g3["reason"] and "not testable here" in g2["reason"]
         assert g3["details"]["scope"] == g2["details"]["scope"] == "cpu"

@@ -16,7 +16,7 @@ from kit.measure import pp, tg
 from kit.models import model_card, resolve_model
 from kit.paths import DEFAULT_MODEL
 from kit.studies import environment_report, gpu_layers
-from kit.verdicts import NOT_TESTABLE, SUPPORTED
+from kit.verdicts import MIXED, NO_EFFECT, NOT_TESTABLE, SUPPORTED, decide
 
 MIB = 1024 * 1024
 N_LAYERS = 30  # the bundled model: n_gpu_layers runs 0 .. 31 (output layer included)
@@ -261,9 +261,23 @@ def test_run_gpu_layers_with_a_fake_gpu(tmp_path, monkeypatch) -> None:
     v = gpu_layers.verdict_gpu_layers(run)
     assert v.claim == "G1" and v.verdict == SUPPORTED
     assert v.details["candidate_layers"] == 20 and v.details["baseline_layers"] == 0
-    assert v.effect == pytest.approx(3.0, rel=0.02)  # (1 + 20/10) / 1
+    assert v.effect == pytest.approx(3.0, rel=0.02)  # (1 + 20/10) / 1: tg, the headline condition
     assert v.details["pp_verdict"] == SUPPORTED and v.details["pp_ratio"] == pytest.approx(3.0, rel=0.02)
+    # one sub-verdict per test, each the one rule's label on its own interval and G1's band
+    assert [c["condition"] for c in v.conditions] == ["tg", "pp"] and v.depends_on == "test (tg, pp)"
+    assert all(c["verdict"] == decide(c["ci_low"], c["ci_high"], equivalence=c["band"]) == SUPPORTED
+               and c["band"] == 0.05 for c in v.conditions)
     assert "x3.000 [" in v.summary
+    # pp no faster with the layers on the GPU, tg three times faster: mixed, and no "Use ..." advice
+    rows = run.rows.copy()
+    pp0 = rows[(rows.n_gpu_layers == 0) & (rows.test_kind == "pp")].samples_ts.iloc[0]
+    at20 = (rows.n_gpu_layers == 20) & (rows.test_kind == "pp")
+    rows.loc[at20, "samples_ts"] = pd.Series([list(pp0)] * int(at20.sum()), index=rows.index[at20])
+    mixed = gpu_layers.verdict_gpu_layers(gpu_layers.GpuLayersRun(rows, run.support, run.layer_counts, run.search,
+                                                                  run.ctx_search, run.n_layers))
+    assert mixed.verdict == MIXED and {c["condition"]: c["verdict"] for c in mixed.conditions} == {
+        "tg": SUPPORTED, "pp": NO_EFFECT}
+    assert not gpu_layers.recommendation(mixed, run, study).startswith("Use")
     assert gpu_layers.recommendation(v, run, study).startswith("Use n_gpu_layers=24 (the most that fit in 6656.0 MiB)")
     fig = gpu_layers.plot_gpu_layers(table)
     assert len(fig.axes) == 3

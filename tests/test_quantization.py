@@ -11,7 +11,7 @@ from kit.config import StudyConfigError
 from kit.models import ModelFileError
 from kit.paths import DEFAULT_MODEL, REPO_ROOT
 from kit.studies import quantization as qz
-from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED
+from kit.verdicts import INCONCLUSIVE, MIXED, NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, decide
 
 
 # ---- config -------------------------------------------------------------------------------------------------------
@@ -103,32 +103,65 @@ def test_study_table_is_written_without_samples_and_shown_by_its_columns(tmp_pat
     assert ev == ["50_quantization/figures/pareto.png", "50_quantization/results.jsonl", "50_quantization/table.csv"]
 
 
-def test_pareto_front_and_q2_refuted_when_a_recommendation_is_clearly_dominated():
+def _labels(v) -> dict:
+    return {c["condition"]: c["verdict"] for c in v.conditions}
+
+
+def test_pareto_front_and_q2_per_recommended_type():
     t = _table([("F16", 50, 0.0, 258), ("Q8_0", 80, 0.005, 138), ("Q5_K_M", 90, 0.02, 110),
                 ("Q4_K_M", 95, 0.05, 100), ("Q4_0", 120, 0.04, 87), ("Q3_K_M", 130, 0.2, 80)])
     assert set(qz.pareto_front(t)) == {"F16", "Q8_0", "Q5_K_M", "Q4_0", "Q3_K_M"}
     v = qz.recommendation_verdict(t)
-    assert v.verdict == REFUTED and "Q4_K_M" in v.summary
-    assert v.details["clear_dominators"]["Q4_K_M"][0]["by"] == "Q4_0"
+    # Q4_K_M is beaten by Q4_0 (faster and closer to F16); the others outrun every better-quality type
+    assert v.verdict == MIXED and v.depends_on == "recommended type"
+    assert _labels(v) == {"Q5_K_M (quality) against Q8_0": SUPPORTED, "Q4_K_M (production) against Q4_0": REFUTED,
+                          "Q3_K_M (development) against Q4_0": SUPPORTED}
+    assert v.details["clear_dominators"]["Q4_K_M"][0]["by"] == "Q4_0" and "Q4_K_M" in v.summary
+    assert v.band == 0.05 and v.band_why == qz.Q2_BAND.why
+    view = qz.front_table(v)
+    assert list(view["condition"]) == list(_labels(v)) and view["verdict"].tolist() == list(_labels(v).values())
 
 
 def test_q2_supported_when_recommendations_are_on_the_front():
     t = _table([("F16", 50, 0.0, 258), ("Q5_K_M", 90, 0.02, 110), ("Q4_K_M", 100, 0.04, 100),
                 ("Q3_K_M", 130, 0.2, 80)])
     v = qz.recommendation_verdict(t)
-    assert v.verdict == SUPPORTED and v.effect == 1.0 and v.details["missing"] == ["Q4_K_S"]
+    assert v.verdict == SUPPORTED and v.details["share_on_front"] == 1.0 and v.details["missing"] == ["Q4_K_S"]
+    # 2 % faster than a better-quality type: within the band, the recommendation buys nothing there
+    t = _table([("F16", 50, 0.0, 258), ("Q5_K_M", 98, 0.02, 110), ("Q4_K_M", 100, 0.04, 100)])
+    v = qz.recommendation_verdict(t)
+    assert _labels(v)["Q4_K_M (production) against Q5_K_M"] == NO_EFFECT and v.verdict == MIXED
 
 
 def test_q1_order_verdicts():
     guide = list(qz.GUIDE_SPEED_ORDER)
     fast_first = _table([(q, 200 - 20 * i, 0.01 * (6 - i), 100) for i, q in enumerate(guide)])
     v = qz.speed_order_verdict(fast_first)
-    assert v.verdict == SUPPORTED and v.effect == pytest.approx(1.0)
+    assert v.verdict == SUPPORTED and v.details["spearman_rho"] == pytest.approx(1.0)
+    assert len(v.conditions) == len(guide) - 1 and v.depends_on == "adjacent pair in the guide's order"
     assert len(qz.pairs_table(v)) == len(guide) - 1 and (qz.pairs_table(v)["verdict"] == SUPPORTED).all()
     reversed_ = _table([(q, 100 + 20 * i, 0.01, 100) for i, q in enumerate(guide)])
     v = qz.speed_order_verdict(reversed_)
-    assert v.verdict == REFUTED and v.ci_high < 0
+    assert v.verdict == REFUTED and v.details["spearman_rho_ci"][1] < 0
     flat = qz.speed_order_verdict(_table([(q, 100, 0.01, 100) for q in guide]))
-    assert flat.verdict == NO_EFFECT  # no pair reversed, none separated
+    assert flat.verdict == NO_EFFECT  # every pair inside +-5 %: the guide's order makes no difference here
+    # the first three in the guide's order, then two equal: the pairs disagree
+    part = qz.speed_order_verdict(_table([(q, s, 0.01, 100) for q, s in zip(guide, (200, 150, 120, 120, 120, 90))]))
+    assert part.verdict == MIXED
+    assert list(_labels(part).values()) == [SUPPORTED, SUPPORTED, NO_EFFECT, NO_EFFECT, SUPPORTED]
+    assert list(_labels(part))[0] == "Q2_K faster than Q3_K_M"
+    for c in part.conditions:
+        assert c["verdict"] == decide(c["ci_low"], c["ci_high"], equivalence=c["band"])
     few = qz.speed_order_verdict(_table([("Q4_0", 1, 0.1, 1)]))
     assert few.verdict == NOT_TESTABLE and qz.pairs_table(few).empty
+
+
+def test_q1_wide_spread_is_inconclusive_not_no_effect():
+    """Pairs 3 % apart with +-20 % spread: no pair reversed, none decided; this used to read "no measurable effect"."""
+    guide = list(qz.GUIDE_SPEED_ORDER)[:3]
+    t = pd.DataFrame([{"quant_type": q, "tg_ts": 100 - 3 * i, "kld_mean": 0.01, "kld_stderr": 0.001, "size_mib": 100,
+                       "tg_samples": [(100 - 3 * i) * f for f in (0.8, 0.9, 1.0, 1.1, 1.2)]}
+                      for i, q in enumerate(guide)])
+    v = qz.speed_order_verdict(t)
+    assert v.verdict == INCONCLUSIVE and all(c["verdict"] == INCONCLUSIVE for c in v.conditions)
+    assert v.samples_to_decide and v.samples_to_decide > 5 and "samples per side would decide it" in v.label()

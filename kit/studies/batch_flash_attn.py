@@ -3,7 +3,8 @@ G2 (LLAMACPP_FLASH_ATTN=true), measured on whatever this machine and build can r
 
 Two parts, one study config (`BatchFlashStudy`):
 - the n_batch x n_ubatch grid at several prompt lengths: prompt tokens/s and TTFT (G3);
-- flash attention off/on at several context depths, as llama-bench's `-d`: pp and tg (G2).
+- flash attention off/on at several context depths, as llama-bench's `-d`: pp and tg (G2), one sub-verdict per
+  test and depth (`kit.verdicts.combine`): "mixed" when flash attention helps short contexts and hurts deep ones.
 
 TTFT here is the engine's prompt-processing time for n_prompt tokens (the `pp` test's timed region). A
 server's TTFT adds the chat template, tokenization and one decode step for the first token; those do not
@@ -29,7 +30,7 @@ from kit.measure import Test, pp, tg
 from kit.plots import setup, speed_plot
 from kit.results import median_table, pooled_samples
 from kit.sweep import grid, planned_rows, run_sweep
-from kit.verdicts import Verdict, compare, not_testable, ratio_of, ratio_text
+from kit.verdicts import MIXED, NOT_TESTABLE, Verdict, combine, compare, not_testable, ratio_of, ratio_text
 
 CLAIM_BATCH = "G3"
 CLAIM_FLASH = "G2"
@@ -89,7 +90,8 @@ class BatchFlashStudy(StudyConfig):
                                       ge=1, length=2)
     guide_batch: list[int] = param([1024, 512], "[n_batch, n_ubatch] the guide's GPU advice (G3)", ge=1, length=2)
     # G2 flash attention
-    depths: list[int] = param([0, 1024], "context depths for flash attention on/off", ge=0, nonempty=True)
+    depths: list[int] = param([0, 512, 1024], "context depths for flash attention on/off (a RAG prompt is "
+                                              "350-750 tokens)", ge=0, nonempty=True)
     fa_n_prompt: int = param(64, "pp length at each depth", ge=1)
     fa_n_gen: int = param(16, "tg length at each depth", ge=1)
     fa_n_batch: int = param(512, "n_batch of the flash-attention part", ge=1)
@@ -268,7 +270,8 @@ def _gpu_scope(gpu_offload: bool | None) -> str:
             f"claim is not testable here.")
 
 
-def _batch_comparisons(df, study: BatchFlashStudy, evidence: Sequence[str]) -> list[tuple[int, Verdict, bool]]:
+def _batch_comparisons(df, study: BatchFlashStudy, evidence: Sequence[str],
+                       confidence: float = 0.95) -> list[tuple[int, Verdict, bool]]:
     """(prompt length, guide over baseline verdict, whether both cut the prompt the same way) per prompt length."""
     (gb, gu), (bb, bu) = study.guide_batch, study.baseline_batch
     table = batch_table(df)
@@ -278,36 +281,46 @@ def _batch_comparisons(df, study: BatchFlashStudy, evidence: Sequence[str]) -> l
         base = _samples(df, n_prompt=n, n_batch=bb, n_ubatch=bu, test_kind="pp")
         if not cand or not base:
             continue
-        v = compare(CLAIM_BATCH, cand, base, evidence=evidence,
+        v = compare(CLAIM_BATCH, cand, base, evidence=evidence, confidence=confidence,
                     metric=f"pp{n} t/s ratio, n_batch/n_ubatch {gb}/{gu} over {bb}/{bu}")
         plans = table[(table.n_prompt == n) & (((table.n_batch == gb) & (table.n_ubatch == gu)) |
                                                ((table.n_batch == bb) & (table.n_ubatch == bu)))]
         same_work = plans["ubatches"].nunique() == 1 and plans["decode_calls"].nunique() == 1
+        v.details = {**(v.details or {}), "n_prompt": n, "same_work": bool(same_work)}
         out.append((n, v, bool(same_work)))
     return out
 
 
-def verdict_batch(df, study: BatchFlashStudy, evidence: Sequence[str] = (), gpu_offload: bool | None = None):
-    """G3: pp t/s of the guide's 1024/512 against the 512/512 baseline, at the longest prompt (where the two cut
-    the prompt differently); every prompt length's comparison is kept in `details`."""
+def _prompt_condition(n: int, same: bool) -> str:
+    return f"{n}-token prompt" + (" (same decode calls and micro-batches)" if same else "")
+
+
+def verdict_batch(df, study: BatchFlashStudy, evidence: Sequence[str] = (), gpu_offload: bool | None = None,
+                  confidence: float = 0.95) -> Verdict:
+    """G3: pp t/s of the guide's 1024/512 against the 512/512 baseline, one sub-verdict per prompt length
+    (`kit.verdicts.combine`: mixed when prompt lengths disagree); the effect shown is the longest prompt's, where
+    the two settings cut the prompt differently. A prompt length where both do the same work stays a condition:
+    "no meaningful effect" there is what the setting gives such prompts."""
     (gb, gu), (bb, bu) = study.guide_batch, study.baseline_batch
-    comps = _batch_comparisons(df, study, evidence)
+    comps = _batch_comparisons(df, study, evidence, confidence)
     if not comps:
         return not_testable(CLAIM_BATCH, f"no successful rows for {gb}/{gu} and {bb}/{bu}: see the results' "
                                          "error column", evidence=evidence)
-    per_prompt = [{"n_prompt": n, "verdict": v.verdict, "effect": ratio_of(v), "ci_low": v.ci_low,
-                   "ci_high": v.ci_high, "same_work": same, "unstable": v.unstable} for n, v, same in comps]
-    n_main, primary, _ = comps[-1]
+    per_prompt = [{"n_prompt": n, "verdict": v.verdict, "label": v.label(), "effect": ratio_of(v),
+                   "ci_low": v.ci_low, "ci_high": v.ci_high, "same_work": same, "unstable": v.unstable}
+                  for n, v, same in comps]
     scope = _gpu_scope(gpu_offload)
-    others = "; ".join(f"pp{n}: {ratio_text(v)}" + (" (identical work: same decode calls and micro-batches)"
-                                                     if same else "") for n, v, same in comps)
-    shaky = " Samples unstable (CV >= 10 %): repeat on a quiet machine before acting on it." if primary.unstable else ""
-    primary.summary = (f"{gb}/{gu} against {bb}/{bu} at a {n_main}-token prompt: prompt t/s "
-                       f"{ratio_text(primary)}. Per prompt length: {others}.{shaky} {scope}").strip()
-    primary.reason = "; ".join(x for x in (primary.reason, scope) if x)
-    primary.details = {**(primary.details or {}), "per_prompt": per_prompt, "scope": "cpu" if scope else "gpu",
-                       "ttft_definition": "engine prompt-processing time for n_prompt tokens"}
-    return primary
+    conditions = {_prompt_condition(n, same): v for n, v, same in comps}
+    n_main, _, same_main = comps[-1]
+    out = combine(CLAIM_BATCH, conditions, depends_on="prompt length",
+                  headline=_prompt_condition(n_main, same_main), evidence=evidence,
+                  details={"per_prompt": per_prompt, "scope": "cpu" if scope else "gpu",
+                           "ttft_definition": "engine prompt-processing time for n_prompt tokens"})
+    shaky = " Samples unstable (CV >= 10 %): repeat on a quiet machine before acting on it." if out.unstable else ""
+    out.summary = (f"{gb}/{gu} against {bb}/{bu}, prompt t/s per prompt length: {out.summary}{shaky} "
+                   f"{scope}").strip()
+    out.reason = "; ".join(x for x in (out.reason, scope) if x)
+    return out
 
 
 # ---- analysis: G2 ------------------------------------------------------------------------------------------------
@@ -335,59 +348,63 @@ def flash_table(df) -> pd.DataFrame:
     return t.sort_values(keys).reset_index(drop=True)[FLASH_COLUMNS]
 
 
-def flash_comparisons(df, evidence: Sequence[str] = ()) -> list[Verdict]:
-    """Flash on over off, per test and depth: a list of Verdicts (claim G2) in a stable order."""
+def flash_comparisons(df, evidence: Sequence[str] = (), confidence: float = 0.95) -> list[Verdict]:
+    """Flash on over off, one Verdict (claim G2) per depth and test, ordered by depth, then pp before tg."""
     out = []
     if df is None or df.empty:
         return out
     d = df.assign(_mode=[_mode(r) for r in df.to_dict("records")])
-    for mode in ("pp", "tg"):
-        for depth in sorted(d.loc[d._mode == mode, "n_depth"].dropna().unique()):
+    for depth in sorted(d["n_depth"].dropna().unique()):
+        for mode in ("pp", "tg"):
             sel = d[(d._mode == mode) & (d.n_depth == depth)]
             on = _samples(sel, flash_attn=True)
             off = _samples(sel, flash_attn=False)
             if not on or not off:
                 continue
-            v = compare(CLAIM_FLASH, on, off, evidence=evidence,
+            v = compare(CLAIM_FLASH, on, off, evidence=evidence, confidence=confidence,
                         metric=f"{mode} t/s ratio, flash_attn on / off, depth {int(depth)}")
             v.details = {**(v.details or {}), "test": mode, "n_depth": int(depth)}
             out.append(v)
     return out
 
 
+def flash_condition(v: Verdict) -> str:
+    """A G2 sub-verdict's condition name: 'tg at depth 1024'."""
+    return f"{v.details['test']} at depth {v.details['n_depth']}"
+
+
 def comparisons_table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
+    """One row per sub-verdict: test, depth, ratio with its interval and the label a reader sees."""
     return pd.DataFrame([{"test": v.details.get("test"), "n_depth": v.details.get("n_depth"), "ratio": ratio_of(v),
-                          "ci_low": v.ci_low, "ci_high": v.ci_high, "verdict": v.verdict, "unstable": v.unstable}
+                          "ci_low": v.ci_low, "ci_high": v.ci_high, "verdict": v.label(), "unstable": v.unstable}
                          for v in verdicts],
                         columns=["test", "n_depth", "ratio", "ci_low", "ci_high", "verdict", "unstable"])
 
 
-def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = None) -> Verdict:
-    """G2 in one verdict: if every depth and test agrees, that verdict; otherwise the decode (tg) comparison at the
-    deepest context, where attention costs most and a server spends its time, with the disagreement stated."""
-    comps = flash_comparisons(df, evidence)
+def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = None,
+                  confidence: float = 0.95) -> Verdict:
+    """G2: one sub-verdict per test (pp, tg) and context depth, combined (`kit.verdicts.combine`): the label all
+    conditions share, else mixed with each condition's label. The effect shown is decode (tg) at the deepest
+    context, where attention costs most and a RAG server spends its time."""
+    comps = flash_comparisons(df, evidence, confidence)
     if not comps:
         return not_testable(CLAIM_FLASH, "no successful flash-attention rows: see the results' error column",
                             evidence=evidence)
-    kinds = {v.verdict for v in comps}
     tgs = [v for v in comps if v.details["test"] == "tg"] or comps
-    primary = max(tgs, key=lambda v: v.details["n_depth"])
-    per = "; ".join(f"{v.details['test']} @ d{v.details['n_depth']}: {ratio_text(v)}" for v in comps)
+    head = max(tgs, key=lambda v: v.details["n_depth"])
     scope = _gpu_scope(gpu_offload)
-    if len(kinds) == 1:
-        head = f"flash attention on/off gives the same verdict at every depth and test: {primary.verdict}."
-    else:
-        head = (f"mixed across depths and tests; the verdict follows decode (tg) at the deepest context "
-                f"(depth {primary.details['n_depth']}): {ratio_text(primary)}.")
+    out = combine(CLAIM_FLASH, {flash_condition(v): v for v in comps}, depends_on="test and context depth",
+                  headline=flash_condition(head), evidence=evidence,
+                  details={"test": head.details["test"], "n_depth": head.details["n_depth"],
+                           "headline": flash_condition(head), "scope": "cpu" if scope else "gpu"})
+    per = "; ".join(f"{flash_condition(v)}: {ratio_text(v)}" for v in comps)
     shaky = (" Some samples unstable (CV >= 10 %): repeat on a quiet machine before acting on it."
-             if any(v.unstable for v in comps) else "")
-    primary.summary = f"{head} Per test: {per}.{shaky} {scope}".strip()
-    primary.metric = primary.metric + (" (all depths agree)" if len(kinds) == 1 else " (primary; mixed elsewhere)")
-    primary.reason = "; ".join(x for x in (primary.reason, scope) if x)
-    primary.unstable = any(v.unstable for v in comps)
-    primary.details = {**primary.details, "comparisons": comparisons_table(comps).to_dict("records"),
-                       "scope": "cpu" if scope else "gpu", "mixed": len(kinds) > 1}
-    return primary
+             if out.unstable else "")
+    lead = ("Depends on the test and the context depth. " if out.verdict == MIXED else
+            f"Every test and depth: {out.label()}. " if out.verdict != NOT_TESTABLE else "")
+    out.summary = f"{lead}Flash attention on / off per condition: {per}.{shaky} {scope}".strip()
+    out.reason = "; ".join(x for x in (out.reason, scope) if x)
+    return out
 
 
 def batch_statement(table: pd.DataFrame) -> str:

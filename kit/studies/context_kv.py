@@ -29,8 +29,8 @@ from kit.plots import median_plot, panel_figure, samples_long
 from kit.quality import ensure_reference, reference_path
 from kit.results import ci_label, load_results, median_table, ok_rows, pooled_samples
 from kit.sweep import run_sweep
-from kit.verdicts import (NO_EFFECT, SUPPORTED, compare, from_interval, median_ci, not_testable,
-                          paired_log_ratio)
+from kit.verdicts import (INCONCLUSIVE, MIXED, NO_EFFECT, REFUTED, SUPPORTED, combine, compare, from_interval,
+                          median_ci, not_testable, paired_log_ratio)
 
 GUIDE_N_CTX = (2048, 4096, 8192, 16384)
 GUIDE_MODEL_PROPERTIES = {"n_ctx_train": 131072, "rope_freq_base": 10000.0}
@@ -406,8 +406,9 @@ def _m1_sizes(d) -> tuple[int, int] | None:
     return (have[-2], have[-1]) if len(have) >= 2 else None
 
 
-def _used_context(df, study: ContextStudy) -> tuple[dict, list[str]]:
-    """tg and pp at the deepest against the shallowest depth: details and sentences for M1."""
+def _used_context(df, study: ContextStudy, confidence: float = 0.95) -> tuple[dict, list[str]]:
+    """tg and pp at the deepest against the shallowest depth: details and sentences for M1 (evidence, not
+    conditions: a smaller allocation does not shorten the context a request uses)."""
     dd = ok_rows(df, "depth")
     details, words = {}, []
     depths = sorted(int(x) for x in dd["n_depth"].unique()) if not dd.empty else []
@@ -419,28 +420,28 @@ def _used_context(df, study: ContextStudy) -> tuple[dict, list[str]]:
         b = dd[(dd["test_kind"] == kind) & (dd["n_depth"] == lo_d)]
         if a.empty or b.empty:
             continue
-        u = compare("M1", pooled_samples(a), pooled_samples(b), claimed="worse",
+        u = compare("M1", pooled_samples(a), pooled_samples(b), claimed="worse", confidence=confidence,
                     metric=f"{kind} t/s at depth {hi_d} / depth {lo_d} (n_ctx {study.depth_ctx})")
         details[f"used_{kind}"] = u.to_dict()
-        words.append(f"Using the context: {kind} at depth {hi_d} against depth {lo_d}: {u.effect_text(2)}.")
+        words.append(f"Using the context: {kind} at depth {hi_d} against depth {lo_d}: {u.label()}, "
+                     f"{u.effect_text(2)}.")
     return details, words
 
 
-def _m1_conclusion(v, ttft) -> str:
-    used = v.details.get("used_tg", {})
-    if v.verdict == NO_EFFECT and ttft.verdict == NO_EFFECT:
-        return ("Allocating less context did not measurably change speed at the same prompt"
-                + ("; the context actually used did, so a smaller n_ctx helps only through the shorter prompts it "
-                   "forces" if used.get("verdict") == SUPPORTED else "") + ". What it saves is memory.")
-    if v.verdict == SUPPORTED:
-        return "Here the smaller allocation was measurably faster at the same prompt, and it saves memory."
-    return "Here the smaller allocation was measurably slower at the same prompt" + \
-        (" (samples unstable: repeat on a quieter machine)" if v.unstable or ttft.unstable else "") + "."
+_M1_CONCLUSION = {
+    NO_EFFECT: "Allocating less context changed speed at the same prompt by less than the band: what it saves is "
+               "memory; a smaller n_ctx is faster only through the shorter prompts it forces.",
+    SUPPORTED: "Here the smaller allocation was faster at the same prompt, and it saves memory.",
+    REFUTED: "Here the smaller allocation was slower at the same prompt.",
+    INCONCLUSIVE: "The intervals are too wide to tell a gain from a loss at the same prompt: raise repetitions.",
+    MIXED: "Speed and TTFT disagree at the same prompt: see each condition.",
+}
 
 
-def m1_verdict(df, study: ContextStudy, evidence=()):
-    """M1: the same prompt at a smaller allocated n_ctx (4096) against a larger one (8192), tg t/s; TTFT and the
-    used-context (depth) effect in details and in the summary."""
+def m1_verdict(df, study: ContextStudy, evidence=(), confidence: float = 0.95):
+    """M1: the same prompt at a smaller allocated n_ctx (4096) against a larger one (8192): one sub-verdict for tg
+    t/s and one for TTFT, combined (`kit.verdicts.combine`, mixed when they disagree; the effect shown is tg's).
+    The used-context (depth) effect and the KV memory saved are evidence in details and the summary."""
     d = ok_rows(df, "allocated")
     sizes = _m1_sizes(d)
     if sizes is None:
@@ -448,20 +449,26 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
         return not_testable("M1", f"need two allocated n_ctx values with rows (have {have})", list(evidence))
     small, large = sizes
     gs, gl = d[d["n_ctx"] == small], d[d["n_ctx"] == large]
-    v = compare("M1", pooled_samples(gs[gs["test_kind"] == "tg"]), pooled_samples(gl[gl["test_kind"] == "tg"]),
-                claimed="better", evidence=list(evidence),
-                metric=f"tg t/s, same prompt, n_ctx {small} / {large} (allocated only)")
+    tgv = compare("M1", pooled_samples(gs[gs["test_kind"] == "tg"]), pooled_samples(gl[gl["test_kind"] == "tg"]),
+                  claimed="better", evidence=list(evidence), confidence=confidence,
+                  metric=f"tg t/s, same prompt, n_ctx {small} / {large} (allocated only)")
     ttft = compare("M1", _ttft_ms(gs[gs["test_kind"] == "pg"]), _ttft_ms(gl[gl["test_kind"] == "pg"]),
-                   higher_is_better=False, claimed="better",
+                   higher_is_better=False, claimed="better", confidence=confidence,
                    metric=f"TTFT ms ({study.prompt_tokens}-token prompt), n_ctx {small} / {large}")
     kv_saved = (study.card.kv_cache_bytes(large) - study.card.kv_cache_bytes(small)) / 2**20
-    v.details.update(ttft=ttft.to_dict(), kv_mib_saved=round(kv_saved, 1), n_ctx_small=small, n_ctx_large=large)
-    words = [f"Allocating n_ctx={small} instead of {large} with the same prompt: tg {v.verdict} "
-             f"({v.effect_text()}), TTFT {ttft.verdict} ({ttft.effect_text()}); it saves {kv_saved:.0f} MiB of "
+    used, used_words = _used_context(df, study, confidence)
+    v = combine("M1", {"tg t/s": tgv, "TTFT": ttft}, depends_on="metric (tg t/s, TTFT)", headline="tg t/s",
+                evidence=list(evidence),
+                details={"ttft": ttft.to_dict(), "kv_mib_saved": round(kv_saved, 1), "n_ctx_small": small,
+                         "n_ctx_large": large, **used})
+    words = [f"Allocating n_ctx={small} instead of {large} with the same prompt: tg {tgv.label()} "
+             f"({tgv.effect_text()}), TTFT {ttft.label()} ({ttft.effect_text()}); it saves {kv_saved:.0f} MiB of "
              f"f16 KV cache."]
-    used, used_words = _used_context(df, study)
-    v.details.update(used)
-    words += used_words + [_m1_conclusion(v, ttft)]
+    words += used_words
+    if v.verdict in _M1_CONCLUSION:
+        words.append(_M1_CONCLUSION[v.verdict])
+    if v.unstable:
+        words.append("Samples unstable (CV >= 10 %): repeat on a quieter machine.")
     note = beyond_train_note(study)
     if note:
         words.append(note)
@@ -471,35 +478,50 @@ def m1_verdict(df, study: ContextStudy, evidence=()):
 
 
 def _kv_levers(df, study: ContextStudy) -> tuple[list[dict], list[str]]:
-    """The real KV levers (type_k / type_v) against f16: rows for M2's details and one sentence each."""
+    """The real KV levers (type_k / type_v) against f16: rows for M2's details and one sentence each, with the
+    perplexity cost labelled by the one rule ("same" as f16 + FA within M2's band)."""
     kt = kv_table(df, study)
     kv, words = [], []
     if kt.empty or "ppl_ratio_vs_f16fa" not in kt:
         return kv, words
+    ref = _reference_quality(df)
+    ref_nll = ref["chunk_nll"].iloc[0] if not ref.empty else None
+    q = _quality_rows(df, "kv")
     for _, r in kt.iterrows():
         if r["type_k"] == "f16" and r["type_v"] == "f16":
             continue
+        mine = q[(q["type_k"] == r["type_k"]) & (q["type_v"] == r["type_v"]) & (q["flash_attn"] == r["flash_attn"])]
+        label = ""
+        if ref_nll is not None and not mine.empty:
+            label = ppl_ratio_verdict("M2", mine["chunk_nll"].iloc[0], ref_nll, claimed="same",
+                                      metric=f"perplexity ratio, KV {r['type_k']} / f16 + FA").label()
         kv.append({"kv": r["kv"], "kv_mib": r["kv_mib_computed"], "kv_mib_saved": r.get("kv_mib_saved_computed"),
                    "ppl_ratio": r["ppl_ratio_vs_f16fa"], "ppl_ratio_ci": r["ppl_ratio_ci"],
-                   "kld_mean": r["kld_mean"], "tg_ts": r[f"tg_ts@d{study.kv_depth}"]})
+                   "same_quality_as_f16": label, "kld_mean": r["kld_mean"],
+                   "tg_ts": r[f"tg_ts@d{study.kv_depth}"]})
         words.append(f"KV {r['type_k']}: saves {r.get('kv_mib_saved_computed', float('nan')):.0f} MiB at n_ctx "
-                     f"{r['n_ctx']}, perplexity x{r['ppl_ratio_vs_f16fa']:.4f} {r['ppl_ratio_ci']}, "
-                     f"KLD {r['kld_mean']:.4g}.")
+                     f"{r['n_ctx']}, perplexity x{r['ppl_ratio_vs_f16fa']:.4f} {r['ppl_ratio_ci']} (same quality "
+                     f"as f16: {label or 'no reference'}), KLD {r['kld_mean']:.4g}.")
     return kv, words
 
 
 def _rope_outcome(v, study: ContextStudy) -> str:
-    if v.ci_low > 1:
+    """What the rope verdict's label means for a reader (the label is the rule's; this only words it)."""
+    if v.verdict == REFUTED:
         return "it damages this model: do not set it; leave rope_freq_base to the model."
-    if v.ci_high < 1:
+    if v.verdict == SUPPORTED:
         return (f"lower perplexity on {study.ppl_n_ctx}-token chunks; RoPE acts over long distances, so check at "
                 f"longer chunks (ppl_n_ctx) before trusting an override the model was not trained with.")
-    return f"no measurable change on {study.ppl_n_ctx}-token chunks."
+    if v.verdict == NO_EFFECT:
+        return (f"no meaningful change (within +-{v.band:.0%}) on {study.ppl_n_ctx}-token chunks: the override "
+                f"buys nothing here.")
+    return (f"{v.label()}: the interval is too wide to tell on {study.ppl_n_ctx}-token chunks; raise ppl_chunks.")
 
 
 def m2_verdict(df, study: ContextStudy, evidence=()):
-    """M2: the guide's values are model properties; the rope override's effect on perplexity decides the verdict;
-    the real KV levers (type_k / type_v) are reported in details and the summary."""
+    """M2: the guide's values are model properties; the rope override's effect on perplexity decides the verdict
+    (`ppl_ratio_verdict`, M2's band); the real KV levers (type_k / type_v) are reported in details and the summary,
+    each with its own quality label."""
     c = study.card
     ref = _reference_quality(df)
     rq = _quality_rows(df, "rope")

@@ -27,7 +27,7 @@ from kit.results import median_table, pooled_samples
 from kit.search import (find_max_context, find_optimal_gpu_layers, not_testable_search, offload_statement,
                         offload_support, summarise_probe_rows)
 from kit.sweep import planned_rows, run_sweep
-from kit.verdicts import NOT_TESTABLE, Verdict, compare, not_testable, ratio_of, ratio_text
+from kit.verdicts import NOT_TESTABLE, SUPPORTED, Verdict, combine, compare, not_testable, ratio_of, ratio_text
 
 CLAIM = "G1"
 GUIDE_BASELINE_LAYERS = 30  # the guide's "good settings" n_gpu_layers
@@ -215,10 +215,11 @@ def _compared_counts(run: GpuLayersRun, table: pd.DataFrame) -> tuple[int, int] 
     return cand_k, base_k
 
 
-def verdict_gpu_layers(run: GpuLayersRun, evidence: Sequence[str] = ()) -> Verdict:
-    """G1. Not testable without offload (the CPU baseline goes in `details`). With a GPU: tg t/s at the largest
-    swept layer count that ran within the VRAM limit against the guide's 30 layers (or against 0 layers when
-    30 is not below it); pp in `details`."""
+def verdict_gpu_layers(run: GpuLayersRun, evidence: Sequence[str] = (), confidence: float = 0.95) -> Verdict:
+    """G1. Not testable without offload (the CPU baseline goes in `details`). With a GPU: the largest swept layer
+    count that ran within the VRAM limit against the guide's 30 layers (or against 0 layers when 30 is not below
+    it), one sub-verdict for tg and one for pp, combined (`kit.verdicts.combine`: mixed when they disagree);
+    the effect shown is tg's."""
     table = layer_table(run.rows)
     if not run.support["testable"]:
         return not_testable(CLAIM, run.support["reason"], evidence=evidence, **_cpu_baseline(table))
@@ -231,25 +232,30 @@ def verdict_gpu_layers(run: GpuLayersRun, evidence: Sequence[str] = ()) -> Verdi
     def samples(k: int, kind: str) -> list[float]:
         return pooled_samples(rows[(rows.n_gpu_layers == k) & (rows.test_kind == kind)])
 
-    v = compare(CLAIM, samples(cand_k, "tg"), samples(base_k, "tg"), evidence=evidence,
-                metric=f"tg t/s ratio, n_gpu_layers {cand_k} (largest that fits) over {base_k}")
-    vp = compare(CLAIM, samples(cand_k, "pp"), samples(base_k, "pp"), metric="pp")
+    subs = {kind: compare(CLAIM, samples(cand_k, kind), samples(base_k, kind), evidence=evidence,
+                          confidence=confidence,
+                          metric=f"{kind} t/s ratio, n_gpu_layers {cand_k} (largest that fits) over {base_k}")
+            for kind in ("tg", "pp")}
+    vt, vp = subs["tg"], subs["pp"]
+    v = combine(CLAIM, subs, depends_on="test (tg, pp)", headline="tg", evidence=evidence,
+                details={"best_n_gpu_layers": run.search.get("best_n_gpu_layers"), "candidate_layers": cand_k,
+                         "baseline_layers": base_k, "pp_ratio": ratio_of(vp), "pp_ci": [vp.ci_low, vp.ci_high],
+                         "pp_verdict": vp.verdict, "max_context_at_best": run.ctx_search.get("best_n_ctx"),
+                         "vram_limit_mb": run.search.get("vram_limit_mb")})
     v.summary = (f"{cand_k} layers (the most that fit: {run.search.get('reason')}) against {base_k}: tg "
-                 f"{ratio_text(v)}; pp {ratio_text(vp)}.")
-    v.details = {**(v.details or {}), "best_n_gpu_layers": run.search.get("best_n_gpu_layers"),
-                 "candidate_layers": cand_k, "baseline_layers": base_k, "pp_ratio": ratio_of(vp),
-                 "pp_ci": [vp.ci_low, vp.ci_high], "pp_verdict": vp.verdict,
-                 "max_context_at_best": run.ctx_search.get("best_n_ctx"),
-                 "vram_limit_mb": run.search.get("vram_limit_mb")}
+                 f"{ratio_text(vt)}; pp {ratio_text(vp)}.")
     return v
 
 
 def recommendation(g1: Verdict, run: GpuLayersRun, study: GpuLayersStudy) -> str:
     """What to set, in one or two sentences: the layer count and context that fit, or the CPU baseline."""
     if g1.verdict != NOT_TESTABLE:
-        return (f"Use n_gpu_layers={run.search['best_n_gpu_layers']} (the most that fit in "
-                f"{run.search['vram_limit_mb']} MiB); at that count the largest context that fits is "
-                f"n_ctx={run.ctx_search['best_n_ctx']}.")
+        fit = (f"n_gpu_layers={run.search['best_n_gpu_layers']} (the most that fit in {run.search['vram_limit_mb']} "
+               f"MiB); at that count the largest context that fits is n_ctx={run.ctx_search['best_n_ctx']}.")
+        if g1.verdict == SUPPORTED:
+            return f"Use {fit}"
+        return (f"More layers measured {g1.label()} against {g1.details.get('baseline_layers')}: keep the fewer "
+                f"layers unless a rerun decides otherwise. The limit is {fit}")
     d = g1.details
     if not d:
         return ""

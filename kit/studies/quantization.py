@@ -46,8 +46,8 @@ from kit.models import model_card, read_gguf_header, resolve_model, sha256_file
 from kit.paths import DEFAULT_MODEL, REPO_ROOT, resolve as resolve_path
 from kit.results import RESULTS_FILE
 from kit.sweep import run_sweep
-from kit.verdicts import (NO_EFFECT, REFUTED, SUPPORTED, UNSTABLE_CV, Verdict, bootstrap_ratio, compare, cv, decide,
-                          evidence_path, median_ci, not_testable)
+from kit.verdicts import (SUPPORTED, UNSTABLE_CV, Band, Verdict, bootstrap_ratio, combine, compare, cv, decide,
+                          evidence_path, median_ci, not_testable, ratio_of)
 
 # llama_ftype values (llama.h)
 FTYPES = {
@@ -368,6 +368,15 @@ def pairs_table(q1):
     return pd.DataFrame(q1.details.get("pairs", []))
 
 
+def front_table(q2):
+    """Q2's sub-verdicts, one per recommended type: the type it must outrun, the tg ratio with its interval and
+    the label; empty without."""
+    rows = [{"condition": c["condition"], "metric": c.get("metric"), "ratio": c.get("effect"),
+             "ci": [c.get("ci_low"), c.get("ci_high")], "verdict": Verdict.from_dict(c).label()}
+            for c in q2.conditions]
+    return pd.DataFrame(rows, columns=["condition", "metric", "ratio", "ci", "verdict"])
+
+
 # ---- Pareto front and verdicts --------------------------------------------------------------------------------------
 def pareto_front(table, x: str = "tg_ts", x_higher_is_better: bool = True, y: str = "kld_mean") -> list[str]:
     """Types no other type beats on both axes (point estimates; lower y is better)."""
@@ -419,24 +428,9 @@ def spearman(x, y) -> float:
     return float(rx.corr(ry))
 
 
-def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
-    """Q1: does tg speed fall along the guide's order Q2_K > Q3_K_M > Q4_0 > Q4_K_M > Q5_K_M > Q6_K?
-
-    The claim is an order, so it is judged on adjacent pairs in the guide's order (those measured), each with
-    kit.verdicts.compare on the raw tg samples (ratio of medians, bootstrap 95 % interval): refuted when any pair
-    is significantly the other way round, supported when every pair is significantly in the guide's direction,
-    no measurable effect otherwise (no reversal, but some pairs within noise). A rank correlation alone would call
-    a half-scrambled order "supported" whenever it leans the right way; it is reported as the effect instead:
-    Spearman rho between the guide's position and the measured median tg (+1 = exactly the guide's order), with a
-    bootstrap interval over the raw samples of every type.
-    """
-    t = table.set_index("quant_type")
-    present = [q for q in GUIDE_SPEED_ORDER if q in t.index and t.loc[q].get("tg_samples") is not None
-               and isinstance(t.loc[q]["tg_samples"], list) and len(t.loc[q]["tg_samples"]) > 0]
-    if len(present) < 3:
-        return not_testable("Q1", f"only {len(present)} of the guide's types {list(GUIDE_SPEED_ORDER)} were measured "
-                                  f"({present}); an order needs at least 3", evidence=evidence)
-    samples = {q: [float(v) for v in t.loc[q]["tg_samples"]] for q in present}
+def _rank_agreement(samples: dict[str, list[float]], present: list[str], n_boot: int, seed: int):
+    """Spearman rho between the guide's position and the measured median tg (+1 = the guide's order), with a
+    bootstrap 95 % interval over the raw samples of every type: Q1's evidence, not its label."""
     guide_rank = list(range(len(present)))  # 0 = the guide's fastest
     med = [statistics.median(samples[q]) for q in present]
     rho = -spearman(guide_rank, med)
@@ -448,35 +442,86 @@ def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0):
         if not math.isnan(r):
             boots.append(r)
     boots.sort()
-    lo, hi = boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]
-    pairs = []
+    if not boots:
+        return rho, med, None, None
+    return rho, med, boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]
+
+
+def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0, confidence: float = 0.95):
+    """Q1: does tg speed fall along the guide's order Q2_K > Q3_K_M > Q4_0 > Q4_K_M > Q5_K_M > Q6_K?
+
+    The claim is an order, so it is judged on adjacent pairs in the guide's order (those measured): one
+    sub-verdict per pair (`kit.verdicts.compare` on the raw tg samples, "faster" claimed, Q1's band), combined
+    (`kit.verdicts.combine`): the label every pair shares, else mixed with each pair's label. A rank correlation
+    alone would call a half-scrambled order "supported" whenever it leans the right way; it is evidence in
+    details and the summary: Spearman rho between the guide's position and the measured median tg
+    (+1 = exactly the guide's order), with a bootstrap interval over the raw samples of every type.
+    """
+    t = table.set_index("quant_type")
+    present = [q for q in GUIDE_SPEED_ORDER if q in t.index and t.loc[q].get("tg_samples") is not None
+               and isinstance(t.loc[q]["tg_samples"], list) and len(t.loc[q]["tg_samples"]) > 0]
+    if len(present) < 3:
+        return not_testable("Q1", f"only {len(present)} of the guide's types {list(GUIDE_SPEED_ORDER)} were measured "
+                                  f"({present}); an order needs at least 3", evidence=evidence)
+    samples = {q: [float(v) for v in t.loc[q]["tg_samples"]] for q in present}
+    rho, med, lo, hi = _rank_agreement(samples, present, n_boot, seed)
+    conditions, pairs = {}, []
     for faster, slower in zip(present, present[1:]):
-        v = compare("Q1", samples[faster], samples[slower], claimed="better", metric=f"tg t/s {faster} / {slower}")
+        v = compare("Q1", samples[faster], samples[slower], claimed="better", evidence=evidence,
+                    confidence=confidence, metric=f"tg t/s {faster} / {slower}")
+        conditions[f"{faster} faster than {slower}"] = v
         pairs.append({"faster_per_guide": faster, "slower_per_guide": slower, "verdict": v.verdict,
-                      "ratio": v.effect, "ci": [v.ci_low, v.ci_high], "unstable": v.unstable})
+                      "label": v.label(), "ratio": ratio_of(v), "ci": [v.ci_low, v.ci_high], "unstable": v.unstable})
     measured = [q for _, q in sorted(zip(med, present), reverse=True)]
-    n_ok = sum(p["verdict"] == SUPPORTED for p in pairs)
-    n_bad = sum(p["verdict"] == REFUTED for p in pairs)
-    verdict = REFUTED if n_bad else SUPPORTED if n_ok == len(pairs) else NO_EFFECT
-    summary = (f"Measured tg order (fastest first): {' > '.join(measured)}; guide: {' > '.join(present)}. "
-               f"Rank agreement rho = {rho:.2f} (95 % CI {lo:.2f} to {hi:.2f}); of {len(pairs)} adjacent pairs "
-               f"{n_ok} are faster as the guide says, {n_bad} significantly the other way, "
-               f"{len(pairs) - n_ok - n_bad} within noise.")
-    unstable = any(p["unstable"] for p in pairs)
-    return Verdict(claim="Q1", verdict=verdict, summary=summary, effect=round(rho, 4), ci_low=round(lo, 4),
-                   ci_high=round(hi, 4), metric="Spearman rho, guide order vs measured median tg t/s (+1 = guide's order)",
-                   evidence=list(evidence), unstable=unstable, n_baseline=len(present), n_candidate=len(present),
-                   reason="unstable tg samples (CV >= 10 %): repeat on a quieter machine" if unstable else "",
-                   details={"pairs": pairs, "measured_order": measured, "guide_order": present,
-                            "median_tg_ts": dict(zip(present, [round(m, 3) for m in med]))})
+    rho_text = f"rho = {rho:.2f}" + (f" (95 % CI {lo:.2f} to {hi:.2f})" if lo is not None else "")
+    out = combine("Q1", conditions, depends_on="adjacent pair in the guide's order", evidence=evidence,
+                  details={"pairs": pairs, "measured_order": measured, "guide_order": present,
+                           "median_tg_ts": dict(zip(present, [round(m, 3) for m in med])),
+                           "spearman_rho": round(rho, 4), "spearman_rho_ci": [lo, hi]})
+    out.summary = (f"Measured tg order (fastest first): {' > '.join(measured)}; guide: {' > '.join(present)}. "
+                   f"Rank agreement {rho_text}. Per adjacent pair: {out.summary}")
+    if out.unstable:
+        out.reason = "; ".join(x for x in (out.reason, "unstable tg samples (CV >= 10 %): repeat on a quieter "
+                                                       "machine") if x)
+    return out
 
 
-def recommendation_verdict(table, evidence=()):
+Q2_BAND = Band(0.05, "the speed axis of the front, judged like a speed ratio (Q1's band): a type less than 5 % "
+                     "faster than one closer to F16 buys nothing worth its quality loss")
+
+
+def _competitor(t, q: str) -> str | None:
+    """The fastest (median tg) type at least as close to F16 as q (lower or equal mean KLD): the type q must
+    outrun to be on the tg-vs-KLD front."""
+    a = t.loc[q]
+    rivals = [(statistics.median(b["tg_samples"]), name) for name, b in t.iterrows()
+              if name != q and isinstance(b.get("tg_samples"), list) and b["tg_samples"]
+              and float(b["kld_mean"]) <= float(a["kld_mean"])]
+    return max(rivals)[1] if rivals else None
+
+
+def _front_condition(t, q: str, role: str, confidence: float) -> tuple[str, Verdict]:
+    """Q2's sub-verdict for one recommended type: its tg against its competitor's, "faster" claimed."""
+    rival = _competitor(t, q)
+    if rival is None:
+        return (f"{q} ({role})", not_testable("Q2", f"no measured type is as close to F16 as {q}: nothing to "
+                                                    "outrun, it is on the front by construction"))
+    v = compare("Q2", list(t.loc[q]["tg_samples"]), list(t.loc[rival]["tg_samples"]), claimed="better",
+                equivalence=Q2_BAND.width, confidence=confidence,
+                metric=f"tg t/s {q} / {rival} (the fastest type at least as close to F16)")
+    v.band_why = Q2_BAND.why
+    return f"{q} ({role}) against {rival}", v
+
+
+def recommendation_verdict(table, evidence=(), confidence: float = 0.95):
     """Q2: are the guide's recommended types (Q4_K_M, Q4_K_S, Q3_K_M, Q5_K_M) on the tg-vs-KLD Pareto front?
 
-    supported: every recommended type measured is on the front (point estimates) and none is clearly dominated;
-    refuted: at least one is clearly dominated (another type is faster AND closer to F16 beyond the
-    uncertainty, see `clear_dominators`); no measurable effect: some are off the front only within the noise.
+    A type is on the front when it is faster than every type at least as close to F16 (mean KLD), so each
+    recommended type gets one sub-verdict: its tg against the fastest such type (`kit.verdicts.compare`,
+    "faster" claimed, `Q2_BAND`): supported = on the front beyond noise; refuted = a type closer to F16 is
+    faster (dominated); no meaningful effect = no faster than a better-quality type within the band. Combined
+    (`kit.verdicts.combine`): mixed when the recommended types differ. The point-estimate fronts and the clear
+    dominators (faster beyond the interval and closer to F16 beyond 1.96 standard errors) are in details.
     """
     recommended = [q for qs in GUIDE_RECOMMENDED.values() for q in qs]
     t = table.dropna(subset=["tg_ts", "kld_mean"])
@@ -488,33 +533,23 @@ def recommendation_verdict(table, evidence=()):
     front = pareto_front(t, "tg_ts", True, "kld_mean")
     size_front = pareto_front(t, "size_mib", False, "kld_mean")
     dominated = {q: clear_dominators(t, q) for q in present}
-    clearly = [q for q, d in dominated.items() if d]
-    off = [q for q in present if q not in front]
-    if clearly:
-        verdict = REFUTED
-    elif off:
-        verdict = NO_EFFECT
-    else:
-        verdict = SUPPORTED
     role = {q: r for r, qs in GUIDE_RECOMMENDED.items() for q in qs}
-    parts = []
-    for q in present:
-        where = "on the front" if q in front else "off the front"
-        by = f", clearly beaten by {', '.join(d['by'] for d in dominated[q])}" if dominated[q] else ""
-        parts.append(f"{q} ({role[q]}) {where}{by}")
-    summary = (f"tg-vs-KLD Pareto front: {', '.join(front)}. " + "; ".join(parts) +
-               f". Size-vs-KLD front: {', '.join(size_front)}.")
-    share = len([q for q in present if q in front]) / len(present)
+    ti = t.set_index("quant_type")
+    conditions = dict(_front_condition(ti, q, role[q], confidence) for q in present)
     noisy = [q for q, s in zip(t["quant_type"], t["tg_samples"])
              if isinstance(s, list) and (cv(s) or 0) >= UNSTABLE_CV]
-    return Verdict(claim="Q2", verdict=verdict, summary=summary, effect=round(share, 4),
-                   metric="share of the guide's recommended types on the tg-vs-KLD Pareto front",
-                   evidence=list(evidence), n_candidate=len(present), n_baseline=len(t),
-                   unstable=bool(noisy),
-                   reason=(f"unstable tg samples (CV >= 10 %) for {', '.join(noisy)}: the speed axis of the front "
-                           f"may move on a quieter machine") if noisy else "",
-                   details={"front_tg_kld": front, "front_size_kld": size_front,
-                            "clear_dominators": dominated, "missing": [q for q in recommended if q not in present]})
+    out = combine("Q2", conditions, depends_on="recommended type", evidence=evidence,
+                  details={"front_tg_kld": front, "front_size_kld": size_front, "clear_dominators": dominated,
+                           "share_on_front": round(len([q for q in present if q in front]) / len(present), 4),
+                           "missing": [q for q in recommended if q not in present]})
+    out.summary = (f"tg-vs-KLD Pareto front (point estimates): {', '.join(front)}; size-vs-KLD front: "
+                   f"{', '.join(size_front)}. Each recommended type against the fastest type at least as close to "
+                   f"F16: {out.summary}")
+    if noisy:
+        out.reason = "; ".join(x for x in (out.reason, f"unstable tg samples (CV >= 10 %) for {', '.join(noisy)}: "
+                                                       "the speed axis of the front may move on a quieter machine")
+                               if x)
+    return out
 
 
 def _pareto_panel(ax, t, x: str, higher_is_better: bool, xlabel: str, floor: float) -> None:
