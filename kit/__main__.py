@@ -1,4 +1,4 @@
-"""Command line: `python -m kit {info,bench,fidelity,run,report}`.
+"""Command line: `python -m kit {info,bench,fidelity,run,report,compare}`.
 
 `bench` takes llama-bench's flags, comma lists and defaults (including `-fa auto`), so a llama-bench user feels at
 home; every flag goes through the checks of `Settings`, `Test` and the sweep's plan before anything runs, all
@@ -16,7 +16,7 @@ import sys
 import pandas as pd
 import psutil
 
-from kit import report, runner
+from kit import compare, report, runner
 from kit.config import Settings, SettingsError
 from kit.environment import capture_environment, decode_roofline
 from kit.fidelity import format_result, run_fidelity
@@ -212,6 +212,20 @@ def cmd_fidelity(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Two runs' verdicts side by side (kit.compare): a markdown table on stdout, optionally an HTML page."""
+    try:
+        df = compare.compare_runs(args.run_a, args.run_b)
+        prov = compare.provenance_diff(args.run_a, args.run_b)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(compare.format_comparison(df, prov, (args.run_a, args.run_b), args.o))
+    if args.html:
+        print(f"html: {report.compare_page(args.run_a, args.run_b, args.html)}", file=sys.stderr)
+    return 0
+
+
 def _bench_parser(sub) -> None:
     phys = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     p = sub.add_parser("bench", help="llama-bench-style engine benchmark (comma lists sweep)")
@@ -262,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", type=int, default=None, help="threads (default: all logical CPUs)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both tools")
     p.set_defaults(fn=cmd_fidelity)
+
+    p = sub.add_parser("compare", help="two runs' labels and effects side by side, flips and provenance flagged")
+    p.add_argument("run_a", help="the first run's output root (e.g. outputs)")
+    p.add_argument("run_b", help="the second run's output root (e.g. outputs-run2)")
+    p.add_argument("-o", choices=("md", "csv", "json"), default="md", help="output format, default md")
+    p.add_argument("--html", default=None, metavar="FILE", help="also write the comparison as an HTML page")
+    p.set_defaults(fn=cmd_compare)
 
     # run and report own their flags (kit.runner / kit.report); listed here for --help
     sub.add_parser("run", help="run every study notebook in order and render the report (see run --help)")

@@ -12,11 +12,14 @@
 - `--quick` passes notebooks/quick.json's smoke parameters ({"stem": {param: value}}); with `--out` the
   outputs go to another root. String parameters whose default lies under "outputs" are moved under it.
   Relative roots are taken from the repository root (kit.paths.resolve), whatever the working directory.
+- The notebooks' kernels run with KIT_PROGRESS=off (kit.progress): no progress bar, whose text or widget would
+  only end up in the executed notebook; `--compare-to OTHER_RUN` puts another run beside this one in the report.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import json
 import keyword
@@ -32,6 +35,7 @@ from kit.config import StudyConfig
 from kit.drift import run_probe, summarize_drift
 from kit.models import resolve_model
 from kit.paths import NOTEBOOKS_DIR, OUTPUTS, QUICK_FILE, REPO_ROOT, resolve
+from kit.progress import ENV as PROGRESS_ENV
 from kit.report import read_status, render_report, status_path
 from kit.studies import STUDIES, study_class
 
@@ -232,6 +236,20 @@ def describe_failure(exc: BaseException) -> dict:
     return {"cell_index": None, "exec_count": None, "ename": type(exc).__name__, "evalue": str(exc)[:2000]}
 
 
+@contextlib.contextmanager
+def headless_kernel_env():
+    """Kernels started inside inherit KIT_PROGRESS=off (unless the caller set KIT_PROGRESS): a headless run
+    has nobody to show a bar to, and its text or widget would only land in the executed notebook."""
+    had = os.environ.get(PROGRESS_ENV)
+    if had is None:
+        os.environ[PROGRESS_ENV] = "off"
+    try:
+        yield
+    finally:
+        if had is None:
+            os.environ.pop(PROGRESS_ENV, None)
+
+
 def run_notebook(nb: Path, params: dict, out_root: str, kernel_name: str = "python3", cwd: str | None = None,
                  progress: bool = True) -> dict:
     """One notebook with papermill; returns its status record (never raises for a failing notebook)."""
@@ -246,8 +264,9 @@ def run_notebook(nb: Path, params: dict, out_root: str, kernel_name: str = "pyth
     rec = {"notebook": str(nb), "executed": str(executed), "parameters": params,
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        pm.execute_notebook(str(nb), str(executed), parameters=params, kernel_name=kernel_name,
-                            cwd=cwd or str(REPO_ROOT), progress_bar=progress)
+        with headless_kernel_env():
+            pm.execute_notebook(str(nb), str(executed), parameters=params, kernel_name=kernel_name,
+                                cwd=cwd or str(REPO_ROOT), progress_bar=progress)
         rec.update(status="ok")
     except Exception as exc:  # noqa: BLE001 - a failed notebook must not stop the rest
         rec.update(status="failed", **describe_failure(exc))
@@ -312,9 +331,9 @@ def _run_notebooks(notebooks: list[Path], plans: dict, out_root: str, status: di
     return failed
 
 
-def _render(out_root: str, status: dict, log) -> bool:
+def _render(out_root: str, status: dict, log, compare_to: str | None = None) -> bool:
     try:
-        log(f"report: {render_report(out_root, status=status)}")
+        log(f"report: {render_report(out_root, status=status, compare_to=compare_to)}")
         return True
     except Exception as exc:  # noqa: BLE001 - a report failure is a failure, but after the studies ran
         log(f"FAILED report: {type(exc).__name__}: {exc}")
@@ -325,9 +344,9 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
               out_root: str = DEFAULT_OUT, notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR,
               quick_file: str | os.PathLike | None = None, params: dict[str, dict] | None = None,
               report: bool = True, kernel_name: str = "python3", cwd: str | None = None,
-              progress: bool = True, log=print, probe: bool = True) -> int:
-    """Run the study notebooks in order, then render the report. 0 when every notebook ran, 1 otherwise,
-    2 for bad input (nothing run).
+              progress: bool = True, log=print, probe: bool = True, compare_to: str | None = None) -> int:
+    """Run the study notebooks in order, then render the report (with `compare_to`, another run's output root,
+    beside this one). 0 when every notebook ran, 1 otherwise, 2 for bad input (nothing run).
 
     With `probe`, the same short engine bench runs before the first notebook and after the last
     (`kit.drift`): the report says how much the machine's speed moved during the run."""
@@ -347,7 +366,7 @@ def run_study(model: str | None = None, quick: bool = False, only: Sequence[str]
     if probe:
         _probe(model, out_root, "end", run_id, quick, log)
         _log_drift(out_root, run_id, log)
-    if report and not _render(out_root, status, log):
+    if report and not _render(out_root, status, log, compare_to):
         failed.append("report")
     profiles = resolve(out_root) / "profiles"
     if profiles.is_dir():
@@ -369,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-p", "--param", action="append", default=[], metavar="STEM.NAME=JSON",
                     help="one parameter for one notebook, e.g. 20_batch_flash_attn.repetitions=3")
     ap.add_argument("--no-report", action="store_true", help="skip rendering the HTML report")
+    ap.add_argument("--compare-to", default=None, metavar="OTHER_RUN",
+                    help="another run's output root: the report puts both runs side by side (kit compare)")
     ap.add_argument("--no-probe", action="store_true",
                     help="skip the speed probe before and after the notebooks (machine drift check)")
     return ap
@@ -398,7 +419,7 @@ def main_run(argv: Sequence[str] | None = None) -> int:
         return 2
     only = [s for s in args.only.split(",")] if args.only else None
     return run_study(model=args.model, quick=args.quick, only=only, out_root=args.out, params=params,
-                     report=not args.no_report, probe=not args.no_probe)
+                     report=not args.no_report, probe=not args.no_probe, compare_to=args.compare_to)
 
 
 if __name__ == "__main__":

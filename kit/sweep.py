@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import psutil
-from tqdm.auto import tqdm
 
 from kit import __version__
 from kit.config import Settings, SettingsError, check_setting_names
@@ -34,6 +33,7 @@ from kit.gpu import build_supports_gpu_offload
 from kit.measure import DEFAULT_REPETITIONS, ENGINE_KINDS, Test
 from kit.models import KV_TYPE_BYTES, model_card
 from kit.paths import OUTPUTS, REPO_ROOT, resolve as resolve_path
+from kit.progress import progress_bar
 from kit.results import RESULTS_FILE, append_rows, load_results, read_rows
 from kit.verdicts import INCONCLUSIVE, compare, looks_confidence
 
@@ -649,4 +649,5 @@ def _run_back_to_back(plan: _Plan, done: set[str], split: bool, repetitions: int
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="trial", disable=not enabled, leave=True)
+    # a widget in an interactive kernel, text on a terminal, none in a papermill run (kit.progress)
+    return progress_bar(total, desc, unit="trial", enabled=enabled)

@@ -216,7 +216,7 @@ def test_speed_effects_within_the_runs_drift_are_flagged(tmp_path):
     assert not within_drift({**speed, "metric": "tg t/s ratio"}, summary)  # generation moved only 4 %
     assert within_drift({**speed, "metric": "load ms, a / b"}, summary) == pytest.approx(1.3)  # neither: the larger
     assert not within_drift({**speed, "effect": 1.5}, summary)  # larger than the drift
-    assert not within_drift({**speed, "verdict": "no measurable effect"}, summary)
+    assert not within_drift({**speed, "verdict": "no meaningful effect"}, summary)
     assert not within_drift({**speed, "metric": "perplexity ratio, a / b"}, summary)  # quality does not drift
     assert not within_drift(speed, None) and drift_bound(None) is None
     assert "within the run's machine drift, x1.30" in claims_html([speed], tmp_path, tmp_path, drift=summary)

@@ -3,22 +3,21 @@
 - `FindingsStudy`: the config (where the studies wrote their folders, where the findings go).
 - `run_findings(study)`: reads every verdict once (`kit.report.collect_verdicts`), writes findings.json and
   findings.md under the study's out_dir, and returns a `Findings` with the claims table and the guide's checklist.
-- `claims_html(findings, study)`, `plot_effects(findings)`: what the notebook shows.
+- `actions_html`, `claims_html(findings, study)`, `plot_effects(findings)`: what the notebook shows: the settings
+  to change on this machine, each claim's one-line headline, and every effect on a "better ->" scale.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from kit import report
 from kit.config import StudyConfig, param
 from kit.paths import OUTPUTS, resolve
-from kit.plots import setup
-
-VERDICT_COLORS = {"supported": "tab:green", "refuted": "tab:red", "no measurable effect": "tab:gray"}
+from kit.plots import libs, setup
+from kit.verdicts import VERDICTS
 
 
 @dataclass
@@ -52,8 +51,8 @@ class Findings:
 
     def checklist_text(self) -> str:
         done = sum(c["ticked"] for c in self.checklist)
-        return (f"**Checklist:** {done} of {len(self.checklist)} items have a measured verdict on this machine. "
-                f"Findings written to `{self.files['md']}`.")
+        return (f"**Checklist:** {done} of {len(self.checklist)} items were tested on this machine (every claim "
+                f"behind them decided or mixed). Findings written to `{self.files['md']}`.")
 
 
 def run_findings(study: FindingsStudy) -> Findings:
@@ -64,24 +63,77 @@ def run_findings(study: FindingsStudy) -> Findings:
                     checklist=report.checklist(verdicts=verdicts), files=files)
 
 
+def actions_html(findings: Findings, study: FindingsStudy) -> str:
+    """The report's first screen: the settings to change on this machine, ranked, and what stays undecided."""
+    return report.actions_html(findings.verdicts, study.root_path, study.root_path / report.REPORT_DIR)
+
+
 def claims_html(findings: Findings, study: FindingsStudy) -> str:
-    """The report's claims table, with links relative to <out_root>/report (where `kit report` puts it)."""
+    """Each claim as one line with its label; details and figures one click away (links relative to
+    <out_root>/report, where `kit report` puts the page)."""
     return report.claims_html(findings.verdicts, study.root_path, study.root_path / report.REPORT_DIR)
 
 
+def effect_points(verdicts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(ratios on the "better" scale, other effects): one point per claim, or per condition of a mixed claim.
+    A ratio where lower is better is inverted (kit.report.better_ratio); an effect that is not such a ratio (a
+    rank correlation, a share) keeps its own scale."""
+    ratios, others = [], []
+    for v in verdicts:
+        if v.get("verdict") not in VERDICTS:
+            continue
+        parts = ([({**c, "claim": v["claim"]}, f"{v['claim']}: {c.get('condition', '')}") for c in v["conditions"]]
+                 if v.get("conditions") and v["verdict"] == "mixed" else [(v, v["claim"])])
+        for part, name in parts:
+            br = report.better_ratio(part)
+            if br is not None:
+                ratios.append({"name": name, "point": br[0], "lo": br[1], "hi": br[2], "verdict": part["verdict"],
+                               "band": report.to_float(part.get("band"))})
+            elif isinstance(part.get("effect"), (int, float)):
+                lo, hi = part.get("ci_low"), part.get("ci_high")
+                others.append({"name": name, "point": part["effect"], "lo": part["effect"] if lo is None else lo,
+                               "hi": part["effect"] if hi is None else hi, "verdict": part["verdict"],
+                               "metric": part.get("metric", "")})
+    return ratios, others
+
+
+def _draw(ax, points: list[dict]) -> None:
+    for i, p in enumerate(points):
+        color = report.LABEL_COLORS.get(p["verdict"], "k")
+        ax.plot([p["lo"], p["hi"]], [i, i], color=color, lw=2)
+        ax.plot(p["point"], i, "o", color=color)
+    ax.set_yticks(range(len(points)), [p["name"] for p in points])
+    ax.set_ylim(len(points) - 0.5, -0.5)
+
+
 def plot_effects(findings: Findings):
-    """Every measured effect (ratio, candidate / baseline) with its 95 % interval, coloured by verdict."""
+    """Every claim's effect with its interval on a "better ->" scale (times better, log axis, a time ratio
+    inverted), coloured by label; effects that are not ratios (rank correlation, share ...) in a panel of their
+    own."""
     setup()
-    measured = [v for v in findings.verdicts if isinstance(v.get("effect"), (int, float))]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * max(len(measured), 3) + 1))
-    for i, v in enumerate(measured):
-        lo, hi = v.get("ci_low"), v.get("ci_high")
-        color = VERDICT_COLORS.get(v["verdict"], "k")
-        ax.plot([lo, hi] if lo is not None and hi is not None else [v["effect"]] * 2, [i, i], color=color)
-        ax.plot(v["effect"], i, "o", color=color)
+    plt = libs().plt
+    ratios, others = effect_points(findings.verdicts)
+    n = max(len(ratios), len(others), 3)
+    fig, axes = plt.subplots(1, 2 if others else 1, figsize=(11 if others else 8, 0.32 * n + 1.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]} if others else None)
+    ax = axes[0][0]
+    _draw(ax, ratios)
+    if ratios:
+        ax.set_xscale("log")
+        band = max((p["band"] or 0 for p in ratios), default=0)
+        if band:
+            ax.axvspan(1 - band, 1 + band, color="0.92", zorder=0)
     ax.axvline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_yticks(range(len(measured)), [f"{v['claim']} ({v.get('study', '')})" for v in measured])
-    ax.set_xlabel("effect (ratio, candidate / baseline) with 95 % CI")
-    ax.set_title("measured claims (green supported, red refuted, grey no measurable effect)")
-    ax.invert_yaxis()
+    ax.set_xlabel("times better than the baseline (95 % CI)  better →")
+    ax.set_title("ratio effects, right is better (time ratios inverted)")
+    if others:
+        _draw(axes[0][1], others)
+        axes[0][1].axvline(0.0, color="k", lw=0.6, ls=":")
+        axes[0][1].set_xlabel("effect on its own scale (see each claim's metric)")
+        axes[0][1].set_title("not ratios: rank correlation, share ...")
+    handles = [plt.Line2D([], [], color=c, marker="o", lw=2, label=k) for k, c in report.LABEL_COLORS.items()
+               if any(p["verdict"] == k for p in ratios + others)]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.05 if handles else 0, 1, 1))
     return fig
