@@ -238,6 +238,15 @@ def costs(v: dict) -> dict[str, str]:
     return out
 
 
+def cost_text(cost: dict[str, str]) -> str:
+    """'memory: rss peak mb 412; quality, recall: not measured', or 'not measured' where nothing was."""
+    measured = [f"{k}: {x}" for k, x in cost.items() if x != "not measured"]
+    missing = [k for k, x in cost.items() if x == "not measured"]
+    if not measured:
+        return "not measured"
+    return "; ".join(measured + ([f"{', '.join(missing)}: not measured"] if missing else []))
+
+
 def _pct(x: float) -> str:
     return f"{(x - 1) * 100:+.0f} %"
 
@@ -337,8 +346,8 @@ def write_findings(out_root: str | os.PathLike = OUTPUTS, out_dir: str | os.Path
         {k: r[k] for k in ("claim", "setting", "action", "gain", "cost", "label")} for r in recs]},
         indent=2, default=str))
     lines = ["# Findings", "", "## On this machine", ""]
-    lines += [f"{i}. {r['action']}: {r['setting']}: {r['gain']}; cost: "
-              + ", ".join(f"{k} {x}" for k, x in r["cost"].items()) + f" ({r['claim']}, {r['label']})"
+    lines += [f"{i}. {r['action']}: {r['setting']}: {r['gain']}; cost: {cost_text(r['cost'])} "
+              f"({r['claim']}, {r['label']})"
               for i, r in enumerate(recs, 1)] or ["Nothing measured here is worth changing beyond its band."]
     und = undecided(vs)
     if und:
@@ -459,6 +468,24 @@ def _effect(v: dict) -> str:
     return (f"{eff:.3g} {_ci_text(v)}" if eff is not None else "").strip()
 
 
+def headline_effect(v: dict) -> str:
+    """The effect a one-line headline shows: 'x1.11 [1.08, 1.13]', or for a mixed verdict the range of its
+    conditions' effects ('x0.92 to x1.11 over 2 conditions'), since no single condition speaks for the claim."""
+    if v.get("verdict") == MIXED and v.get("conditions"):
+        effs = [x for x in (to_float(c.get("effect")) for c in v["conditions"]) if x is not None]
+        if effs:
+            return f"x{min(effs):.3g} to x{max(effs):.3g} over {len(v['conditions'])} conditions"
+    eff = _effect(v)
+    return f"x{eff}" if eff else ""
+
+
+def conditions_text(v: dict) -> str:
+    """'tg at depth 0: supported x1.11; tg at depth 1024: refuted x0.92'."""
+    return "; ".join(f"{c.get('condition', '')}: {label(c)}" + (f" x{to_float(c.get('effect')):.3g}"
+                                                               if to_float(c.get("effect")) is not None else "")
+                     for c in v.get("conditions") or [])
+
+
 def _summary(v: dict) -> str:
     return str(v.get("summary") or v.get("reason") or "")
 
@@ -507,10 +534,10 @@ def claims_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: str
         moved = within_drift(v, drift)
         if moved:
             flags.append(f"within the run's machine drift, x{moved:.2f}")
-        eff = _effect(v)
+        eff = headline_effect(v)
         band = _band_text(v)
         line = (f"<b>{e(v['claim'])}</b> {_badge(v)} {e(v.get('title', ''))}"
-                + (f" <span class='eff'>x{e(eff)}</span>" if eff else "")
+                + (f" <span class='eff'>{e(eff)}</span>" if eff else "")
                 + (f" <span class='small'>band {e(band)}</span>" if band else "")
                 + (f" <span class='small'>({html.escape('; '.join(flags), quote=False)})</span>" if flags else ""))
         body = [f"<p>{e(_summary(v))}</p>"]
@@ -604,7 +631,7 @@ def actions_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: st
         out.append("<table><tr><th>#</th><th>setting</th><th>do</th><th>measured gain [95 % CI]</th>"
                    "<th>cost</th><th>the guide says</th><th>claim</th><th>in the kit's profiles</th></tr>")
         for i, r in enumerate(recs, 1):
-            cost = "<br>".join(f"{k}: {e(x)}" for k, x in r["cost"].items())
+            cost = e(cost_text(r["cost"]))
             out.append(f"<tr><td>{i}</td><td><b>{e(r['setting'])}</b><div class='small'>{e(r['metric'])}</div></td>"
                        f"<td class='{'act-change' if r['helps'] else 'act-keep'}'>{e(r['action'])}</td>"
                        f"<td>{e(r['gain'])}</td><td class='small'>{cost}</td><td>{e(r['guide'])}</td>"
@@ -637,9 +664,10 @@ def actions_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: st
         out.append("<p><b>Undecided</b> (not advice: the interval does not decide it, or conditions disagree):</p>"
                    "<ul class='tight'>" + "".join(
                        f"<li>{e(v['claim'])} {e(CLAIM_TITLES.get(v['claim'], ''))}: {_badge(v)}"
-                       + (f" <span class='small'>x{e(_effect(v))}</span>" if _effect(v) else "")
-                       + (f" <span class='small'>depends on {e(v['depends_on'])}</span>"
-                          if v.get("verdict") == MIXED and v.get("depends_on") else "") + "</li>" for v in und)
+                       + (f" <span class='small'>depends on {e(v.get('depends_on') or 'the condition')}: "
+                          f"{e(conditions_text(v))}</span>" if v.get("verdict") == MIXED else
+                          f" <span class='small'>x{e(_effect(v))}</span>" if _effect(v) else "") + "</li>"
+                       for v in und)
                    + "</ul>")
     return "\n".join(out)
 

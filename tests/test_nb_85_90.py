@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kit import verdicts
+from kit import report, verdicts
 from kit.paths import NOTEBOOKS_DIR, REPO_ROOT
 
 
@@ -18,11 +18,10 @@ def _verdict_files(root: Path) -> None:
     verdicts.write_verdicts(d, [g3, verdicts.not_testable("G2", "this llama.cpp build has no GPU offload")])
 
 
-def _markdown(run) -> str:
-    """The Markdown the executed notebook displayed (display(Markdown(...)) has no plain-text form)."""
+def _markdown(run, mime: str = "text/markdown") -> str:
+    """What the executed notebook displayed as Markdown (or HTML): display(...) of it has no plain-text form."""
     nb = json.loads(run.executed.read_text())
-    return "\n".join("".join(o.get("data", {}).get("text/markdown", "")) for c in nb["cells"]
-                     for o in c.get("outputs", []))
+    return "\n".join("".join(o.get("data", {}).get(mime, "")) for c in nb["cells"] for o in c.get("outputs", []))
 
 
 @pytest.mark.notebook
@@ -48,6 +47,12 @@ def test_90_reads_verdicts_and_marks_the_rest_not_run(run_notebook, tmp_path):
     by = {c["item"]: c for c in checklist}
     assert by["Tune n_batch for your GPU"]["ticked"] and not by["Test different quantizations"]["ticked"]
     assert "1 of 8 items" in _markdown(run) and "1 supported" in _markdown(run)
+    shown = _markdown(run, "text/html")
+    first = shown[shown.index("On this machine"):shown.index("<b>G1</b>")]
+    assert "LLAMACPP_N_BATCH=1024 LLAMACPP_N_UBATCH=512" in first and ">change<" in first
+    assert shown.count("<details class='claim") == len(verdicts.CLAIM_IDS)
+    page = report.render_notebook(run.executed, root / "page.html").read_text()
+    assert "On this machine" in page and "output_stderr" not in page and "TqdmWarning" not in page
 
 
 @pytest.mark.notebook

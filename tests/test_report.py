@@ -95,6 +95,8 @@ def test_first_screen_says_what_to_change_and_never_advises_on_undecided(tmp_pat
     assert set(recs) == {"G3", "R3"}                       # decided and beyond the band; nothing else is advice
     assert recs["G3"]["action"] == "change" and recs["R3"]["action"] == "do not change, the guide is wrong here"
     assert recs["G3"]["cost"]["memory"] == "rss peak mb 412.5" and recs["G3"]["cost"]["recall"] == "not measured"
+    assert report.cost_text(recs["G3"]["cost"]) == "memory: rss peak mb 412.5; quality, recall: not measured"
+    assert report.cost_text(recs["R3"]["cost"]) == "not measured"
     table = _section(first, "<table>", "</table>")
     assert "LLAMACPP_N_BATCH=1024 LLAMACPP_N_UBATCH=512" in table and ">change<" in table
     assert table.index("G3") < table.index("R3")           # a gain ranks above a setting to leave alone
@@ -103,7 +105,7 @@ def test_first_screen_says_what_to_change_and_never_advises_on_undecided(tmp_pat
     assert "R1" not in table and "G2" not in table and "M1" not in table
     undecided = first[first.index("Undecided"):]
     assert f"about {v['R1'].samples_to_decide} samples per side would decide it" in undecided
-    assert "G2" in undecided and "depends on context depth" in undecided
+    assert "G2" in undecided and "depends on context depth: tg at depth 0: supported x1.11; tg at depth 1024: refuted" in undecided
     assert "Not worth changing here" in first and "M1" in first[first.index("Not worth changing"):]
     assert "balanced.env" in first and "within noise of the winner" in first
     assert "no measurable effect" not in text
@@ -120,6 +122,7 @@ def test_each_claim_is_one_line_with_label_and_details_one_click_away(tmp_path):
     g2 = claims[claims.index("<b>G2</b>"):]
     g2 = g2[:g2.index("</details>")]
     assert "tg at depth 0" in g2 and "tg at depth 1024" in g2 and "Depends on context depth" in g2
+    assert "x0.92 to x1.11 over 2 conditions" in g2   # no single condition speaks for a mixed claim
     g3 = claims[claims.index("<b>G3</b>"):]
     g3 = g3[:g3.index("</details>")]
     assert "<img loading='lazy' src='../20_batch_flash_attn/figures/pp.png'" in g3 and "band +-5%" in g3
@@ -233,3 +236,23 @@ def test_report_reads_the_status_file_kit_run_writes(tmp_path):
     assert "cell 3 (execution count 2): ValueError: bad" in text
     report.status_path(out).write_text("{torn")
     assert report.read_status(out) == {}
+
+
+def test_effects_figure_puts_every_ratio_on_a_better_scale(tmp_path):
+    from kit.studies import findings
+
+    out = tmp_path / "out"
+    _every_label(out)
+    rho = verdicts.from_interval("Q1", 0.6, 0.2, 0.9, no_change=0.0, equivalence=0.0,
+                                 metric="Spearman rho, guide order vs measured median tg t/s")
+    verdicts.write_verdicts(out / "50_quantization", [rho])
+    f = findings.run_findings(findings.FindingsStudy(out_root=str(out), out_dir=str(out / "90_findings")))
+    ratios, others = findings.effect_points(f.verdicts)
+    by = {p["name"]: p for p in ratios}
+    assert set(by) == {"G2: tg at depth 0", "G2: tg at depth 1024", "G3", "R1", "R3", "M1"}
+    assert by["R3"]["point"] < 1 and by["R3"]["verdict"] == "refuted"      # slower embedding: left of 1
+    r1 = next(v for v in f.verdicts if v["claim"] == "R1")
+    assert by["R1"]["lo"] == 1 / r1["ci_high"] and by["R1"]["hi"] == 1 / r1["ci_low"]   # a latency, inverted
+    assert [p["name"] for p in others] == ["Q1"]                            # rho is no ratio: its own panel
+    fig = findings.plot_effects(f)
+    assert len(fig.axes) == 2 and "better" in fig.axes[0].get_xlabel()

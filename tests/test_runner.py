@@ -1,6 +1,7 @@
 """kit.runner: parameters and study configs validated before anything runs, failures named with notebook and cell,
 the rest still runs and the index renders; quick.json names real parameters of the real notebooks."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from kit import report, runner
 from kit.drift import PROBE_DIR, drift_bound, drift_text, metric_kind, summarize_drift, within_drift
 from kit.paths import NOTEBOOKS_DIR, QUICK_FILE, REPO_ROOT
+from kit.progress import ENV as PROGRESS_ENV, progress_bar, progress_mode
 from kit.report import claims_html
 from kit.results import append_rows
 from kit.studies import STUDIES
@@ -221,3 +223,42 @@ def test_speed_effects_within_the_runs_drift_are_flagged(tmp_path):
     assert not within_drift(speed, None) and drift_bound(None) is None
     assert "within the run's machine drift, x1.30" in claims_html([speed], tmp_path, tmp_path, drift=summary)
     assert "drift" not in claims_html([speed], tmp_path, tmp_path, drift=None)
+
+
+BAR_CELL = ("from kit.progress import progress_bar, progress_mode\nprint('mode', progress_mode())\n"
+            "bar = progress_bar(3, 'trials')\nfor _ in range(3):\n    bar.update(1)\nbar.close()")
+
+
+def test_progress_mode_follows_kit_progress(monkeypatch):
+    for value, mode in (("off", "off"), ("0", "off"), ("text", "text"), ("widget", "widget")):
+        monkeypatch.setenv(PROGRESS_ENV, value)
+        assert progress_mode() == mode
+    monkeypatch.setenv(PROGRESS_ENV, "off")
+    assert progress_bar(3, "x").disable
+
+
+@pytest.mark.notebook
+def test_a_kit_run_kernel_shows_no_progress_bar(tmp_path, monkeypatch):
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    nb = _nb(tmp_path / "30_bar.ipynb", 'out_dir: str = "outputs/30_bar"  # where', [BAR_CELL])
+    rec = runner.run_notebook(nb, {}, str(tmp_path / "out"), progress=False)
+    assert rec["status"] == "ok" and PROGRESS_ENV not in os.environ   # set for the kernel only
+    cell = nbformat.read(rec["executed"], as_version=4).cells[-1]
+    assert [o.get("text") for o in cell.outputs] == ["mode off\n"]   # no stderr, no widget, no TqdmWarning
+
+
+@pytest.mark.notebook
+def test_an_interactive_kernel_shows_a_widget_bar_without_warnings(tmp_path, monkeypatch):
+    """What JupyterLab gets: with ipywidgets, the bar is a widget view, and nothing goes to stderr."""
+    from nbclient import NotebookClient
+
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    nb = new_notebook()
+    nb.cells = [new_code_cell(BAR_CELL)]
+    NotebookClient(nb, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}},
+                   store_widget_state=True).execute()
+    outputs = nb.cells[0].outputs
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+    assert not [o for o in outputs if o.get("name") == "stderr"], outputs
+    assert "TqdmWarning" not in json.dumps(outputs) and "mode widget" in json.dumps(outputs)
+    assert nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]   # the bar's state
