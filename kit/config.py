@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import shlex
 from dataclasses import dataclass, field, fields
@@ -66,6 +67,9 @@ class Settings:
     use_mlock: bool = _s(False, "lock the model in RAM (may need a raised RLIMIT_MEMLOCK)", "USE_MLOCK")
     numa: str = _s("disabled", "NUMA strategy", "NUMA", choices=tuple(NUMA_STRATEGIES))
     rope_freq_base: float | None = _s(None, "RoPE base frequency override (None = the model's own value)", "ROPE_FREQ_BASE")
+    # its own group: it changes the prompt's text, not the engine, so engine rows stay comparable across it
+    chat_format: str | None = _s(None, "llama-cpp-python chat format (None = the GGUF's template; a GGUF without one "
+                                       "gets a format chosen from its vocabulary)", "CHAT_FORMAT", "chat")
     seed: int = _s(42, "sampling seed, for repeatable studies", "SEED", "request")
     # request time
     temperature: float = _s(0.8, "sampling temperature (0 = greedy)", "TEMPERATURE", "request")
@@ -184,6 +188,11 @@ class Settings:
             raise SettingsError(f"top_p={self.top_p} must be in (0, 1]")
         if self.repeat_penalty <= 0:
             raise SettingsError(f"repeat_penalty={self.repeat_penalty} must be > 0")
+        if self.chat_format is not None and self.chat_format not in chat_format_names():
+            close = difflib.get_close_matches(self.chat_format, chat_format_names(), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise SettingsError(f"chat_format={self.chat_format!r} ({ENV_PREFIX}CHAT_FORMAT) is not a chat format "
+                                f"llama-cpp-python registers; {hint}known: {', '.join(chat_format_names())}")
         if self.rope_freq_base is not None and self.rope_freq_base <= 0:
             raise SettingsError(f"rope_freq_base={self.rope_freq_base} must be > 0 (or None for the model's own)")
         if self.n_ubatch > self.n_batch:
@@ -241,6 +250,8 @@ class Settings:
         )
         if self.rope_freq_base is not None:
             kw["rope_freq_base"] = float(self.rope_freq_base)
+        if self.chat_format is not None:
+            kw["chat_format"] = self.chat_format
         return kw
 
     def sampling_kwargs(self) -> dict:
@@ -256,6 +267,19 @@ class Settings:
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 _FIELD_TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+class ChatFormatError(SettingsError):
+    """A model the kit cannot send chat requests to: no chat template in the GGUF, none chosen, none set."""
+
+
+@functools.lru_cache(maxsize=1)
+def chat_format_names() -> tuple[str, ...]:
+    """The chat formats llama-cpp-python registers (`Llama(chat_format=...)` accepts exactly these)."""
+    # here, not on top: it loads libllama, which only a setting that names a format needs
+    from llama_cpp import llama_chat_format
+    registry = llama_chat_format.LlamaChatCompletionHandlerRegistry()
+    return tuple(sorted(getattr(registry, "_chat_handlers", {})))
 
 
 def check_setting_names(names) -> None:
@@ -503,3 +527,13 @@ class ChatStudyConfig(StudyConfig):
     n_ctx: int = param(2048, "context size", ge=1)
     n_threads: int | None = param(None, "generation threads (None: llama-cpp-python's default)", ge=1)
     prompts_file: str = param(PROMPTS_PATH, "the prompt set (JSON lines: id, prompt); relative: from the repository root")
+
+    def validate(self) -> "ChatStudyConfig":
+        """StudyConfig's checks, then the model's chat format (`kit.models.chat_format_for`): a model whose requests
+        would all end at once is one error here, before anything is measured. A study with a `chat_format`
+        parameter passes it on."""
+        super().validate()
+        # here, not on top: kit.models imports this module (for ChatFormatError)
+        from kit.models import chat_format_for
+        chat_format_for(self.model, getattr(self, "chat_format", None))
+        return self

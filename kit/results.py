@@ -137,3 +137,64 @@ def median_table(df, by: Sequence[str] | str, cols: Sequence[str] | str, samples
         row["n"] = n
         out.append(row)
     return pd.DataFrame(out)
+
+
+# ---- failed trials: what a study shows, and says, when rows are missing -------------------------------------------
+TRIAL_COLUMNS = ("claim", "part", "label", "test")   # the columns that name a trial's test, where rows carry them
+CAUSE_CHARS = 400
+
+
+def trial_status(df, cols: Sequence[str] = TRIAL_COLUMNS + ("chat_format_effective", "chat_format_source")):
+    """Every row: the naming columns the rows have (`TRIAL_COLUMNS`, the chat format), status and error. What a
+    notebook shows after its run, whether the trials succeeded or not."""
+    names = [c for c in cols if df is not None and c in df]
+    if df is None or df.empty or "status" not in df:
+        return pd.DataFrame(columns=names + ["status", "error"])
+    out = df[names + ["status"]].copy()
+    out["error"] = df["error"] if "error" in df else None
+    return out.reset_index(drop=True)
+
+
+def failures(df, cols: Sequence[str] = TRIAL_COLUMNS):
+    """The rows that did not succeed: the naming columns the rows have (`TRIAL_COLUMNS`), status and error.
+    Empty, with those columns, when every row is ok."""
+    table = trial_status(df, cols)
+    return table[table["status"] != "ok"].reset_index(drop=True)
+
+
+def _short_error(status: str, error) -> str:
+    text = " ".join(str(error or "no error recorded").split())
+    text = text if len(text) <= CAUSE_CHARS else text[:CAUSE_CHARS - 3] + "..."
+    return text if status == "error" else f"{status}: {text}"
+
+
+def failure_cause(df, part: str | None = None) -> str | None:
+    """Why tests failed, from the rows' status and error columns (of one `part` if given), most frequent first:
+    "every test failed (6 of 6): SecurityError: ...". None when no row failed."""
+    if df is None or df.empty or "status" not in df:
+        return None
+    rows = df[df["part"] == part] if part is not None and "part" in df else df
+    bad = rows[rows["status"] != "ok"]
+    if bad.empty:
+        return None
+    # a test never reached because an earlier one died says nothing of its own: name the earlier one's cause
+    real = bad[bad["status"] != "skipped"]
+    counts: dict[str, int] = {}
+    for _, r in (real if not real.empty else bad).iterrows():
+        key = _short_error(r["status"], r.get("error"))
+        counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts, key=counts.get, reverse=True)
+    head = (f"every test failed ({len(bad)} of {len(rows)})" if len(bad) == len(rows)
+            else f"{len(bad)} of {len(rows)} tests failed")
+    more = f"; {len(ranked) - 1} other error(s) in the table of failures" if len(ranked) > 1 else ""
+    return f"{head}: {ranked[0]}{more}"
+
+
+def no_rows_reason(df, what: str, part: str | None = None) -> str:
+    """The reason of a "not testable here" verdict that lacks rows: "<what>: <the failures' cause>", or that no
+    row of `part` succeeded when none failed either (the study was not asked to run it)."""
+    cause = failure_cause(df, part)
+    if cause:
+        return f"{what}: {cause}"
+    where = f" of part {part!r}" if part else ""
+    return f"{what}: no successful rows{where} (nothing was measured for it)"

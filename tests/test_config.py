@@ -1,7 +1,7 @@
 """Settings: every bad input gets one clear error; .env files round-trip in the guide's LLAMACPP_* names."""
 import pytest
 
-from kit.config import Settings, SettingsError, read_dotenv
+from kit.config import Settings, SettingsError, chat_format_names, read_dotenv
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -20,6 +20,8 @@ from kit.config import Settings, SettingsError, read_dotenv
     ({"top_p": 1.5}, "top_p"),
     ({"temperature": -0.1}, "temperature"),
     ({"rope_freq_base": 0.0}, "rope_freq_base"),
+    ({"chat_format": "chat-ml"}, "is not a chat format llama-cpp-python registers; did you mean 'chatml'"),
+    ({"chat_format": 1}, "expected str"),
 ])
 def test_bad_settings_get_one_clear_error(kwargs, message):
     with pytest.raises(SettingsError, match=message):
@@ -57,12 +59,30 @@ def test_effective_values_record_llama_cpp_clamps():
 
 def test_dotenv_round_trip(tmp_path):
     s = Settings(n_ctx=4096, n_batch=1024, n_ubatch=512, flash_attn=True, type_k="q8_0", type_v="q8_0",
-                 n_threads=2, temperature=0.1, top_p=0.9, max_tokens=512, rag_search_k=5, rope_freq_base=None)
+                 n_threads=2, temperature=0.1, top_p=0.9, max_tokens=512, rag_search_k=5, rope_freq_base=None,
+                 chat_format="chatml")
     path = s.to_dotenv(tmp_path / "tuned.env", header="measured: 123 t/s\nfrom trials abc")
     text = path.read_text()
     assert text.startswith("# measured: 123 t/s")
     assert "LLAMACPP_N_BATCH=1024" in text and "LLAMACPP_FLASH_ATTN=true" in text
+    assert "LLAMACPP_CHAT_FORMAT=chatml" in text
     assert Settings.from_dotenv(path) == s
+    # unset (the GGUF's own template) round-trips as an empty value
+    unset = Settings().to_dotenv(tmp_path / "default.env")
+    assert "LLAMACPP_CHAT_FORMAT=  #" in unset.read_text() and Settings.from_dotenv(unset).chat_format is None
+
+
+def test_chat_format_is_a_registered_name_passed_to_llama():
+    from llama_cpp import llama_chat_format
+
+    assert Settings().chat_format is None and "chat_format" not in Settings().llama_kwargs("m.gguf")
+    s = Settings.from_env({"LLAMACPP_CHAT_FORMAT": "llama-3"})
+    assert s.llama_kwargs("m.gguf")["chat_format"] == "llama-3"
+    assert set(chat_format_names()) >= {"chatml", "llama-2", "llama-3", "gemma", "mistral-instruct"}
+    for name in chat_format_names():  # every accepted name is one llama-cpp-python can build a handler for
+        llama_chat_format.get_chat_completion_handler(name)
+    with pytest.raises(SettingsError, match="LLAMACPP_CHAT_FORMAT"):
+        Settings.from_env({"LLAMACPP_CHAT_FORMAT": "llama2"})
 
 
 def test_reads_the_guides_profile_syntax(tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 
 from kit.config import Settings
-from kit.measure import Test, bench_engine, load_model, pp, stream_chat, tg
+from kit.measure import EmptyAnswerError, Test, bench_engine, e2e, load_model, measure_config, pp, stream_chat, tg
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,27 @@ def test_every_request_pays_its_prompt_processing(lm):
     lm.llm.create_chat_completion(messages=[{"role": "user", "content": "What is a Python decorator?"}],
                                   max_tokens=2, temperature=0.0)
     assert llama_cpp.llama_perf_context(lm.ctx).n_p_eval < a["n_prompt_tokens"]
+
+
+def test_the_chat_format_in_use_is_read_back(lm):
+    # the bundled GGUF carries its template: llama-cpp-python renders it as written
+    assert lm.effective["chat_format_effective"] == "chat_template.default"
+    assert lm.effective["chat_format_source"] == "gguf"
+
+
+def test_a_request_that_yields_no_token_is_an_error_naming_the_cause(model_path):
+    """llama-2's [INST] turns make this ChatML-trained model end at once: an error, never an ok row of 0 tokens."""
+    m = load_model(Settings(n_ctx=256, temperature=0.0, chat_format="llama-2"))
+    try:
+        with pytest.raises(EmptyAnswerError, match=r"ended at once .* chat format 'llama-2' \(setting\)"):
+            stream_chat(m, "Explain in two sentences what a Python generator is.", max_tokens=8)
+        out = stream_chat(m, "Explain in two sentences what a Python generator is.", max_tokens=8, allow_empty=True)
+        assert out["ttft_ms"] is None and out["text"] == "" and out["finish_reason"] == "stop"
+    finally:
+        m.close()
+    rows = measure_config(Settings(n_ctx=256, temperature=0.0, chat_format="llama-2"), [e2e(8)], repetitions=1)
+    assert rows[0]["status"] == "error" and "EmptyAnswerError: the model produced no tokens" in rows[0]["error"]
+    assert rows[0]["chat_format_effective"] == "llama-2" and rows[0]["chat_format_source"] == "setting"
 
 
 def test_engine_depth_and_context_limit(lm):

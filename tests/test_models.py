@@ -18,6 +18,7 @@ def test_model_card_reads_gguf_metadata(model_path):
     assert card.architecture == "llama" and card.n_layers == 30 and card.n_ctx_train == 8192
     assert card.rope_freq_base == 100000.0 and card.n_embd == 576 and card.file_type == "Q4_1"
     assert 130e6 < card.n_params < 140e6 and card.has_chat_template
+    assert card.chat_markers == ("<|im_start|>",)  # ChatML turns, though the architecture is "llama"
     assert len(card.sha256) == 64 and card.model_type == "llama 135M Q4_1"
     # KV cache of 30 layers x 3 kv heads x 64 dims x 2 bytes, for K and V, per token
     assert card.kv_cache_bytes(1) == 2 * 30 * 3 * 64 * 2
