@@ -10,7 +10,7 @@ from kit.measure import Test as KitTest, load_model
 from kit.paths import PROMPTS_FILE
 from kit.results import read_rows
 from kit.studies import generation as gen
-from kit.verdicts import NOT_TESTABLE, SUPPORTED
+from kit.verdicts import INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, SUPPORTED, band_of, decide
 
 
 # ---- prompts and text ---------------------------------------------------------------------------------------------
@@ -67,6 +67,9 @@ def test_study_validation_fails_early():
         gen.GenerationStudy(caps=[64, 128])
     with pytest.raises(SettingsError, match="n_prompts"):
         gen.GenerationStudy(n_prompts=99)
+    with pytest.raises(SettingsError, match="did you mean 'chatml'"):
+        gen.GenerationStudy(chat_format="chat-ml")
+    assert gen.GenerationStudy(chat_format="chatml").settings().chat_format == "chatml"
 
 
 def test_defaults_are_what_make_study_runs():
@@ -217,10 +220,45 @@ def _s1_rows(guide_ts: list[float]):
 def test_s1_verdict_same_speed_is_no_effect():
     df = _s1_rows([120.0, 121, 119, 120.5, 119.5])
     v = gen.s1_verdict(df, equivalence=0.03)
-    assert v.verdict == "no measurable effect"
+    assert v.verdict == NO_EFFECT and v.band == 0.03 and v.band_why  # the study's own band, and why
+    assert v.verdict == decide(v.ci_low, v.ci_high, equivalence=0.03)
     assert v.details["output_tokens_ratio"] == 1.0
     v = gen.s1_verdict(df[df["label"] == "guide"])
-    assert v.verdict == NOT_TESTABLE
+    assert v.verdict == NOT_TESTABLE and "no successful rows" in v.reason
+
+
+def test_s1_verdict_a_wide_interval_is_inconclusive_not_no_effect():
+    # spread that a 3 % band cannot hold: the interval contains 1 but reaches far outside the band
+    v = gen.s1_verdict(_s1_rows([100.0, 140, 95, 150, 118]), equivalence=0.03)
+    assert v.verdict == INCONCLUSIVE == decide(v.ci_low, v.ci_high, equivalence=0.03)
+    assert v.samples_to_decide and v.samples_to_decide > 5 and "inconclusive: about" in v.summary
+
+
+def test_s2_verdict_the_issues_wide_interval_is_inconclusive():
+    """Issue 14: x1.04, 95 % CI 0.58-1.71 from 2 prompts was labelled "no measurable effect"; it says nothing."""
+    capped = [_req("a", s, e, 48, "length") for s, e in enumerate((2100.0, 5200.0))] + \
+             [_req("b", s, e, 48, "length") for s, e in enumerate((3500.0, 1900.0))]
+    unl = [_req("a", s, e, 60, "stop") for s, e in enumerate((2500.0, 3000.0))] + \
+          [_req("b", s, e, 90, "stop") for s, e in enumerate((4000.0, 1700.0))]
+    df = pd.DataFrame([
+        {"status": "ok", "label": "max_tokens=512", "part": "max_tokens", "max_tokens_label": "512", "requests": capped},
+        {"status": "ok", "label": "max_tokens=unlimited", "part": "max_tokens", "max_tokens_label": "unlimited",
+         "requests": unl}])
+    v = gen.s2_verdict(df)
+    assert v.ci_low < 0.8 and v.ci_high > 1.3 and 0.9 < v.effect < 1.2, (v.effect, v.ci_low, v.ci_high)
+    assert v.band == band_of("S2").width and v.band_why
+    assert v.verdict == INCONCLUSIVE == decide(v.ci_low, v.ci_high, higher_is_better=False, equivalence=v.band)
+    assert v.samples_to_decide > 4 and v.label().startswith("inconclusive: about")
+    assert "no meaningful effect" not in v.summary and "no measurable effect" not in v.summary
+
+
+def test_verdicts_name_the_cause_when_every_trial_failed():
+    err = "ChatTemplateError: the chat template could not be rendered: SecurityError: unsafe"
+    df = pd.DataFrame([{"status": "error", "error": err, "claim": "S1", "part": "sampling", "test": "sampling_test8"},
+                       {"status": "error", "error": err, "claim": "S2", "part": "max_tokens", "test": "sampling_test8"}])
+    for v in (gen.s1_verdict(df), gen.s2_verdict(df)):
+        assert v.verdict == NOT_TESTABLE and "every test failed (1 of 1)" in v.reason and "SecurityError" in v.reason
+    assert gen.sampling_table(df).empty and gen.text_examples(df).empty and gen.requests_frame(df).empty
 
 
 def test_s1_verdict_faster_guide_is_supported():

@@ -12,7 +12,7 @@ from kit.config import Settings, SettingsError, StudyConfigError
 from kit.data import load_prompts
 from kit.measure import Test as KitTest, load_model
 from kit.studies import serving_queue
-from kit.verdicts import NOT_TESTABLE, REFUTED, SUPPORTED, decide
+from kit.verdicts import NOT_TESTABLE, SUPPORTED
 
 
 # ---- queueing maths --------------------------------------------------------------------------------------------------
@@ -140,15 +140,22 @@ def test_study_rows_carry_p1_metrics(tmp_path):
     assert cov["present"].all(), cov.to_string()
     filled = dict(zip(cov["metric"], cov["filled_share"]))
     assert filled["tokens/s"] == filled["TTFT"] == filled["memory"] == filled["queue time"] == 1.0
+    status = dict(zip(cov["metric"], cov["status"]))
+    gpu_here = bool(df["gpu_info"].fillna("").str.strip().ne("").any())
+    # without an NVIDIA GPU the GPU columns are empty and say why; with one, NVML fills them
+    assert status["GPU utilisation"] == status["GPU memory"] == ("filled" if gpu_here else "explained"), cov.to_string()
     pois = df[df["mode"] == "poisson"].iloc[0]
     assert pois["service_rate_rps"] > 0 and pois["rho_measured"] > 0.5
     assert len(pois["calibration_service_ms"]) == 1
     v = serving_queue.p1_verdict(df)
-    # the effect is queue / service time at the heaviest load, labelled by the one rule (kit.verdicts.decide)
+    # a coverage verdict on real rows: every metric recorded, filled or explained; queue time is evidence
+    assert v.verdict == SUPPORTED, v.reason
+    assert v.effect is None and {r["status"] for r in v.details["coverage"]} <= {"filled", "explained"}
     assert v.details["heaviest_load"] == "poisson, rho=2.0"
-    assert v.effect == pytest.approx(statistics.median(pois["samples_queue_ms"])
-                                     / statistics.median(pois["samples_service_ms"]), abs=1e-4)
-    assert v.verdict == decide(v.ci_low, v.ci_high) and v.ci_low <= v.effect <= v.ci_high
+    q = v.details["queue_over_service_at_heaviest_load"]
+    assert q["ratio"] == pytest.approx(statistics.median(pois["samples_queue_ms"])
+                                       / statistics.median(pois["samples_service_ms"]), abs=1e-4)
+    assert q["ci"][0] <= q["ratio"] <= q["ci"][1] and "queue time" in v.summary
     across = serving_queue.coverage_across_studies(tmp_path)
     assert list(across["study"]) == ["75_serving_queue"]
 
@@ -157,24 +164,45 @@ def test_study_rows_carry_p1_metrics(tmp_path):
 def _level(label, mode, queue_ms, service_ms, **kw):
     return {"status": "ok", "label": label, "mode": mode, "samples_queue_ms": queue_ms, "samples_service_ms": service_ms,
             "samples_decode_ms_per_token": [10.0, 10.2, 9.9, 10.1], "median_ts": 100.0, "ttft_ms": 50.0,
-            "gpu_util_pct": None, "rss_peak_mb": 300.0, "queue_p50_ms": statistics.median(queue_ms),
-            "service_p50_ms": statistics.median(service_ms), "clients": None, "rho_measured": None, **kw}
+            "gpu_util_pct": None, "vram_peak_mb": None, "gpu_info": "", "backends": "CPU", "rss_peak_mb": 300.0,
+            "queue_p50_ms": statistics.median(queue_ms), "service_p50_ms": statistics.median(service_ms),
+            "clients": None, "rho_measured": None, **kw}
 
 
-def test_p1_verdict_follows_the_interval_both_ways():
-    light = _level("closed, 1 client(s)", "closed", [0.1, 0.2, 0.1, 0.1], [300.0, 310, 305, 295], clients=1)
+LIGHT = ("closed, 1 client(s)", "closed", [0.1, 0.2, 0.1, 0.1], [300.0, 310, 305, 295])
+
+
+def test_p1_is_a_coverage_verdict_queue_time_is_evidence():
+    light = _level(*LIGHT, clients=1)
     busy = _level("poisson, rho=1.2", "poisson", [900.0, 1200, 1500, 1100, 1300], [300.0, 310, 305, 295, 300],
                   rho_measured=1.18)
-    v = serving_queue.p1_verdict(pd.DataFrame([light, busy]))
-    assert v.verdict == SUPPORTED and v.ci_low > 1 and v.details["heaviest_load"] == "poisson, rho=1.2"
-    assert v.details["gpu_columns_empty"] and "no GPU" in v.summary
     calm = _level("poisson, rho=0.3", "poisson", [1.0, 2, 0.5, 3, 1], [300.0, 310, 305, 295, 300], rho_measured=0.3)
-    v = serving_queue.p1_verdict(pd.DataFrame([light, calm]))
-    assert v.verdict == REFUTED and v.ci_high < 1  # the old rule could not say this: it never refuted
+    for heavy in (busy, calm):  # whatever the queue did, the label is about what the rows carry
+        v = serving_queue.p1_verdict(pd.DataFrame([light, heavy]))
+        assert v.verdict == SUPPORTED and v.effect is None and v.details["heaviest_load"] == heavy["label"]
+        assert v.details["gpu_columns_empty"] and "no NVIDIA GPU visible to NVML" in v.summary
+    q = serving_queue.p1_verdict(pd.DataFrame([light, busy])).details["queue_over_service_at_heaviest_load"]
+    assert q["ratio"] == pytest.approx(1200 / 300) and q["ci"][0] > 1
+    q = serving_queue.p1_verdict(pd.DataFrame([light, calm])).details["queue_over_service_at_heaviest_load"]
+    assert q["ci"][1] < 1
 
 
-def test_p1_verdict_needs_every_metric_column():
-    light = _level("closed, 1 client(s)", "closed", [0.1, 0.2, 0.1], [300.0, 310, 305], clients=1)
-    del light["gpu_util_pct"]
-    v = serving_queue.p1_verdict(pd.DataFrame([light]))
-    assert v.verdict == NOT_TESTABLE and "GPU utilisation" in v.reason
+def test_p1_names_every_gap_the_machine_does_not_explain():
+    missing = _level(*LIGHT, clients=1)
+    del missing["gpu_util_pct"]
+    v = serving_queue.p1_verdict(pd.DataFrame([missing]))
+    assert v.verdict == NOT_TESTABLE and "GPU utilisation (gpu_util_pct): not recorded" in v.reason
+    # a GPU was there (gpu_info names it) but its columns are empty: a gap, not an explanation
+    gpu = _level(*LIGHT, clients=1, gpu_info="NVIDIA H100", gpu_error="NVMLError: Unknown Error")
+    v = serving_queue.p1_verdict(pd.DataFrame([gpu]))
+    assert v.verdict == NOT_TESTABLE and "NVML failed: NVMLError" in v.reason
+    # tokens/s empty in one of two rows
+    half = [_level(*LIGHT, clients=1), _level(*LIGHT, clients=2, median_ts=None)]
+    v = serving_queue.p1_verdict(pd.DataFrame(half))
+    assert v.verdict == NOT_TESTABLE and "tokens/s (median_ts): partly filled, empty in 1 of 2 rows" in v.reason
+    with_gpu = _level(*LIGHT, clients=1, gpu_info="NVIDIA H100", gpu_util_pct=0.0, vram_peak_mb=500.0,
+                      n_gpu_layers=0)
+    v = serving_queue.p1_verdict(pd.DataFrame([with_gpu]))
+    assert v.verdict == SUPPORTED and "no GPU offload" in v.summary
+    v = serving_queue.p1_verdict(pd.DataFrame([{"status": "timeout", "error": "no result within 1 s; killed"}]))
+    assert v.verdict == NOT_TESTABLE and "timeout: no result within 1 s" in v.reason

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import statistics
+import textwrap
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,7 +30,7 @@ import pandas as pd
 from kit.config import SAMPLING_KEYS, ChatStudyConfig, Settings, SettingsError, check_rule, param
 from kit.data import load_prompts
 from kit.measure import Test, requests_row, stream_chat
-from kit.results import load_results, median_table
+from kit.results import load_results, median_table, no_rows_reason
 from kit.sweep import run_sweep, split_out_dir
 from kit.verdicts import bootstrap_ratio, compare, not_testable, too_few
 
@@ -182,6 +183,8 @@ class GenerationStudy(ChatStudyConfig):
     s2_cap: int = param(GUIDE_MAX_TOKENS, "the cap S2 compares with unlimited (the guide's 512); one of caps", ge=1)
     equivalence: float = param(0.03, "a speed ratio whose whole 95 % CI lies within 1 +- this is 'no effect'",
                                ge=0, le=0.5)
+    chat_format: str | None = param(None, "llama-cpp-python chat format (None: the GGUF's template, or one chosen "
+                                          "from the vocabulary when it has none)")
     timeout_s: float = param(1800.0, "wall-clock limit of one trial (child process), seconds", gt=0)
     out_dir: str = param("outputs/70_generation", "rows, figures and verdicts.json go here")
 
@@ -202,7 +205,7 @@ class GenerationStudy(ChatStudyConfig):
             base.replace(**variant)
 
     def settings(self) -> Settings:
-        return Settings(model=self.model, n_ctx=self.n_ctx, n_threads=self.n_threads)
+        return Settings(model=self.model, n_ctx=self.n_ctx, n_threads=self.n_threads, chat_format=self.chat_format)
 
     def sampling_variants(self) -> dict[str, dict]:
         """label -> sampling overrides; the two S1 arms first, then one axis at a time from the defaults."""
@@ -261,23 +264,38 @@ def request_sampling_view(df):
     return out
 
 
+REQUEST_COLUMNS = ("label", "part", *SAMPLING_KEYS, "max_tokens_label", "prompt_id", "seed", "n_prompt_tokens",
+                   "n_gen_tokens", "finish_reason", *_PER_REQUEST, "text")
+
+
+def _ok(df):
+    """The successful rows (none when the frame has no status column: nothing ran)."""
+    if df is None or df.empty or "status" not in df:
+        return pd.DataFrame(columns=["status", "label", "part"])
+    ok = df[df["status"] == "ok"]
+    return ok if "label" in ok else ok.assign(label=None)
+
+
 def requests_frame(df):
-    """One row per request (the `requests` column exploded), with the row's label, part and sampling."""
+    """One row per request (the `requests` column exploded), with the row's label, part and sampling; empty, with
+    the same columns, when no row succeeded."""
     recs = []
-    df = request_sampling_view(df)
-    ok = df[df["status"] == "ok"] if "status" in df else df
+    ok = request_sampling_view(_ok(df))
     for _, row in ok.iterrows():
         for r in row.get("requests") or []:
             recs.append({"label": row["label"], "part": row.get("part"),
                          **{k: row.get(k) for k in SAMPLING_KEYS}, "max_tokens_label": row.get("max_tokens_label"),
                          **r})
-    return pd.DataFrame(recs)
+    return pd.DataFrame(recs) if recs else pd.DataFrame(columns=list(REQUEST_COLUMNS))
 
 
 def sampling_table(df, part: str | None = "sampling"):
     """Per configuration: per-token cost (median [95 % CI]), length, truncation, text diversity, determinism."""
-    df = request_sampling_view(df)
-    ok = df[(df["status"] == "ok") & ((df["part"] == part) if part else True)]
+    ok = request_sampling_view(_ok(df))
+    if part and not ok.empty:
+        ok = ok[ok["part"] == part]
+    if ok.empty:
+        return pd.DataFrame(columns=["label", "ms/token (ITL)", "ms/token 95% CI", "tokens/s", "requests"])
     cost = median_table(ok, by="label", cols="samples_decode_ms_per_token").set_index("label")
     rows = []
     for _, r in ok.iterrows():
@@ -303,8 +321,8 @@ def _int_or_none(x):
 
 
 def _row(df, label: str):
-    df = request_sampling_view(df)
-    m = df[(df["status"] == "ok") & (df["label"] == label)]
+    ok = request_sampling_view(_ok(df))
+    m = ok[ok["label"] == label]
     return None if m.empty else m.iloc[-1]
 
 
@@ -312,8 +330,8 @@ def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
     """S1: per-token decode speed, guide sampling vs llama-cpp-python defaults; output length reported apart."""
     g, d = _row(df, "guide"), _row(df, "default")
     if g is None or d is None:
-        return not_testable("S1", "the sampling sweep has no successful 'guide' and 'default' rows to compare",
-                            evidence=evidence)
+        return not_testable("S1", no_rows_reason(df, "the sampling sweep has no successful 'guide' and 'default' "
+                                                     "rows to compare", part="sampling"), evidence=evidence)
     short = too_few("S1", len(g["samples_ts"]), len(d["samples_ts"]), "n_prompts or repetitions", evidence)
     if short:
         return short
@@ -328,8 +346,11 @@ def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
                  "guide_overhead_ms_per_token": g["overhead_ms_per_token"],
                  "default_overhead_ms_per_token": d["overhead_ms_per_token"],
                  "equivalence": equivalence}
+    if equivalence == v.band and not v.band_why:
+        v.band_why = (f"the study's equivalence parameter (+-{equivalence:.0%}): a per-token cost change smaller "
+                      f"than that is below what sampling settings are chosen for")
     v.summary = (f"Per-token speed with the guide's sampling is {v.effect:.3f}x the defaults' "
-                 f"(95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}; equivalence band +-{equivalence:.0%}): {v.verdict}. "
+                 f"(95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}; equivalence band +-{equivalence:.0%}): {v.label()}. "
                  f"Tokens per answer, guide / defaults: {ln:.2f}x (95 % CI {ln_lo:.2f}-{ln_hi:.2f}, capped at "
                  f"max_tokens={_int_or_none(g['max_tokens'])}); end-to-end latency {e2e:.2f}x ({e_lo:.2f}-{e_hi:.2f}).")
     return v
@@ -338,8 +359,10 @@ def s1_verdict(df, equivalence: float = 0.03, evidence: Sequence[str] = ()):
 def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
     """S2: e2e latency with max_tokens=cap against unlimited, on the prompts both ran; truncation rates beside it."""
     req = requests_frame(df)
+    req = req[req["part"] == "max_tokens"]
     if req.empty:
-        return not_testable("S2", "no successful max_tokens rows", evidence=evidence)
+        return not_testable("S2", no_rows_reason(df, "the max_tokens sweep has no successful rows",
+                                                 part="max_tokens"), evidence=evidence)
     capped = req[(req["part"] == "max_tokens") & (req["max_tokens_label"] == str(cap))]
     unl = req[(req["part"] == "max_tokens") & (req["max_tokens_label"] == "unlimited")]
     if capped.empty or unl.empty:
@@ -363,7 +386,7 @@ def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
                  "unlimited_max_tokens_seen": int(unl["n_gen_tokens"].max()),
                  "n_prompts_unlimited": int(unl["prompt_id"].nunique())}
     v.summary = (f"max_tokens={cap} makes end-to-end latency {v.effect:.2f}x unlimited (95 % CI "
-                 f"{v.ci_low:.2f}-{v.ci_high:.2f}) on {v.details['n_prompts_unlimited']} prompt(s): {v.verdict}. "
+                 f"{v.ci_low:.2f}-{v.ci_high:.2f}) on {v.details['n_prompts_unlimited']} prompt(s): {v.label()}. "
                  f"The cap cut off {trunc_cap_all:.0%} of answers over all {capped['prompt_id'].nunique()} prompts "
                  f"(finish_reason 'length'); unlimited answers reached n_ctx in {trunc_unl:.0%} of requests "
                  f"(longest {v.details['unlimited_max_tokens_seen']} tokens). A cap saves time only on answers "
@@ -374,9 +397,9 @@ def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
 def text_examples(df, prompt_id: str | None = None, chars: int = 160, part: str = "sampling"):
     """The first characters of one prompt's answer (first seed) under every configuration: what changes in the text."""
     req = requests_frame(df)
-    if req.empty:
-        return req
     req = req[req["part"] == part]
+    if req.empty:
+        return req[["label", "seed", "n_gen_tokens", "finish_reason", "text"]]
     pid = prompt_id or req["prompt_id"].iloc[0]
     first = req[req["prompt_id"] == pid].sort_values("seed").groupby("label", sort=False).head(1)
     out = first[["label", "seed", "n_gen_tokens", "finish_reason", "text"]].copy()
@@ -385,6 +408,13 @@ def text_examples(df, prompt_id: str | None = None, chars: int = 160, part: str 
 
 
 # ---- figures --------------------------------------------------------------------------------------------------------
+def _no_rows(ax, df, part: str) -> None:
+    """An empty panel that says why (the figure is still saved: the notebook's evidence paths stay valid)."""
+    ax.text(0.5, 0.5, textwrap.fill(no_rows_reason(df, "no successful rows", part=part), 60), ha="center",
+            va="center", transform=ax.transAxes, fontsize=9)
+    ax.set_axis_off()
+
+
 def plot_sampling(df):
     """Per-token cost and output length per sampling configuration (median, 95 % CI of per-request samples)."""
     # not at the top: a trial child imports this module for sampling_test and must not load matplotlib
@@ -395,6 +425,8 @@ def plot_sampling(df):
     order = list(dict.fromkeys(req["label"]))
 
     def cost(ax):
+        if req.empty:
+            return _no_rows(ax, df, "sampling")
         median_plot(req, x="decode_ms_per_token", y="label", ax=ax, order=order, linestyles="none")
         median_plot(req, x="engine_decode_ms_per_token", y="label", ax=ax, order=order, linestyles="none",
                     color="grey", marker="x")
@@ -402,6 +434,8 @@ def plot_sampling(df):
         ax.set_ylabel("")
 
     def length(ax):
+        if req.empty:
+            return _no_rows(ax, df, "sampling")
         median_plot(req, x="n_gen_tokens", y="label", ax=ax, order=order, linestyles="none", color="C1")
         ax.set_xlabel("generated tokens per answer (median, 95 % CI)")
         ax.set_ylabel("")
@@ -427,12 +461,16 @@ def plot_caps(df):
     req["truncated"] = (req["finish_reason"] == "length").astype(float)
 
     def latency(ax):
+        if req.empty:
+            return _no_rows(ax, df, "max_tokens")
         median_plot(req, x="max_tokens_label", y="e2e_ms", hue="prompt_id", ax=ax, order=order, linewidth=1)
         ax.set_yscale("log")
         ax.set_xlabel("max_tokens")
         ax.set_ylabel("end-to-end latency, ms (log)")
 
     def truncation(ax):
+        if req.empty:
+            return _no_rows(ax, df, "max_tokens")
         # a share of answers: the mean of 0/1 with its 95 % CI, not a median
         sns.barplot(data=req, x="max_tokens_label", y="truncated", order=order, errorbar=("ci", 95), ax=ax, color="C3")
         ax.set_xlabel("max_tokens")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import queue
 import random
 import statistics
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,21 +37,24 @@ from kit.config import SAMPLING_KEYS, ChatStudyConfig, Settings, SettingsError, 
 from kit.data import load_prompts
 from kit.measure import Test, percentile, requests_row, stream_chat
 from kit.paths import OUTPUTS_DIR, resolve
-from kit.results import as_float, load_results
+from kit.results import as_float, load_results, no_rows_reason
 from kit.sweep import run_sweep, split_out_dir
-from kit.verdicts import bootstrap_ratio, compare, not_testable, too_few
+from kit.verdicts import SUPPORTED, Verdict, bootstrap_ratio, not_testable
 
 QUEUE_KIND = "kit.studies.serving_queue:queue_test"
 TIMED_REGION = ("per request, on one clock: submit -> worker takes it (queue_ms) -> streamed chat completion from a "
                 "fresh prompt cache -> last chunk (service_ms); ttft and e2e from submit, as the client sees them")
-# What the guide says to track (section 8) -> the row column that carries it.
+# What the guide says to track (section 8) -> the row column that carries it (memory: host RSS and, with a GPU,
+# its memory; the GPU columns are empty without one, and P1 says why).
 P1_METRICS = {
     "tokens/s": "median_ts",
     "TTFT": "ttft_ms",
     "GPU utilisation": "gpu_util_pct",
     "memory": "rss_peak_mb",
+    "GPU memory": "vram_peak_mb",
     "queue time": "queue_p50_ms",
 }
+GPU_COLUMNS = ("gpu_util_pct", "vram_peak_mb")
 _PER_REQUEST = ("ttft_ms", "decode_ms_per_token", "itl_p50_ms", "itl_p95_ms")
 
 
@@ -241,7 +245,7 @@ def queue_test(lm, test: Test, repetitions: int) -> dict:
         raise SettingsError("poisson mode needs rho > 0 and n_requests >= 1")
     s = lm.settings.replace(**p)  # the rest are sampling settings: validated like any Settings
     sampling = {k: getattr(s, k) for k in SAMPLING_KEYS + ("seed",)}
-    stream_chat(lm, prompts[0]["prompt"], max_tokens=4)  # warm-up, untimed
+    stream_chat(lm, prompts[0]["prompt"], max_tokens=4)  # warm-up, untimed (raises for a model that cannot answer)
     calibration, rate = [], None
     with ModelServer(lm, **sampling) as srv:
         if mode == "closed":
@@ -250,10 +254,12 @@ def queue_test(lm, test: Test, repetitions: int) -> dict:
         else:
             cal = [srv.submit(q["prompt"], q["id"]).wait() for q in
                    (prompts[i % len(prompts)] for i in range(max(n_cal, 1)))]
+            _served_or_raise(cal, "calibration")
             calibration = [(t.t_end - t.t_start) * 1e3 for t in cal]
             rate = float(rho) * 1e3 / statistics.fmean(calibration)  # rho x the measured service rate mu
             t0 = time.perf_counter()
             tickets = poisson_arrivals(srv, prompts, rate, n_requests, seed=arrival_seed)
+    _served_or_raise(tickets, label or mode)
     recs = [t.record(t0) for t in tickets]
     row = queue_row(recs, max(t.t_end for t in tickets) - t0)
     row.update({
@@ -272,6 +278,12 @@ def queue_test(lm, test: Test, repetitions: int) -> dict:
         "timed_region": TIMED_REGION,
     })
     return row
+
+
+def _served_or_raise(tickets: Sequence[Ticket], what: str) -> None:
+    """A load level whose every request failed is an error row with the requests' cause, not a row of nothing."""
+    if tickets and all(t.error is not None for t in tickets):
+        raise RuntimeError(f"every request of {what} failed ({len(tickets)}): {tickets[0].error}")
 
 
 def _offered_load(recs: list[dict], mode: str) -> dict:
@@ -336,6 +348,8 @@ class ServingStudy(ChatStudyConfig):
     poisson_requests: int = param(10, "requests per Poisson load level", ge=1)
     calibration_requests: int = param(3, "one-at-a-time requests that measure the service rate first", ge=1)
     repetitions: int = param(5, "requests per client in the closed loop", ge=1)
+    chat_format: str | None = param(None, "llama-cpp-python chat format (None: the GGUF's template, or one chosen "
+                                          "from the vocabulary when it has none)")
     timeout_s: float = param(1800.0, "wall-clock limit of one trial (child process), seconds", gt=0)
     out_dir: str = param("outputs/75_serving_queue", "rows, figures and verdicts.json go here")
 
@@ -349,7 +363,7 @@ class ServingStudy(ChatStudyConfig):
 
     def settings(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                        temperature=self.temperature, max_tokens=self.max_tokens)
+                        temperature=self.temperature, max_tokens=self.max_tokens, chat_format=self.chat_format)
 
     def _prompts(self) -> list[dict]:
         return load_prompts(self.prompts_file, self.n_prompts)
@@ -382,15 +396,26 @@ def run_serving_study(study: ServingStudy, progress: bool = True):
 
 
 # ---- analysis -------------------------------------------------------------------------------------------------------
+REQUEST_COLUMNS = ("label", "mode", "clients", "rho_target", "rho_measured", "index", "prompt_id", "submit_s",
+                   "queue_ms", "service_ms", "ttft_ms", "e2e_ms", "n_gen_tokens", "finish_reason", "error")
+
+
+def _ok(df):
+    """The successful load levels (none when the frame has no status column: nothing ran)."""
+    if df is None or df.empty or "status" not in df:
+        return pd.DataFrame(columns=["status", "label", "mode"])
+    return df[df["status"] == "ok"]
+
+
 def requests_frame(df):
-    """One row per request, with its load level (label, mode, clients, rho)."""
+    """One row per request, with its load level (label, mode, clients, rho); empty, with the same columns, when no
+    level succeeded."""
     recs = []
-    ok = df[df["status"] == "ok"]
-    for _, row in ok.iterrows():
+    for _, row in _ok(df).iterrows():
         for r in row.get("requests") or []:
             recs.append({"label": row["label"], "mode": row["mode"], "clients": row.get("clients"),
                          "rho_target": row.get("rho_target"), "rho_measured": row.get("rho_measured"), **r})
-    return pd.DataFrame(recs)
+    return pd.DataFrame(recs) if recs else pd.DataFrame(columns=list(REQUEST_COLUMNS))
 
 
 def load_table(df):
@@ -400,21 +425,56 @@ def load_table(df):
             "queue_p50_ms", "queue_p95_ms", "queue_p99_ms", "pk_queue_ms", "service_p50_ms",
             "ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms",
             "itl_p50_ms", "itl_p95_ms", "itl_p99_ms", "queue_share_of_e2e", "rss_peak_mb", "gpu_util_pct"]
-    ok = df[df["status"] == "ok"]
+    ok = _ok(df)
     return ok[[c for c in cols if c in ok.columns]].reset_index(drop=True)
 
 
+def gpu_gap(rows) -> str | None:
+    """Why the GPU columns of these rows are empty, where the machine explains it: no NVIDIA GPU visible to NVML in
+    the process that measured them (its `gpu_info`). None when a GPU was there: then an empty column is a gap."""
+    if rows.empty or "gpu_info" not in rows:
+        return None
+    if rows["gpu_info"].fillna("").astype(str).str.strip().eq("").all():
+        return "no NVIDIA GPU visible to NVML on this machine: there is no GPU to sample"
+    return None
+
+
+def _offload_note(rows) -> str:
+    """With a GPU present: whether this model ran on it at all (a build without offload, or no layers offloaded)."""
+    if "backends" in rows and not rows["backends"].fillna("").astype(str).str.contains(
+            "CUDA|Vulkan|Metal|HIP|SYCL|OpenCL|MUSA|CANN", case=False).any():
+        return f"a GPU is present, but this llama.cpp build has no GPU offload (backends: {rows['backends'].iloc[0]}): " \
+               "the figure is the GPU's, not this model's"
+    if "n_gpu_layers" in rows and (rows["n_gpu_layers"].fillna(0) == 0).all():
+        return "a GPU is present, but no layers were offloaded (n_gpu_layers=0): the figure is the GPU's idle load"
+    return ""
+
+
 def metric_coverage(df, metrics: dict[str, str] = P1_METRICS):
-    """For each metric the guide says to track: its column, whether rows carry it, and the non-empty share."""
+    """For each metric the guide says to track: its column, whether rows carry it, the filled share, and a status:
+    "filled" (every row), "explained" (empty because the machine cannot give it, `note` says why), "partly
+    filled", "empty", "not recorded" (the column is missing) or "no rows"."""
+    df = _ok(df) if "status" in df else df
     rows = []
     for metric, col in metrics.items():
         present = col in df.columns
         filled = float(df[col].notna().mean()) if present and len(df) else 0.0
-        note = ""
-        if present and filled == 0 and col.startswith("gpu"):
-            note = "column present, empty: no GPU visible to NVML on this machine"
+        gap = gpu_gap(df) if col in GPU_COLUMNS else None
+        if df.empty:
+            status, note = "no rows", "no successful row to look at"
+        elif not present:
+            status, note = "not recorded", "no row carries this column"
+        elif len(df) and filled == 1.0:
+            status, note = "filled", _offload_note(df) if col in GPU_COLUMNS and gpu_gap(df) is None else ""
+        elif filled == 0 and gap:
+            status, note = "explained", f"column present, empty: {gap}"
+        elif filled == 0:
+            errors = df["gpu_error"].dropna() if col in GPU_COLUMNS and "gpu_error" in df else []
+            status, note = "empty", (f"NVML failed: {errors.iloc[0]}" if len(errors) else "column present, empty")
+        else:
+            status, note = "partly filled", f"empty in {round((1 - filled) * len(df))} of {len(df)} rows"
         rows.append({"metric": metric, "column": col, "present": present, "filled_share": round(filled, 3),
-                     "note": note})
+                     "status": status, "note": note})
     return pd.DataFrame(rows)
 
 
@@ -430,85 +490,105 @@ def _load_extremes(ok):
     return hi, (closed.iloc[0] if not closed.empty else pois.iloc[0]), where
 
 
-def p1_verdict(df, evidence: Sequence[str] = ()):
-    """P1: do the rows carry every metric the guide lists, and does queue time take over at the highest load.
+def _ratio(candidate, baseline) -> dict | None:
+    """Ratio of medians with its 95 % bootstrap interval, as evidence (None where a side is empty or zero)."""
+    c = [float(x) for x in candidate if x is not None] if isinstance(candidate, list) else []
+    b = [float(x) for x in baseline if x is not None] if isinstance(baseline, list) else []
+    if not c or not b or statistics.median(b) == 0:
+        return None
+    point, lo, hi = bootstrap_ratio(c, b)
+    return {"ratio": round(point, 4), "ci": [round(lo, 4), round(hi, 4)], "n": [len(c), len(b)]}
 
-    The effect is median queue time / median service time at the heaviest load measured, through
-    kit.verdicts.compare (claimed: the ratio is above 1). supported: its 95 % interval lies above 1 (latency there
-    is mostly waiting, which a monitor of tokens/s misses); refuted: it lies below 1; otherwise no measurable
-    effect. Not testable when a metric's column is missing or the heaviest load served too few requests.
+
+def p1_verdict(df, evidence: Sequence[str] = ()):
+    """P1, a coverage verdict: do the rows carry every metric the guide says to track, filled where the machine can
+    give it?
+
+    Rule: supported when every metric of `P1_METRICS` is recorded in the successful rows and each is filled in all
+    of them or empty for a reason of the machine (the GPU columns without an NVIDIA GPU: `metric_coverage`'s
+    "explained"); not testable here, naming the gaps, when a metric is missing or empty where the machine could give
+    it (the kit fell short, which says nothing against the advice), and with the failures' cause when no load level
+    succeeded. Never refuted: recording a metric cannot show that tracking it is wrong. What queue time adds (queue
+    time / service time at the heaviest load, with its 95 % interval; the decode time per token against the lightest
+    load; every level's medians) is evidence in `details`, not the label.
     """
-    ok = df[df["status"] == "ok"]
+    ok = _ok(df)
     if ok.empty or "mode" not in ok:
-        return not_testable("P1", "no successful load rows", evidence=evidence)
+        return not_testable("P1", no_rows_reason(df, "no load level produced rows"), evidence=evidence)
     cov = metric_coverage(ok)
-    missing = cov[~cov["present"]]["metric"].tolist()
-    if missing:
-        return not_testable("P1", f"the rows lack {', '.join(missing)}: the kit does not record them here",
-                            evidence=evidence, coverage=cov.to_dict("records"))
-    hi, lo, where = _load_extremes(ok)
-    qs, ss = hi["samples_queue_ms"], hi["samples_service_ms"]
-    if not qs or not ss or statistics.median(ss) == 0:
-        return not_testable("P1", "the highest load level has no served requests", evidence=evidence)
-    short = too_few("P1", len(qs), len(ss), "poisson_requests (or repetitions)", evidence)
-    if short:
-        return short
-    v = compare("P1", qs, ss, higher_is_better=True, claimed="better", evidence=evidence,
-                metric=f"median queue time / median service time at the highest load ({where})")
-    decode = bootstrap_ratio(hi["samples_decode_ms_per_token"], lo["samples_decode_ms_per_token"])
-    v.details = _p1_details(ok, cov, hi, lo, decode)
-    v.summary = _p1_summary(v, ok, hi, lo, where, decode)
+    gaps = cov[~cov["status"].isin(["filled", "explained"])]
+    details = _p1_details(ok, cov)
+    if not gaps.empty:
+        listing = "; ".join(f"{r['metric']} ({r['column']}): {r['status']}, {r['note']}" for _, r in gaps.iterrows())
+        return not_testable("P1", f"the rows do not carry every metric the guide lists where this machine could "
+                                  f"give it: {listing}", evidence=evidence, **details)
+    v = Verdict(claim="P1", verdict=SUPPORTED, evidence=list(evidence), details=details,
+                metric="coverage: every metric the guide lists, in every successful row (or explained where empty)",
+                n_candidate=len(ok))
+    v.summary = _p1_summary(cov, details)
     return v
 
 
-def _p1_summary(v, ok, hi, lo, where: str, decode: tuple[float, float, float]) -> str:
+def _p1_summary(cov, details: dict) -> str:
+    filled = [f"{r['metric']} ({r['column']})" for _, r in cov.iterrows() if r["status"] == "filled"]
+    explained = [f"{r['metric']} ({r['column']}) is empty: {r['note'].split(': ', 1)[-1]}" for _, r in cov.iterrows()
+                 if r["status"] == "explained"]
+    notes = [f"{r['metric']}: {r['note']}" for _, r in cov.iterrows() if r["status"] == "filled" and r["note"]]
+    text = f"Every successful row carries {', '.join(filled)}."
+    if explained:
+        text += " " + "; ".join(explained) + "."
+    if notes:
+        text += " " + "; ".join(notes) + "."
+    q = details.get("queue_over_service_at_heaviest_load")
+    if q:
+        text += (f" What queue time adds, at {details['heaviest_load']}: median queue time is x{q['ratio']:.2f} the "
+                 f"median service time (95 % CI {q['ci'][0]:.2f}-{q['ci'][1]:.2f}), invisible to a monitor of "
+                 f"tokens/s alone.")
+    d = details.get("decode_ms_per_token_heaviest_vs_lightest")
+    if d:
+        text += (f" Decode time per token there is x{d['ratio']:.2f} that at {details['lightest_load']} "
+                 f"(95 % CI {d['ci'][0]:.2f}-{d['ci'][1]:.2f}).")
+    return text
+
+
+def _p1_details(ok, cov) -> dict:
+    hi, lo, where = _load_extremes(ok)
     pois = ok[ok["mode"] == "poisson"].sort_values("rho_measured")
-    by_load = ", ".join(f"rho {r['rho_measured']:.2f}: {r['queue_p50_ms']:.0f} / {r['service_p50_ms']:.0f} ms"
-                        for _, r in pois.iterrows() if r.get("rho_measured") is not None)
-    gpu_note = (" GPU utilisation: the column is there (gpu_util_pct, vram_peak_mb) but empty, because no GPU is "
-                "visible to NVML on this machine." if v.details["gpu_columns_empty"] else "")
-    outcome = {
-        "supported": "At this load, latency is mostly waiting, not decoding: a monitor that tracks only tokens/s "
-                     "misses it.",
-        "refuted": "Even at this load queue time stayed clearly below service time: the loads run here did not "
-                   "saturate the server; raise rhos above 1 or poisson_requests to see the queue take over.",
-    }.get(v.verdict, "At the loads run here queue time did not clearly exceed service time; raise rhos or "
-                     "poisson_requests to see the queue take over.")
-    dec, d_lo, d_hi = decode
-    return ("Every row carries tokens/s (median_ts, throughput_ts), TTFT, memory (rss_peak_mb) and queue time "
-            "(p50/p95/p99)." + gpu_note +
-            f" At {where} the median queue time is {statistics.median(hi['samples_queue_ms']):.0f} ms against a "
-            f"median service time of {statistics.median(hi['samples_service_ms']):.0f} ms: queue/service "
-            f"{v.effect:.2f}x (95 % CI {v.ci_low:.2f}-{v.ci_high:.2f}), while the per-token decode time is "
-            f"{dec:.2f}x that at the lightest load, {lo['label']} (95 % CI {d_lo:.2f}-{d_hi:.2f}). "
-            + (f"Median queue / service time by offered load: {by_load}. " if by_load else "") + outcome)
-
-
-def _p1_details(ok, cov, hi, lo, decode: tuple[float, float, float]) -> dict:
-    dec, d_lo, d_hi = decode
     return {"coverage": cov.to_dict("records"),
-            "gpu_columns_empty": bool(cov.loc[cov["metric"] == "GPU utilisation", "filled_share"].iloc[0] == 0),
-            "decode_ratio_high_vs_low_load": round(dec, 4), "decode_ratio_ci": [round(d_lo, 4), round(d_hi, 4)],
+            "gpu_columns_empty": bool((cov[cov["column"].isin(GPU_COLUMNS)]["filled_share"] == 0).all()),
+            "lightest_load": lo["label"], "heaviest_load": hi["label"], "heaviest_load_where": where,
+            "queue_over_service_at_heaviest_load": _ratio(hi.get("samples_queue_ms"), hi.get("samples_service_ms")),
+            "decode_ms_per_token_heaviest_vs_lightest": _ratio(hi.get("samples_decode_ms_per_token"),
+                                                               lo.get("samples_decode_ms_per_token")),
             "queue_share_of_e2e_at_high_load": as_float(hi.get("queue_share_of_e2e")),
-            "lightest_load": lo["label"], "heaviest_load": hi["label"],
             "queue_p50_ms_lightest_load": as_float(lo.get("queue_p50_ms")),
             "queue_p50_ms_heaviest_load": as_float(hi.get("queue_p50_ms")),
             "queue_p95_ms_heaviest_load": as_float(hi.get("queue_p95_ms")),
             "service_p50_ms_heaviest_load": as_float(hi.get("service_p50_ms")),
+            "queue_service_by_rho": [{"rho_measured": as_float(r.get("rho_measured")),
+                                      "queue_p50_ms": as_float(r.get("queue_p50_ms")),
+                                      "service_p50_ms": as_float(r.get("service_p50_ms"))}
+                                     for _, r in pois.iterrows()],
             "by_load": [{"label": r["label"], "rho_measured": as_float(r.get("rho_measured")),
                          "queue_p50_ms": as_float(r.get("queue_p50_ms")), "service_p50_ms": as_float(r.get("service_p50_ms")),
                          "e2e_p95_ms": as_float(r.get("e2e_p95_ms"))} for _, r in _by_load(ok)]}
 
 
 # ---- figures --------------------------------------------------------------------------------------------------------
+def _no_rows(ax, df, part: str) -> None:
+    """An empty panel that says why (the figure is still saved: the notebook's evidence paths stay valid)."""
+    ax.text(0.5, 0.5, textwrap.fill(no_rows_reason(df, "no successful rows", part=part), 60), ha="center",
+            va="center", transform=ax.transAxes, fontsize=9)
+
+
 def plot_queue(df):
     """Left: queue time against offered load rho (Poisson), with the M/G/1 prediction. Right: closed loop."""
     # not at the top: a trial child imports this module for queue_test and must not load matplotlib
     from kit.plots import median_plot, panel_figure  # (start-up time and RSS are measured there)
 
-    req, ok = requests_frame(df), df[df["status"] == "ok"]
-    pois = req[req["mode"] == "poisson"] if not req.empty else req
-    closed = req[req["mode"] == "closed"] if not req.empty else req
+    req, ok = requests_frame(df), _ok(df)
+    pois = req[req["mode"] == "poisson"]
+    closed = req[req["mode"] == "closed"]
 
     def poisson(ax):
         if not pois.empty:
@@ -521,6 +601,8 @@ def plot_queue(df):
             ax.axvline(1.0, color="grey", lw=0.8, ls=":")
             ax.set_yscale("symlog", linthresh=100)
             ax.legend()
+        else:
+            _no_rows(ax, df, "poisson")
         ax.set_xlabel("offered load rho = arrival rate / service rate (measured)")
         ax.set_ylabel("ms per request (median, 95 % CI)")
 
@@ -535,6 +617,8 @@ def plot_queue(df):
             ax2.set_ylabel("throughput, generated tokens/s", color="grey")
             ax2.grid(False)
             ax2.set_ylim(0, max(c["throughput_ts"].max() * 1.3, 1))
+        else:
+            _no_rows(ax, df, "closed")
         ax.set_xlabel("concurrent clients (closed loop, no think time)")
         ax.set_ylabel("ms per request (median, 95 % CI)")
 
