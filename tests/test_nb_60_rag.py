@@ -11,7 +11,9 @@ import pytest
 
 from kit.paths import NOTEBOOKS_DIR
 from kit.studies import rag
+from kit.studies.rag.study import r4_compare
 from kit.studies.rag.verdicts import K_AFTER, K_BEFORE
+from kit.verdicts import DECIDED, INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, SUPPORTED, decide, looks_confidence
 
 NOTEBOOK = NOTEBOOKS_DIR / "60_rag.ipynb"
 
@@ -45,14 +47,15 @@ def test_notebook_smoke(run_notebook, tmp_path):
     assert set(verdicts) == {"R1", "R2", "R3", "R4"}
     # a warm cache is orders of magnitude faster than encoding: the one verdict the data must support anywhere
     r3 = verdicts["R3"]
-    assert r3["verdict"] == "supported" and r3["details"]["texts_encoded_warm"] == 0 and r3["ci_high"] < 0.1
+    assert r3["verdict"] == SUPPORTED and r3["details"]["texts_encoded_warm"] == 0 and r3["ci_high"] < 0.1
+    assert all(v["band"] == 0.05 and v["band_why"] for v in verdicts.values() if v["verdict"] != NOT_TESTABLE)
     # R1: 2 questions x 2 repetitions of each k = 4 samples per side, fewer than compare(min_samples=5) wants
-    assert verdicts["R1"]["verdict"] == "not testable here" and "too few" in verdicts["R1"]["reason"]
+    assert verdicts["R1"]["verdict"] == NOT_TESTABLE and "too few" in verdicts["R1"]["reason"]
     assert verdicts["R1"]["details"]["recall_k5"] <= verdicts["R1"]["details"]["recall_k8"]
     # R2: the 4000-token budget never binds at k=8 with 300-character chunks: identical prompts, ratio exactly 1
     r2 = verdicts["R2"]
     assert r2["details"]["identical_prompts"] and (r2["effect"], r2["ci_low"], r2["ci_high"]) == (1.0, 1.0, 1.0)
-    assert r2["verdict"] == "no measurable effect" and r2["details"]["small_budget"] == 100
+    assert r2["verdict"] == NO_EFFECT and r2["details"]["small_budget"] == 100
     assert all(e.startswith(out.name + "/") for v in verdicts.values() for e in v["evidence"])
 
     for name in ("retrieval_vs_k", "budget", "pareto", "cache_concurrency"):
@@ -90,6 +93,26 @@ def test_notebook_smoke(run_notebook, tmp_path):
     assert {r["concurrency"] for r in conc} == {1, 2}
     rag_rows = [r for r in conc if r["stage"] == "rag"]
     assert rag_rows and all(r["queue_ms"] >= 0 and r["latency_ms"] >= r["generation_ms"] > 0 for r in rag_rows)
+    # R4 in rounds (quick.json: blocks of 3 rounds, at most 2 looks): 2 queries per level and round, and the gaps
+    # between completions add up to the batch's time
+    rounds = sorted({r["repetition"] for r in rag_rows})
+    looks = rag_rows[0]["looks"]
+    assert len(rounds) == 3 * looks and looks in (1, 2) and all(r["looks_planned"] == 2 for r in rag_rows)
+    for rnd in rounds:
+        for c in (1, 2):
+            batch = [r for r in rag_rows if r["repetition"] == rnd and r["concurrency"] == c]
+            assert len(batch) == 2 and sum(r["gap_s"] for r in batch) <= batch[0]["batch_wall_s"] + 1e-6
+            assert sum(r["gap_s"] for r in batch) == pytest.approx(max(r["done_s"] for r in batch))
+    r4 = verdicts["R4"]
+    assert r4["confidence"] == pytest.approx(looks_confidence(2)) and r4["n_candidate"] == r4["n_baseline"] == 6 * looks
+    assert r4["verdict"] == decide(r4["ci_low"], r4["ci_high"], higher_is_better=False, equivalence=0.05)
+    assert r4["effect"] == r4_compare(rag_rows, 2).effect  # the verdict is the comparison the rounds stopped on
+    # the rounds stop at the first look that decides; a second look ran only after an undecided first one
+    assert (rag_rows[0]["looks_stop"] == "decided") == (r4["verdict"] in DECIDED)
+    assert looks == 2 or r4["verdict"] in DECIDED
+    assert r4["details"]["rounds"] == len(rounds) and f"{len(rounds)} rounds" in r4["summary"]
+    if r4["verdict"] == INCONCLUSIVE:
+        assert r4["samples_to_decide"] and "stopped it undecided" in r4["summary"]
     # the project cache was filled from the cold/warm run and needed no second encoding
     meta = json.loads((out / "meta.json").read_text())
     assert meta["project_cache"]["n_embedded"] == 0 and meta["config"]["cache_dir"] == str(cache_dir)

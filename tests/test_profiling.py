@@ -12,7 +12,7 @@ from kit.data import load_prompts
 from kit.measure import Test as KitTest, load_model
 from kit.paths import REPO_ROOT
 from kit.studies import profiling as prof
-from kit.verdicts import NOT_TESTABLE, decide
+from kit.verdicts import INCONCLUSIVE, NOT_TESTABLE, REFUTED, decide
 
 
 def test_expose_native_calls_wraps_and_restores():
@@ -121,9 +121,17 @@ def test_tables_and_verdict(profiled):
     v = prof.p2_verdict(df)
     ratios = row["samples_cprofile_decode_ratio"]
     assert v.effect == pytest.approx(sorted(ratios)[1], rel=1e-3)  # the median of three paired ratios
+    assert v.band == 0.10 and v.band_why  # P2's stated band (kit.verdicts.BANDS)
     assert v.verdict == decide(v.ci_low, v.ci_high, claimed="same", equivalence=0.10)
     assert 0.9 < v.details["profile_coverage_of_wall"] < 1.1 and v.details["llama_decode_share"] > 0.3
     assert "native" in v.summary
+    # "same" within +-10 %: an interval across the band's edge decides nothing, one wholly outside refutes it
+    wide = {**row, "samples_cprofile_decode_ratio": [0.8, 1.0, 1.2, 0.85, 1.15]}
+    v = prof.p2_verdict(pd.DataFrame([{"status": "ok", "test_kind": prof.PROFILE_KIND, **wide}]))
+    assert v.verdict == INCONCLUSIVE and v.samples_to_decide > 5 and "repetitions) would decide it" in v.summary
+    off = {**row, "samples_cprofile_decode_ratio": [1.3, 1.31, 1.29, 1.3, 1.32]}
+    v = prof.p2_verdict(pd.DataFrame([{"status": "ok", "test_kind": prof.PROFILE_KIND, **off}]))
+    assert v.verdict == REFUTED and v.effect == pytest.approx(1.3)
     # a profile that misses a tenth of the request cannot be checked against the wall clock
     thin = {**row, "samples_cprofile_coverage": [0.7, 0.75, 0.8]}
     v = prof.p2_verdict(pd.DataFrame([{"status": "ok", "test_kind": prof.PROFILE_KIND, **thin}]))

@@ -10,6 +10,7 @@ import pytest
 
 from kit.config import StudyConfigError
 from kit.studies import rag as R
+from kit.verdicts import INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED
 
 
 # ---- chunking -----------------------------------------------------------------------------------------------------
@@ -313,7 +314,21 @@ def test_pareto_front():
 
 
 # ---- verdict logic on synthetic rows (no measurement) ------------------------------------------------------------------------
-def _synthetic_result(tmp_path, search_k5, search_k8, gap1, gap2):
+def _conc_rows(gap1, gap2, rounds: int = 2, looks: int = 1, planned: int = 1, stop: str = "decided") -> list[dict]:
+    """Concurrency rows as concurrency_phase writes them: retrieval batches, then per round a batch per level whose
+    requests carry the gap each closed (question i's gap: gap1[i] at 1 concurrent query, gap2[i] at 2)."""
+    rows = [{"stage": "retrieval", "concurrency": c, "repetition": r, "throughput_qps": 30.0 + r, "latency_ms": 30.0}
+            for c in (1, 2) for r in range(5)]
+    for rnd in range(rounds):
+        for c, gaps in ((1, gap1), (2, gap2)):
+            rows += [{"stage": "rag", "concurrency": c, "repetition": rnd, "question_id": f"q{i}",
+                      "gap_s": g * (1 + 0.002 * rnd), "latency_ms": 1000.0 * g * c, "throughput_qps": 1 / g,
+                      "looks": looks, "looks_planned": planned, "looks_stop": stop, "extra_rounds_s": 0.0}
+                     for i, g in enumerate(gaps)]
+    return rows
+
+
+def _synthetic_result(tmp_path, search_k5, search_k8, gap1, gap2, **conc):
     import pandas as pd
 
     rng = np.random.default_rng(0)
@@ -335,44 +350,59 @@ def _synthetic_result(tmp_path, search_k5, search_k8, gap1, gap2):
                 for p in ("cold", "warm") for i in range(20)]
              + [{"phase": p, "what": "total", "corpus_embed_ms": 30000.0 if p == "cold" else 1.0,
                  "n_texts_encoded": 700 if p == "cold" else 0} for p in ("cold", "warm")])
-    conc = ([{"stage": "retrieval", "concurrency": c, "repetition": r, "throughput_qps": 30.0 + r, "latency_ms": 30.0}
-             for c in (1, 2) for r in range(5)]
-            + [{"stage": "rag", "concurrency": c, "latency_ms": 3000.0 * c + i} for c in (1, 2) for i in range(6)]
-            + [{"stage": "rag_gaps", "concurrency": 1, "gaps_s": list(gap1)},
-               {"stage": "rag_gaps", "concurrency": 2, "gaps_s": list(gap2)}])
+    conc = _conc_rows(gap1, gap2, **conc)
     return R.RagStudyResult(str(tmp_path), {}, pd.DataFrame(retrieval), pd.DataFrame(), pd.DataFrame(latency),
                             pd.DataFrame(cache), pd.DataFrame(answers), pd.DataFrame(conc))
 
 
 def test_verdicts_follow_the_data(tmp_path):
-    same = _synthetic_result(tmp_path, 30.0, 30.0, [3.0 + 0.01 * i for i in range(6)], [3.0 + 0.01 * i for i in range(6)])
+    # the same questions at both levels: the pairing removes their differences (2 s to 4 s a request here)
+    gaps = [2.0, 3.0, 4.0]
+    same = _synthetic_result(tmp_path, 30.0, 30.0, gaps, [g * 1.01 for g in gaps])
     v = {x.claim: x for x in R.rag_verdicts(same)}
-    assert v["R1"].verdict == "no measurable effect"
-    assert v["R2"].verdict == "no measurable effect" and v["R2"].details["identical_prompts"]
-    assert v["R3"].verdict == "supported"
-    assert v["R4"].verdict == "no measurable effect"
-    assert "TTFT" in v["R1"].summary and "recall" in v["R1"].summary
+    assert all(x.band == 0.05 and x.band_why for x in v.values())  # the claims' stated band (kit.verdicts.BANDS)
+    assert v["R1"].verdict == NO_EFFECT  # the whole interval inside +-5 %
+    assert v["R2"].verdict == NO_EFFECT and v["R2"].details["identical_prompts"]
+    assert v["R3"].verdict == SUPPORTED
+    assert v["R4"].verdict == NO_EFFECT and v["R4"].effect == pytest.approx(1.01, abs=0.002)
+    assert v["R4"].n_candidate == v["R4"].n_baseline == 6 and v["R4"].details["rounds"] == 2
+    assert "TTFT" in v["R1"].summary and "recall" in v["R1"].summary and "2 rounds" in v["R4"].summary
 
-    faster = _synthetic_result(tmp_path, 15.0, 30.0, [3.0 + 0.01 * i for i in range(6)], [1.5 + 0.01 * i for i in range(6)])
+    faster = _synthetic_result(tmp_path, 15.0, 30.0, gaps, [g * 0.5 for g in gaps])
     v = {x.claim: x for x in R.rag_verdicts(faster)}
-    assert v["R1"].verdict == "supported" and v["R1"].effect < 0.6
-    assert v["R4"].verdict == "supported"
+    assert v["R1"].verdict == SUPPORTED and v["R1"].effect < 0.6
+    assert v["R4"].verdict == SUPPORTED and v["R4"].effect == pytest.approx(0.5, abs=0.01)
 
-    slower = _synthetic_result(tmp_path, 45.0, 30.0, [3.0 + 0.01 * i for i in range(6)], [4.5 + 0.01 * i for i in range(6)])
+    slower = _synthetic_result(tmp_path, 45.0, 30.0, gaps, [g * 1.5 for g in gaps])
     v = {x.claim: x for x in R.rag_verdicts(slower)}
-    assert v["R1"].verdict == "refuted" and v["R4"].verdict == "refuted"
+    assert v["R1"].verdict == REFUTED and v["R4"].verdict == REFUTED
 
-    # three samples per side: an interval that excludes 1 still carries no verdict (compare(min_samples=5))
-    few = _synthetic_result(tmp_path, 30.0, 30.0, [3.0, 3.01, 3.02], [1.5, 1.51, 1.52])
-    r4 = R.r4_verdict(few)
-    assert r4.verdict == "not testable here" and "too few" in r4.reason and "n_concurrency_queries" in r4.reason
-    assert r4.details["point_ratio"] == pytest.approx(0.5, abs=0.01)
+    # two requests per side: too few for any interval, and the reason names what to raise
+    few = R.r4_verdict(_synthetic_result(tmp_path, 30.0, 30.0, gaps[:2], gaps[:2], rounds=1))
+    assert few.verdict == NOT_TESTABLE and "too few" in few.reason and "concurrency_rounds" in few.reason
+
+
+def test_r4_too_wide_an_interval_is_inconclusive_and_says_what_would_decide_it(tmp_path):
+    # the issue's R4: ratios spread from x0.64 to x1.8 around x1.1 cannot tell a loss from a gain
+    gaps = [2.0, 3.0, 4.0]
+    wide = _synthetic_result(tmp_path, 30.0, 30.0, gaps, [gaps[0] * 0.64, gaps[1] * 1.12, gaps[2] * 1.8], rounds=2,
+                             looks=3, planned=3, stop="schedule")
+    v = R.r4_verdict(wide)
+    assert v.verdict == INCONCLUSIVE and v.ci_low < 1 < v.ci_high
+    assert v.confidence == pytest.approx(1 - 0.05 / 3)  # three planned looks: Bonferroni
+    assert v.samples_to_decide and v.samples_to_decide > 6 and v.label().startswith("inconclusive: about")
+    assert v.details["looks"] == 3 and v.details["rounds_to_decide"] >= 3
+    assert "last planned look" in v.summary and "rounds would decide it" in v.summary
+    # the same spread, stopped by the time cap
+    capped = _synthetic_result(tmp_path, 30.0, 30.0, gaps, [gaps[0] * 0.64, gaps[1] * 1.12, gaps[2] * 1.8],
+                               looks=2, planned=3, stop="time cap")
+    assert "concurrency_max_s" in R.r4_verdict(capped).summary
 
 
 def test_r2_with_identical_prompts_is_exactly_no_change(tmp_path):
     """The 4000-token budget never binds at k=8 in the synthetic rows (190 tokens a chunk): same prompts, ratio 1."""
     v = R.r2_verdict(_synthetic_result(tmp_path, 30.0, 30.0, [3.0] * 6, [3.0] * 6))
-    assert (v.effect, v.ci_low, v.ci_high) == (1.0, 1.0, 1.0) and v.verdict == "no measurable effect"
+    assert (v.effect, v.ci_low, v.ci_high) == (1.0, 1.0, 1.0) and v.verdict == NO_EFFECT
     assert v.n_candidate == v.n_baseline == 12
     # the binding budget (500 tokens) is priced: a shorter TTFT, and the gold topics it drops
     assert v.details["small_budget"] == 500 and v.details["ttft_ratio_small"] < 0.5

@@ -18,7 +18,7 @@ from kit.models import resolve_model
 from kit.paths import DEFAULT_MODEL, REPO_ROOT
 from kit.studies import threads_system as system
 from kit.sweep import run_trial
-from kit.verdicts import NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED
+from kit.verdicts import INCONCLUSIVE, MIXED, NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED
 
 
 def test_topology_and_default_thread_counts():
@@ -202,24 +202,41 @@ def _thread_rows(speeds: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_thread_verdict_compares_cpu_count_with_physical_cores():
+def _labels(v) -> dict:
+    return {c["condition"].split(" (")[0]: c["verdict"] for c in v.conditions}
+
+
+def test_thread_verdict_combines_generation_and_prompt_processing():
     s = _study()
     df = _thread_rows({(1, "tg"): [50, 51, 49, 50, 50], (2, "tg"): [100, 101, 99, 100, 100],
                        (4, "tg"): [80, 81, 79, 80, 80],
                        (1, "pp"): [100, 101, 99, 100, 100], (2, "pp"): [200, 201, 199, 200, 200],
                        (4, "pp"): [260, 261, 259, 260, 260]})
     v = system.thread_verdict(df, s)
-    assert v.claim == "C1" and v.verdict == REFUTED  # all 4 threads slower than 2 physical for generation
-    assert v.details["baseline_threads"] == 2 and v.details["pp"]["verdict"] == SUPPORTED
-    assert "Generation" in v.summary and "Prompt processing" in v.summary
-
-
-def test_thread_verdict_without_smt_uses_the_best_other_count():
-    s = _study(os_cpu_count=2, logical=2, physical=2, smt=False)
-    df = _thread_rows({(1, "tg"): [50, 52, 49, 50, 51], (2, "tg"): [50, 51, 49, 52, 50],
+    # all 4 threads: slower than the 2 physical cores for generation, faster for prompt processing
+    assert v.claim == "C1" and v.verdict == MIXED and "prompt processing" in v.depends_on
+    assert _labels(v) == {"generation": REFUTED, "prompt processing": SUPPORTED}
+    assert v.details["baseline_threads"] == 2 and v.effect == pytest.approx(0.8, abs=0.01)  # generation's ratio
+    assert v.band == 0.05 and v.band_why and "Machine: 2 physical / 4 logical" in v.summary
+    # both tests agree: one label
+    df = _thread_rows({(1, "tg"): [50, 51, 49, 50, 50], (2, "tg"): [90, 91, 89, 90, 90],
                        (1, "pp"): [100, 101, 99, 100, 100], (2, "pp"): [190, 191, 189, 190, 190]})
-    v = system.thread_verdict(df, s)
-    assert v.details["baseline_threads"] == 1 and v.verdict == NO_EFFECT
+    v = system.thread_verdict(df, _study(os_cpu_count=2, logical=2, physical=2, smt=False))
+    assert v.verdict == SUPPORTED and v.details["baseline_threads"] == 1 and len(v.conditions) == 2
+
+
+def test_thread_verdict_no_effect_needs_the_band_and_a_wide_interval_is_inconclusive():
+    s = _study(os_cpu_count=2, logical=2, physical=2, smt=False)
+    tight = _thread_rows({(1, "tg"): [50.0, 50.1, 49.9, 50.0, 50.05], (2, "tg"): [50.1, 50.0, 50.2, 49.95, 50.0],
+                          (1, "pp"): [100, 101, 99, 100, 100], (2, "pp"): [190, 191, 189, 190, 190]})
+    v = system.thread_verdict(tight, s)
+    assert _labels(v) == {"generation": NO_EFFECT, "prompt processing": SUPPORTED} and v.verdict == MIXED
+    # an interval that holds both a 15 % loss and a 15 % gain is no verdict at all, and says what would decide it
+    wide = _thread_rows({(1, "tg"): [50, 48, 52, 47, 53], (2, "tg"): [40, 60, 50, 45, 56],
+                         (1, "pp"): [100, 90, 110, 95, 105], (2, "pp"): [85, 115, 100, 92, 108]})
+    v = system.thread_verdict(wide, s)
+    assert v.verdict == INCONCLUSIVE and v.ci_low < 0.95 and v.ci_high > 1.05
+    assert v.samples_to_decide and v.label().startswith("inconclusive: about")
 
 
 def test_numa_verdict_on_one_node(monkeypatch):
@@ -229,23 +246,32 @@ def test_numa_verdict_on_one_node(monkeypatch):
     assert v.verdict == NOT_TESTABLE and "1 NUMA node" in v.reason
 
 
-def _prio_rows(s, applied: bool) -> pd.DataFrame:
+def _prio_rows(s, applied: bool, other=((1, 1.1, 0.9, 1), (1, 1.05, 0.95, 1))) -> pd.DataFrame:
     labels = [c["condition"] for c in s.priority_conditions()]
-    speeds = [[100, 101, 99, 100], [40, 41, 39, 40], [90, 91, 89, 90], [85, 86, 84, 85], [1, 1.1, 0.9, 1],
-              [1, 1.05, 0.95, 1]]
+    speeds = [[100, 101, 99, 100], [40, 41, 39, 40], [90, 91, 89, 90], [85, 86, 84, 85], list(other[0]),
+              list(other[1])]
     return pd.DataFrame([{"part": "priority", "status": "ok", "condition": lab, "samples_ts": xs,
-                          "nice_applied": applied or i not in (2, 5), "nice_error": None if applied else "EPERM",
+                          "nice_applied": applied or i not in (2, 5),
+                          "nice_error": None if applied or i not in (2, 5) else "[Errno 13] Permission denied",
                           "load_nice": None, "autogroup": True} for i, (lab, xs) in enumerate(zip(labels, speeds))])
 
 
-def test_priority_verdict_raised_and_proxy():
+def test_priority_verdict_combines_where_the_load_runs():
     s = _study()
     v = system.priority_verdict(_prio_rows(s, True), s)
-    assert v.verdict == SUPPORTED and "nice -10" in v.metric
-    assert v.details["load_slowdown"]["verdict"] == SUPPORTED
-    assert v.details["other_sessions"]["verdict"] == NO_EFFECT and "autogroup" in v.summary
+    # raised priority wins within the bench's session; against other sessions (autogroup) the interval is too wide
+    assert v.verdict == MIXED and "where the competing load runs" in v.depends_on
+    assert [c["verdict"] for c in v.conditions] == [SUPPORTED, SUPPORTED, INCONCLUSIVE]
+    assert "nice -10" in v.metric and v.effect == pytest.approx(2.25, abs=0.01)  # the same-session headline
+    assert v.details["load_slowdown"]["verdict"] == SUPPORTED and "autogroup" in v.summary
+    # other sessions measured tightly at no change: decided, and still a disagreement
+    v = system.priority_verdict(_prio_rows(s, True, ((1, 1.01, 0.99, 1), (1, 1.005, 0.995, 1))), s)
+    assert v.verdict == MIXED and v.conditions[2]["verdict"] == NO_EFFECT
+    # without root: the raised conditions are not testable (with why), the no-root proxy carries the label
     v = system.priority_verdict(_prio_rows(s, False), s)
-    assert v.verdict == SUPPORTED and "not permitted" in v.reason and "load at nice +10" in v.metric
+    assert v.verdict == SUPPORTED and "load at nice +10" in v.metric
+    assert [c["verdict"] for c in v.conditions] == [NOT_TESTABLE, SUPPORTED, NOT_TESTABLE]
+    assert "not permitted" in v.conditions[0]["reason"] and "Permission denied" in v.conditions[2]["reason"]
 
 
 def test_loading_verdicts_need_a_real_cold_load():
@@ -261,8 +287,29 @@ def test_loading_verdicts_need_a_real_cold_load():
            [dict(base, cache="warm", cold_ok=None, residency=1.0, load_ms=50.0 + i, first_decode_ms=20.0 + i)
             for i in range(4)]
     _, o3 = system.loading_verdicts(pd.DataFrame(rows), s)
-    assert o3.verdict == SUPPORTED and o3.effect < 0.5 and "at most" in o3.summary
-    assert o3.details["first_decode"]["verdict"] == SUPPORTED
+    assert o3.verdict == SUPPORTED and o3.effect < 0.5 and "at most" in o3.summary and o3.band == 0.10
+    assert o3.details["first_decode"]["verdict"] == SUPPORTED and o3.details["looks_stop"] == "decided"
+
+
+def test_o3_on_a_schedule_of_looks():
+    base = {"part": "loading", "status": "ok", "use_mmap": True, "use_mlock": False, "vm_lck_mb": 0.0,
+            "first_decode_ms": 20.0, "looks_planned": 3}
+    cold = [100.0, 200.0, 150.0]
+    warm = [95.0, 190.0, 140.0]
+
+    def rows(blocks: int):
+        return pd.DataFrame([dict(base, cache="cold", cold_ok=True, residency=0.0, load_ms=cold[i % 3], look=1 + i // 3)
+                             for i in range(3 * blocks)] +
+                            [dict(base, cache="warm", cold_ok=None, residency=1.0, load_ms=warm[i % 3], look=1 + i // 3)
+                             for i in range(3 * blocks)])
+
+    _, o3 = system.loading_verdicts(rows(3), _study())
+    # three looks planned: every look at 98.3 %; the last one still undecided says so, and what would decide it
+    assert o3.confidence == pytest.approx(1 - 0.05 / 3) and o3.verdict == INCONCLUSIVE
+    assert o3.details["looks"] == 3 and o3.details["loads_cold"] == 9 and o3.samples_to_decide > 9
+    assert "3 of 3 planned blocks" in o3.summary and "last planned look (load_looks)" in o3.summary
+    _, o3 = system.loading_verdicts(rows(1), _study())
+    assert o3.details["looks_stop"] == "time cap" and "load_max_s" in o3.summary
 
 
 def test_tables_on_synthetic_rows():

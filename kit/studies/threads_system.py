@@ -11,7 +11,13 @@ configuration):
   a time-boxed tg). The load runs in the bench's own session, where niceness orders the two, and in other sessions:
   with the kernel's autogroup on, CPU time is shared between sessions first and niceness only counts inside one.
 - loading (O2, O3): use_mmap x use_mlock, with the model file evicted from the page cache (cold) or fully
-  cached (warm): load time, time to the first token after loading, resident and locked memory.
+  cached (warm): load time, time to the first token after loading, resident and locked memory. O3's pair (mmap on,
+  mlock off, cold against warm) gets more blocks of loads while its comparison is inconclusive (a fixed schedule of
+  `load_looks` looks, each at kit.verdicts.looks_confidence, capped by `load_max_s` seconds).
+
+Verdicts follow kit.verdicts' one rule with each claim's stated band (kit.verdicts.BANDS). A claim measured under
+several conditions is one verdict per condition, combined (kit.verdicts.combine: "mixed" when they disagree): C1 per
+test (generation, prompt processing), O1 per place of the competing load and way of making the priority gap.
 
 Test kinds defined here run inside a trial's child process (see `kit.measure.Test`):
   Test("kit.studies.threads_system:niced_bench", params={"nice": -10, "inner": "tg", "n_gen": 64, "max_s": 1.5,
@@ -44,7 +50,7 @@ from kit.models import model_card
 from kit.paths import DEFAULT_MODEL
 from kit.results import ci_label, load_results, median_table, ok_rows, pooled_samples
 from kit.sweep import run_sweep
-from kit.verdicts import compare, not_testable
+from kit.verdicts import DECIDED, NOT_TESTABLE, combine, compare, looks_confidence, not_testable
 
 CACHE_STATES = ("cold", "warm")
 # A cold trial whose file is still more than this fraction in the page cache is not cold: flagged in the row.
@@ -356,6 +362,10 @@ class SystemStudy(StudyConfig):
     priority_max_s: float = param(1.5, "a priority run stops after n_gen tokens or this many seconds (time-boxed)",
                                   gt=0, le=60)
     load_repetitions: int = param(3, "loads (trials) per loading condition", ge=1)
+    load_looks: int = param(3, "O3's looks: while cold against warm (mmap on, mlock off) is inconclusive, another "
+                               "block of load_repetitions loads of each runs, up to this many blocks (each look at "
+                               "confidence 1 - 0.05/looks)", ge=1)
+    load_max_s: float = param(60.0, "seconds O3's extra blocks may take in all; no block starts after", ge=0)
     mmap_values: list[bool] = param([True, False], "use_mmap values", nonempty=True)
     mlock_values: list[bool] = param([False, True], "use_mlock values", nonempty=True)
     first_prompt: int = param(32, "tokens of the first request after loading", ge=1)
@@ -450,6 +460,12 @@ class SystemStudy(StudyConfig):
     def load_test(self, cache: str, rep: int) -> Test:
         return Test(LOAD_PROBE, params={"cache": cache, "rep": rep, "n_prompt": self.first_prompt})
 
+    def o3_settings(self) -> Settings:
+        """The load settings O3 compares cold and warm: mmap on, mlock off (the defaults), else the first swept."""
+        mm = True if True in self.mmap_values else self.mmap_values[0]
+        ml = False if False in self.mlock_values else self.mlock_values[0]
+        return self.base().replace(use_mmap=mm, use_mlock=ml, n_threads=None)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["topology"] = self.topology
@@ -495,22 +511,46 @@ def run_loading(study: SystemStudy, progress: bool = True):
     """Cold and warm loads of a private copy of the model; page-cache residency recorded before every trial.
 
     One trial per load (a load happens once per trial); conditions are interleaved per repetition so a slow
-    phase of a shared machine does not land on one condition only.
+    phase of a shared machine does not land on one condition only. Then O3's extra blocks (`o3_extra_blocks`).
     """
     copy = private_model_copy(study.card.path, study.out_path / "model_copy")
     model_card(copy)  # hashes the copy now (memoised): the sweep's own check must not re-read, and so re-cache, it
     try:
         for rep in range(study.load_repetitions):
             for s, cache in study.loading_conditions():
-                s = s.replace(model=str(copy))
-                state = evict_from_page_cache(copy) if cache == "cold" else warm_page_cache(copy)
-                state["cold_ok"] = (state["residency"] is not None and state["residency"] <= COLD_RESIDENCY_MAX) \
-                    if cache == "cold" else None
-                _sweep(study, [s], [study.load_test(cache, rep)], 1, "loading",
-                       {"cache": cache, **state}, progress=False)
+                _load_trial(study, s.replace(model=str(copy)), cache, rep, look=1)
+        o3_extra_blocks(study, copy)
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
     return load_results(study.out_path)
+
+
+def _load_trial(study: SystemStudy, s: Settings, cache: str, rep: int, look: int) -> None:
+    state = evict_from_page_cache(s.model) if cache == "cold" else warm_page_cache(s.model)
+    state["cold_ok"] = (state["residency"] is not None and state["residency"] <= COLD_RESIDENCY_MAX) \
+        if cache == "cold" else None
+    _sweep(study, [s], [study.load_test(cache, rep)], 1, "loading",
+           {"cache": cache, **state, "look": look, "looks_planned": study.load_looks}, progress=False)
+
+
+def o3_extra_blocks(study: SystemStudy, copy: Path) -> int:
+    """O3 on a fixed schedule of looks: after each block of load_repetitions cold and warm loads of its pair, the
+    comparison at looks_confidence(load_looks); while inconclusive another block (cold and warm alternated), up to
+    load_looks blocks and load_max_s seconds of extra blocks. Stopping at the first decided look keeps the error
+    rate at 5 %. Returns the looks taken; rows carry their `look` and `looks_planned`."""
+    s = study.o3_settings().replace(model=str(copy))
+    look, spent = 1, 0.0
+    while look < study.load_looks and spent < study.load_max_s:
+        v = _o3_verdict(load_results(study.out_path), planned=study.load_looks)
+        if v.verdict in DECIDED or (v.verdict == NOT_TESTABLE and "n_candidate" not in v.details):
+            break  # decided, or not testable for a reason more loads cannot change (not too few of them)
+        t0 = time.perf_counter()
+        look += 1
+        for rep in range((look - 1) * study.load_repetitions, look * study.load_repetitions):
+            for cache in CACHE_STATES:
+                _load_trial(study, s, cache, rep, look)
+        spent += time.perf_counter() - t0
+    return look
 
 
 def run_system_study(study: SystemStudy, parts: tuple = PARTS, progress: bool = True):
@@ -560,16 +600,17 @@ def _thread_verdict(df, study: SystemStudy, kind: str, evidence):
 
 
 def thread_verdict(df, study: SystemStudy, evidence=()):
-    """C1: one verdict (generation, which n_threads sets), with prompt processing's verdict in details."""
+    """C1: one sub-verdict for generation (tg: n_threads) and one for prompt processing (pp: n_threads_batch),
+    combined: "mixed" when they disagree. The effect shown is generation's."""
     tg_v = _thread_verdict(df, study, "tg", list(evidence))
     pp_v = _thread_verdict(df, study, "pp", list(evidence))
     topo = study.topology
-    tg_v.summary = (f"Generation (n_threads): {tg_v.verdict} — {tg_v.summary}. Prompt processing "
-                    f"(n_threads_batch): {pp_v.verdict} — {pp_v.summary}. Machine: {topo['physical']} physical / "
-                    f"{topo['logical']} logical cores, os.cpu_count()={topo['os_cpu_count']}.")
-    tg_v.details["pp"] = pp_v.to_dict()
-    tg_v.details["topology"] = topo
-    return tg_v
+    v = combine("C1", {"generation (tg, n_threads)": tg_v, "prompt processing (pp, n_threads_batch)": pp_v},
+                depends_on="the test: generation (n_threads) or prompt processing (n_threads_batch)",
+                evidence=list(evidence), details={**tg_v.details, "topology": topo})
+    v.summary = (f"{v.summary} Machine: {topo['physical']} physical / {topo['logical']} logical cores, "
+                 f"os.cpu_count()={topo['os_cpu_count']}.")
+    return v
 
 
 def numa_verdict(df, study: SystemStudy, evidence=()):
@@ -604,22 +645,12 @@ def priority_table(df):
     return pd.DataFrame(rows)
 
 
-def _other_sessions(v, study: SystemStudy, other_load, other_raised) -> dict:
-    """The bench raised against a load in other sessions: its comparison, and the autogroup sentence on v."""
-    other = compare("O1", pooled_samples(other_raised), pooled_samples(other_load), claimed="better",
-                    metric=f"tg t/s under load in other sessions, bench at nice {study.nice:+d} / nice 0")
-    autogroup = bool(other_raised["autogroup"].iloc[-1]) if "autogroup" in other_raised else None
-    v.summary = (f"{v.summary}. Against a load in other sessions: {other.effect_text(2)} ({other.verdict})"
-                 + ("; this kernel shares CPU time between sessions before it looks at niceness (autogroup "
-                    "on), so `nice` only orders processes of one session. A server competing with other "
-                    "sessions or services needs its group's weight instead (the autogroup's nice in "
-                    "/proc/<pid>/autogroup, systemd's CPUWeight=)" if autogroup else ""))
-    return other.to_dict()
-
-
 def priority_verdict(df, study: SystemStudy, evidence=()):
-    """O1: tg under a competing load, raised priority vs normal. Falls back to the no-root equivalent (the load
-    lowered by the same amount: CFS shares CPU by the niceness *difference*) where raising is not permitted."""
+    """O1: tg under a competing load, raised priority against normal, as one verdict per condition, combined
+    ("mixed" when they disagree): the bench raised with the load in its own session; the no-root equivalent (the
+    load lowered by the same amount: CFS shares CPU by the niceness *difference*); the bench raised with the load in
+    other sessions, where the kernel's autogroup (if on) shares CPU time between sessions before niceness counts.
+    A condition this machine cannot run (raising priority needs root or CAP_SYS_NICE) is not testable, with why."""
     d = ok_rows(df, "priority")
     conds = {c: g for c, g in d.groupby("condition")} if not d.empty else {}
     by_role = {c["role"]: conds.get(c["condition"]) for c in study.priority_conditions()}
@@ -627,30 +658,42 @@ def priority_verdict(df, study: SystemStudy, evidence=()):
     other_load, other_raised = by_role.get("other_load"), by_role.get("other_raised")
     if load is None:
         return not_testable("O1", "no rows under competing load", list(evidence))
+    n, gap = study.nice, study.load_nice_proxy
+
+    def raised_vs(cand, base, metric: str, where: str):
+        if cand is None or base is None:
+            return not_testable("O1", f"the {where} conditions did not run")
+        if not bool(cand["nice_applied"].all()):
+            why = cand["nice_error"].dropna().iloc[-1] if cand["nice_error"].notna().any() else "not applied"
+            return not_testable("O1", f"raising priority is not permitted here ({why})")
+        return compare("O1", pooled_samples(cand), pooled_samples(base), claimed="better", metric=metric)
+
+    same = f"load in the bench's session, bench at nice {n:+d}"
+    parts = {
+        same: raised_vs(raised, load, f"tg t/s under load, bench at nice {n:+d} / nice 0", "same-session"),
+        f"load in the bench's session at nice {gap:+d} (the same gap without root)":
+            compare("O1", pooled_samples(proxy), pooled_samples(load), claimed="better",
+                    metric=f"tg t/s under load, load at nice {gap:+d} / load at nice 0 (the priority gap of the bench "
+                           f"at {-gap:+d})") if proxy is not None
+            else not_testable("O1", "the no-root condition did not run"),
+        f"load in other sessions, bench at nice {n:+d}":
+            raised_vs(other_raised, other_load, f"tg t/s under load in other sessions, bench at nice {n:+d} / nice 0",
+                      "other-session"),
+    }
     details = {}
     if free is not None:
         details["load_slowdown"] = compare("O1", pooled_samples(load), pooled_samples(free), claimed="worse",
                                            metric="tg t/s, competing load / no load").to_dict()
-    raised_ok = raised is not None and bool(raised["nice_applied"].all())
-    if raised_ok:
-        v = compare("O1", pooled_samples(raised), pooled_samples(load), claimed="better", evidence=list(evidence),
-                    metric=f"tg t/s under load, bench at nice {study.nice:+d} / nice 0")
-    elif proxy is not None:
-        why = raised["nice_error"].iloc[-1] if raised is not None else "not run"
-        v = compare("O1", pooled_samples(proxy), pooled_samples(load), claimed="better", evidence=list(evidence),
-                    metric=f"tg t/s under load, load at nice {study.load_nice_proxy:+d} / load at nice 0 (the same "
-                           f"priority gap as the bench at {-study.load_nice_proxy:+d}; raising priority not permitted)")
-        v.reason = (v.reason + "; " if v.reason else "") + f"raising priority not permitted here ({why}): measured " \
-            "the equivalent gap by lowering the competing load instead"
-    else:
-        return not_testable("O1", "raising priority is not permitted here and the proxy condition did not run",
-                            list(evidence))
-    if raised_ok and proxy is not None:
-        details["proxy_load_niced"] = compare("O1", pooled_samples(proxy), pooled_samples(load), claimed="better",
-                                              metric=f"load at nice {study.load_nice_proxy:+d} / 0").to_dict()
-    if other_load is not None and other_raised is not None and bool(other_raised["nice_applied"].all()):
-        details["other_sessions"] = _other_sessions(v, study, other_load, other_raised)
-    v.details.update(details)
+    v = combine("O1", parts, depends_on="where the competing load runs (the bench's session or other sessions) and "
+                "how the priority gap is made (bench raised, or load lowered)", headline=same,
+                evidence=list(evidence), details=details)
+    autogroup = next((bool(g["autogroup"].iloc[-1]) for g in (other_raised, raised, load)
+                      if g is not None and "autogroup" in g and g["autogroup"].notna().any()), None)
+    if autogroup:
+        v.summary += (" This kernel shares CPU time between sessions before it looks at niceness (autogroup on), so "
+                      "`nice` only orders processes of one session. A server competing with other sessions or "
+                      "services needs its group's weight instead (the autogroup's nice in /proc/<pid>/autogroup, "
+                      "systemd's CPUWeight=).")
     return v
 
 
@@ -698,8 +741,10 @@ def _o2_verdict(df, study: SystemStudy, evidence):
     return o2
 
 
-def _o3_verdict(df, evidence):
-    """O3: warm (page cache) against cold (evicted) load time with use_mmap=True; the first decode in details."""
+def _o3_verdict(df, evidence=(), planned: int | None = None):
+    """O3: warm (page cache) against cold (evicted) load time with use_mmap=True, use_mlock=False (the pair the extra
+    blocks add loads to), at looks_confidence of the schedule of looks the rows were measured under (`planned`, else
+    the rows' looks_planned); the first decode in details."""
     d = ok_rows(df, "loading")
     mm = d[(d["use_mmap"] == True) & (d["use_mlock"] == False)] if not d.empty else d  # noqa: E712
     if mm.empty:
@@ -713,24 +758,38 @@ def _o3_verdict(df, evidence):
         res = float(cold["residency"].astype(float).median())
         return not_testable("O3", f"could not evict the model file from the page cache (still {res:.0%} resident "
                                   f"after posix_fadvise): a cold load cannot be produced here", list(evidence))
+    if planned is None:
+        planned = int(mm["looks_planned"].max()) if "looks_planned" in mm and mm["looks_planned"].notna().any() else 1
+    looks = int(mm["look"].max()) if "look" in mm and mm["look"].notna().any() else 1
     # load_ms is where storage is read: llama.cpp maps the file with MAP_POPULATE (read ahead at load) or reads it
     # (use_mmap=False); the first decode is compute and, on a busy machine, mostly scheduling noise
     c, w = list(cold_ok["load_ms"].astype(float)), list(warm["load_ms"].astype(float))
     o3 = compare("O3", w, c, higher_is_better=False, claimed="better", evidence=list(evidence),
+                 confidence=looks_confidence(planned), hint="load_repetitions",
                  metric="load ms, page cache (warm: the fastest storage there is) / cold read from this machine's "
                         "disk; use_mmap=True")
     first = compare("O3", list(warm["first_decode_ms"].astype(float)), list(cold_ok["first_decode_ms"].astype(float)),
-                    higher_is_better=False, claimed="better", metric="first prompt + token after load ms, warm / cold")
+                    higher_is_better=False, claimed="better", metric="first prompt + token after load ms, warm / cold",
+                    confidence=looks_confidence(planned))
+    if o3.verdict == NOT_TESTABLE:
+        return o3
     o3.details["first_decode"] = first.to_dict()
     if "residency_after_load" in cold_ok:
         o3.details["residency_after_cold_load"] = float(cold_ok["residency_after_load"].astype(float).median())
     o3.details["cold_loads_excluded_not_evicted"] = int(len(cold) - len(cold_ok))
     o3.details["median_cold_ms"] = round(float(sorted(c)[len(c) // 2]), 1)
     o3.details["median_warm_ms"] = round(float(sorted(w)[len(w) // 2]), 1)
+    stop = "decided" if o3.verdict in DECIDED else ("schedule" if looks >= planned else "time cap")
+    o3.details.update(looks=looks, looks_planned=planned, looks_stop=stop, loads_cold=len(c), loads_warm=len(w))
     saved = o3.details["median_cold_ms"] - o3.details["median_warm_ms"]
-    o3.summary = (f"{o3.summary}. A cold load from this disk took {o3.details['median_cold_ms']:.0f} ms, a warm one "
-                  f"{o3.details['median_warm_ms']:.0f} ms: faster storage can save at most about {max(saved, 0):.0f} ms, "
-                  f"once per cold start; generation speed after loading does not depend on storage.")
+    took = f"It took {looks} of {planned} planned blocks of loads ({len(c)} cold, {len(w)} warm)"
+    if stop != "decided":
+        took += (f"; {'the last planned look (load_looks)' if stop == 'schedule' else 'the time cap (load_max_s)'} "
+                 "stopped it undecided")
+    o3.summary = (f"{o3.summary}. {took}. A cold load from this disk took {o3.details['median_cold_ms']:.0f} ms, a "
+                  f"warm one {o3.details['median_warm_ms']:.0f} ms: faster storage can save at most about "
+                  f"{max(saved, 0):.0f} ms, once per cold start; generation speed after loading does not depend on "
+                  f"storage.")
     return o3
 
 

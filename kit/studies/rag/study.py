@@ -9,7 +9,8 @@
 6. R1: search latency against k (`latency_phase` -> latency.jsonl);
 7. answers by the bundled LLM for every answer_k x answer_budget (`answer_plans`, `answer_n_ctx`,
    `answer_phase` -> answers.jsonl, resumable through answer_requests.jsonl), then R4's concurrency runs
-   (`concurrency_phase` -> concurrency.jsonl), and the run's facts (`write_meta` -> meta.json).
+   (`concurrency_phase` -> concurrency.jsonl: rounds of batches at 1 and 2 concurrent queries, more of them while
+   `r4_compare` is inconclusive), and the run's facts (`write_meta` -> meta.json).
 
 Every prompt the LLM answers is built by kit.studies.rag.pipeline.rag_messages, the same function the autotune
 profiles' RAG-shaped requests use.
@@ -53,6 +54,7 @@ from kit.measure import load_model, requests_row, stream_chat
 from kit.models import model_card
 from kit.paths import DEFAULT_MODEL, RAG_QUESTIONS_FILE, REPO_ROOT, resolve
 from kit.results import append_rows, read_rows
+from kit.verdicts import DECIDED, Verdict, from_interval, looks_confidence, paired_log_ratio, too_few
 from kit.studies.rag.pipeline import (DEFAULT_CACHE_DIR, PYDOC_CORPUS, Chunk, Document, Embedder, EmbeddingCache,
                                       LlamaTokenCounter, Question, Retriever, answer_chunk_ids, build_messages,
                                       chunk_documents, embed_texts, format_chunk, gold_position, hit_at_k,
@@ -65,6 +67,8 @@ GUIDE = {"k_before": 8, "k_after": 5, "max_context_length": 4000, "concurrent_ra
          "search_ms_before": (300.0, 500.0), "search_ms_after": (150.0, 250.0)}
 PARTS = ("retrieval", "hnsw", "latency", "cache", "answers", "concurrency")
 WARMUP_QUESTION = "What is a generator?"
+MIN_RAG_SAMPLES = 5  # a few answered questions or concurrent queries: fewer than five per side says nothing
+R4_LEVELS = (GUIDE["concurrent_rag_queries"], 1)   # R4 compares the guide's 2 concurrent queries with 1
 
 
 # ---- the study's configuration -------------------------------------------------------------------------------------------
@@ -96,6 +100,12 @@ class RagStudy(StudyConfig):
     concurrency: list[int] = param([1, 2, 4], "concurrent RAG queries (R4)", ge=1, nonempty=True)
     n_concurrency_queries: int = param(3, "queries submitted at once per concurrency level", ge=1)
     concurrency_k: int = param(3, "k used in the concurrency runs", ge=1)
+    concurrency_rounds: int = param(2, "rounds of batches at 1 and 2 concurrent queries per look of R4 (the first "
+                                       "round runs every level)", ge=1)
+    concurrency_looks: int = param(3, "R4's looks: while 2 against 1 is inconclusive, another block of "
+                                      "concurrency_rounds runs, up to this many blocks (each look at confidence "
+                                      "1 - 0.05/looks)", ge=1)
+    concurrency_max_s: float = param(60.0, "seconds R4's extra blocks may take in all; no block starts after", ge=0)
     measure_cold_cache: bool = param(True, "time a cold (empty, temporary) and a warm embedding cache (R3)")
     embedding_batch_size: int = param(32, "texts per embedding batch", ge=1)
     cache_dir: str = param(DEFAULT_CACHE_DIR, "the project's embedding cache")
@@ -513,16 +523,48 @@ def answer_requests(lm, plans: list[AnswerPlan], card: dict, max_tokens: int, jo
 # ---- R4: concurrent queries ------------------------------------------------------------------------------------------------
 def concurrency_phase(lm, retriever: Retriever, counter, questions: list[Question], study: RagStudy,
                       progress: bool) -> list[dict]:
-    """Phase 7d (R4): N queries submitted at once to a pool of c workers, per concurrency level: retrieval alone
-    (repeated: throughput samples), then full RAG requests (once). Retrieval (embedding + search) runs in parallel
-    threads; generation uses the one model behind a lock, as a llama-cpp-python server serializes requests."""
+    """Phase 7d (R4): N queries submitted at once to a pool of c workers. Retrieval alone, `repetitions` batches per
+    level (throughput samples); then full RAG requests in rounds: the first round runs every level, the others the
+    two levels R4 compares (2 and 1), in a random order per round. Looks come after each block of
+    `concurrency_rounds` rounds: while `r4_compare` is inconclusive another block runs, up to `concurrency_looks`
+    blocks and `concurrency_max_s` seconds of extra blocks (a fixed schedule of looks, every look at
+    looks_confidence(concurrency_looks), so stopping at the first decided look keeps the error rate at 5 %).
+    Retrieval (embedding + search) runs in parallel threads; generation uses the one model behind a lock, as a
+    llama-cpp-python server serializes requests. Rows carry their round and look; the RAG rows say how many looks
+    ran (`looks`), of how many planned (`looks_planned`), and whether a cap rather than a decision ended them."""
     say(progress, f"concurrency {study.concurrency} x {len(questions)} queries")
-    rows = []
+    rows: list[dict] = []
     model_lock = threading.Lock()
     for c in study.concurrency:
         for rep in range(study.repetitions):
             rows += retrieval_batch(retriever, questions, c, rep, study.concurrency_k)
-        rows += rag_batch(lm, retriever, counter, questions, c, study, model_lock)
+    rng = random.Random(study.seed)
+    compared = [c for c in study.concurrency if c in R4_LEVELS]
+    both = len(compared) == len(R4_LEVELS)   # without both levels there is no comparison: one round of each level
+    planned, per_block = (study.concurrency_looks, study.concurrency_rounds) if both else (1, 1)
+    rnd, looks, spent, stop = 0, 0, 0.0, "schedule"
+    while looks < planned:
+        if looks and spent >= study.concurrency_max_s:
+            stop = "time cap"
+            break
+        t0 = time.perf_counter()
+        looks += 1
+        for _ in range(per_block):
+            levels = list(study.concurrency if rnd == 0 else compared)
+            rng.shuffle(levels)
+            for c in levels:
+                rows += rag_batch(lm, retriever, counter, questions, c, study, model_lock, rnd, looks)
+            rnd += 1
+        if looks > 1:
+            spent += time.perf_counter() - t0
+        if r4_compare(rows, planned).verdict in DECIDED:
+            stop = "decided"
+            break
+    for r in rows:
+        if r["stage"] == "rag":
+            r.update(looks=looks, looks_planned=planned, looks_capped=stop != "decided", looks_stop=stop,
+                     extra_rounds_s=round(spent, 1))
+    say(progress, f"  R4: {rnd} rounds in {looks} look(s), stopped: {stop}")
     return rows
 
 
@@ -546,9 +588,10 @@ def retrieval_batch(retriever: Retriever, questions: list[Question], c: int, rep
 
 
 def rag_batch(lm, retriever: Retriever, counter, questions: list[Question], c: int, study: RagStudy,
-              model_lock: threading.Lock) -> list[dict]:
+              model_lock: threading.Lock, rnd: int = 0, look: int = 1) -> list[dict]:
     """One batch of full RAG requests on c threads (prompts by rag_messages at concurrency_k and the guide's
-    budget); rows per request, plus one 'rag_gaps' row: the times between completed requests (1/throughput)."""
+    budget): a row per request, with `gap_s`, the time from the previous completion in the batch to its own (the
+    gaps sum to the batch's wall time: 1/throughput, request by request)."""
     k, budget = study.concurrency_k, GUIDE["max_context_length"]
     t0 = time.perf_counter()
 
@@ -566,15 +609,49 @@ def rag_batch(lm, retriever: Retriever, counter, questions: list[Question], c: i
                 "correct": is_correct(g["text"], q.answer), "done_s": e - t0}
 
     with ThreadPoolExecutor(max_workers=c) as pool:
-        res = list(pool.map(one, questions))
+        res = sorted(pool.map(one, questions), key=lambda r: r["done_s"])
     wall = time.perf_counter() - t0
-    done = sorted(r["done_s"] for r in res)
-    gaps = [b - a for a, b in zip([0.0] + done[:-1], done)]
-    rows = [{"stage": "rag", "concurrency": c, "repetition": 0, "batch_wall_s": wall,
+    prev = 0.0
+    for r in res:
+        r["gap_s"], prev = r["done_s"] - prev, r["done_s"]
+    return [{"stage": "rag", "concurrency": c, "repetition": rnd, "look": look, "batch_wall_s": wall,
              "throughput_qps": len(questions) / wall, **r, "k": k, "budget": budget,
              "timed_region": "submission of the batch to the query's last token; generation serialized by one "
-                             "model lock"} for r in res]
-    return rows + [{"stage": "rag_gaps", "concurrency": c, "gaps_s": gaps, "batch_wall_s": wall}]
+                             "model lock; gap_s: from the batch's previous completion to this one"} for r in res]
+
+
+def r4_pairs(rows) -> tuple[list[float], list[float], int]:
+    """The gaps of R4's two levels paired by round and question: (at 2 concurrent, at 1, rounds with both)."""
+    recs = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
+    gap = {(r["concurrency"], r["repetition"], r["question_id"]): float(r["gap_s"]) for r in recs
+           if r.get("stage") == "rag" and r.get("concurrency") in R4_LEVELS and (r.get("gap_s") or 0) > 0}
+    cand, base = R4_LEVELS
+    keys = sorted((rnd, q) for (c, rnd, q) in gap if c == cand and (base, rnd, q) in gap)
+    return ([gap[(cand, *k)] for k in keys], [gap[(base, *k)] for k in keys], len({rnd for rnd, _ in keys}))
+
+
+def r4_compare(rows, looks: int = 1, evidence=(), equivalence: float | None = None) -> Verdict:
+    """R4's comparison: the time between completed RAG requests (1/throughput) at 2 concurrent queries against 1,
+    the geometric mean of the paired ratios (same question, same round) with a bootstrap interval at
+    looks_confidence(looks), labelled with R4's band (equivalence None) by kit.verdicts.from_interval. The same
+    questions run at both levels, so the pairing removes their differences in prompt and answer length, which
+    unpaired medians of 3 + 3 gaps could not tell from an effect."""
+    cand, base, n_rounds = r4_pairs(rows)
+    metric = (f"time between completed RAG requests (1/throughput), {R4_LEVELS[0]} concurrent / {R4_LEVELS[1]}, "
+              "paired by question and round")
+    few = too_few("R4", len(cand), len(base), "n_concurrency_queries or concurrency_rounds", evidence,
+                  MIN_RAG_SAMPLES, rounds=n_rounds)
+    if few is not None:
+        few.metric = metric
+        return few
+    confidence = looks_confidence(looks)
+    point, lo, hi = paired_log_ratio([math.log(x) for x in cand], [math.log(x) for x in base], confidence=confidence)
+    text = (f"{metric}: {abs(point - 1) * 100:.1f} % {'lower' if point < 1 else 'higher'} ({confidence:.1%} CI "
+            f"{lo:.3f}-{hi:.3f}; {len(cand)} request pairs in {n_rounds} rounds)")
+    return from_interval("R4", point, lo, hi, claimed="better", higher_is_better=False, metric=metric,
+                         equivalence=equivalence,
+                         n_candidate=len(cand), n_baseline=len(base), summary=text, evidence=evidence,
+                         confidence=confidence, details={"rounds": n_rounds})
 
 
 def write_meta(study: RagStudy, inputs: RagInputs, embedder: Embedder, card: dict, env: dict, facts: dict,

@@ -1,11 +1,14 @@
-"""R1-R4 from the RAG study's rows: one function per claim, each labelled by kit.verdicts' one rule.
+"""R1-R4 from the RAG study's rows: one function per claim, each labelled by kit.verdicts' one rule with the claim's
+stated band (kit.verdicts.BANDS: +-5 % for these time ratios).
 
-Every comparison goes through kit.verdicts.compare(min_samples=MIN_RAG_SAMPLES, hint=<the parameter>): an interval of
-2-4 samples (a few answered questions, a few concurrent queries) says nothing, so fewer than five per side is
-"not testable here" (kit.verdicts.too_few), naming the study parameter to raise. Where the two conditions of R2
-are the very same prompts (the 4000-token budget never bound), their effect is exactly 1 by construction:
-kit.verdicts.from_interval(1, 1, 1) says so through the same rule. Beside its label, each verdict states what the setting does change (TTFT, recall, re-embedding time,
-retrieval throughput), in its summary and details.
+Every comparison goes through kit.verdicts.compare(min_samples=MIN_RAG_SAMPLES, hint=<the parameter>), or for R4
+the study's paired comparison (kit.studies.rag.study.r4_compare, the one the run's adaptive rounds stop on): an
+interval of 2-4 samples (a few answered questions, a few concurrent queries) says nothing, so fewer than five per side
+is "not testable here" (kit.verdicts.too_few), naming the study parameter to raise. An interval too wide to place
+inside or outside the band is "inconclusive", with about how many samples would decide it. Where the two conditions
+of R2 are the very same prompts (the 4000-token budget never bound), their effect is exactly 1 by construction:
+kit.verdicts.from_interval(1, 1, 1) says so through the same rule. Beside its label, each verdict states what the
+setting does change (TTFT, recall, re-embedding time, retrieval throughput), in its summary and details.
 """
 from __future__ import annotations
 
@@ -13,16 +16,19 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from kit.verdicts import SUPPORTED, Verdict, bootstrap_ratio, compare, evidence_path, from_interval, not_testable
+import math
+
+from kit.verdicts import (INCONCLUSIVE, NO_EFFECT, REFUTED, SUPPORTED, Verdict, bootstrap_ratio, compare,
+                          evidence_path, from_interval, not_testable)
 from kit.studies.rag.pipeline import bootstrap_mean_diff
-from kit.studies.rag.study import GUIDE, RagStudyResult
+from kit.studies.rag.study import GUIDE, MIN_RAG_SAMPLES, R4_LEVELS, RagStudyResult, r4_compare
 
 K_AFTER, K_BEFORE, BUDGET = GUIDE["k_after"], GUIDE["k_before"], GUIDE["max_context_length"]
-MIN_RAG_SAMPLES = 5  # a few answered questions or concurrent queries: fewer than five per side says nothing
 
 
-def rag_verdicts(result: RagStudyResult, equivalence: float = 0.05) -> list[Verdict]:
-    """R1-R4 from the measured rows, each with its interval and what it costs in quality."""
+def rag_verdicts(result: RagStudyResult, equivalence: float | None = None) -> list[Verdict]:
+    """R1-R4 from the measured rows, each with its interval and what it costs in quality. equivalence: None takes
+    each claim's stated band (kit.verdicts.BANDS)."""
     return [r1_verdict(result, equivalence), r2_verdict(result, equivalence), r3_verdict(result, equivalence),
             r4_verdict(result, equivalence)]
 
@@ -51,7 +57,7 @@ def with_findings(v: Verdict, words: list[str], details: dict) -> Verdict:
 
 
 # ---- R1: k 8 -> 5 "speeds up search" ---------------------------------------------------------------------------------
-def r1_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
+def r1_verdict(result: RagStudyResult, equivalence: float | None = None) -> Verdict:
     """Search latency (query embedding + exact FAISS search) at k=5 against k=8; beside it, what k changes."""
     lat = result.latency
     if lat.empty or not {K_AFTER, K_BEFORE} <= set(lat["k"]):
@@ -103,7 +109,7 @@ def r1_recall_words(result: RagStudyResult, details: dict) -> str:
 
 
 # ---- R2: MAX_CONTEXT_LENGTH=4000 against a larger budget, at the guide's k=8 ----------------------------------------
-def r2_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
+def r2_verdict(result: RagStudyResult, equivalence: float | None = None) -> Verdict:
     """TTFT at the 4000-token budget against the largest budget, k=8; where a smaller budget binds, its price."""
     ans = result.answers
     if ans.empty or not (ans["budget"] == BUDGET).any() or ans["budget"].max() <= BUDGET or K_BEFORE not in set(ans["k"]):
@@ -155,7 +161,7 @@ def r2_binding_words(a, r, big: int, details: dict) -> str:
 
 
 # ---- R3: the embedding cache -------------------------------------------------------------------------------------------
-def r3_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
+def r3_verdict(result: RagStudyResult, equivalence: float | None = None) -> Verdict:
     """Corpus embedding time per batch, warm cache against cold; beside it, a repeated query and the totals."""
     cache = result.cache
     if cache.empty or not {"cold", "warm"} <= set(cache["phase"]):
@@ -189,30 +195,49 @@ def r3_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
 
 
 # ---- R4: concurrent_rag_queries=2 against 1 -------------------------------------------------------------------------------
-def r4_verdict(result: RagStudyResult, equivalence: float = 0.05) -> Verdict:
-    """The time between completed RAG requests (1/throughput) at 2 concurrent queries against 1; beside it,
+R4_WHY = {
+    SUPPORTED: "two requests in flight overlap one's retrieval with the other's generation; generation itself stays "
+               "serialized by the one model",
+    NO_EFFECT: "generation is serialized by the one model, so a second request in flight mostly waits in the queue; "
+               "only its retrieval overlaps, a small part of a request",
+    REFUTED: "generation is serialized by the one model, and the second request's retrieval competes with the first "
+             "one's generation for the same cores",
+}
+
+
+def r4_verdict(result: RagStudyResult, equivalence: float | None = None) -> Verdict:
+    """The time between completed RAG requests (1/throughput) at 2 concurrent queries against 1, paired by question
+    and round (`r4_compare`, at the confidence of the run's schedule of looks); beside it, how many rounds it took,
     retrieval-only throughput and per-request latency."""
     cc = result.concurrency
-    if cc.empty or not {1, 2} <= set(cc["concurrency"]):
+    if cc.empty or not set(R4_LEVELS) <= set(cc["concurrency"]):
         return not_testable("R4", "concurrency levels 1 and 2 were not both measured")
-    gaps = cc[cc["stage"] == "rag_gaps"].set_index("concurrency")["gaps_s"]
-    v = compare("R4", list(gaps.loc[2]), list(gaps.loc[1]), min_samples=MIN_RAG_SAMPLES,
-                hint="n_concurrency_queries", higher_is_better=False, claimed="better", equivalence=equivalence,
-                metric="time between completed RAG requests (1/throughput), 2 concurrent / 1",
-                evidence=evidence(result, "concurrency.jsonl", "figures/cache_concurrency.png"))
+    rag = cc[cc["stage"] == "rag"]
+    last = rag.iloc[-1] if not rag.empty else {}
+    planned = int(last.get("looks_planned", 1) or 1)
+    v = r4_compare(rag, planned, equivalence=equivalence,
+                   evidence=evidence(result, "concurrency.jsonl", "figures/cache_concurrency.png"))
+    rounds = int(rag["repetition"].nunique()) if not rag.empty else 0
+    looks, stop = int(last.get("looks", 1) or 1), str(last.get("looks_stop", "schedule"))
     ret = cc[cc["stage"] == "retrieval"].groupby(["concurrency", "repetition"])["throughput_qps"].first()
     rp, rlo, rhi = bootstrap_ratio(ret.loc[2].tolist(), ret.loc[1].tolist())
-    rag = cc[cc["stage"] == "rag"]
     l1 = rag[rag["concurrency"] == 1]["latency_ms"].tolist()
     l2 = rag[rag["concurrency"] == 2]["latency_ms"].tolist()
     lp, llo, lhi = bootstrap_ratio(l2, l1)
+    per_round = max(1, len(rag[(rag["concurrency"] == 1) & (rag["repetition"] == rag["repetition"].min())]))
     details = {"retrieval_throughput_ratio": rp, "retrieval_throughput_ci": (rlo, rhi),
-               "rag_latency_ratio": lp, "rag_latency_ci": (llo, lhi), "n_queries": len(l1)}
-    if v.verdict == SUPPORTED:
-        why = ("two requests in flight overlap one's retrieval with the other's generation; generation itself "
-               "stays serialized by the one model")
-    else:
-        why = "generation is serialized by the one model, so a second request in flight mostly waits in the queue"
-    words = [f"retrieval-only throughput 2/1 = {rp:.2f}x (95 % CI {rlo:.2f}-{rhi:.2f}); per-request latency "
-             f"2/1 = {lp:.2f}x (95 % CI {llo:.2f}-{lhi:.2f}): {why}"]
+               "rag_latency_ratio": lp, "rag_latency_ci": (llo, lhi), "n_queries": per_round, "rounds": rounds,
+               "looks": looks, "looks_planned": planned, "looks_stop": stop,
+               "extra_rounds_s": float(last.get("extra_rounds_s", 0.0) or 0.0)}
+    took = f"it took {rounds} rounds of {per_round} queries per level, {looks} of {planned} planned looks"
+    if v.verdict == INCONCLUSIVE:
+        cap = {"time cap": "the time cap (concurrency_max_s)",
+               "schedule": "the last planned look (concurrency_looks)"}.get(stop, stop)
+        took += f"; {cap} stopped it undecided"
+        if v.samples_to_decide:
+            details["rounds_to_decide"] = math.ceil(v.samples_to_decide / per_round)
+            took += f" (about {details['rounds_to_decide']} rounds would decide it at this spread)"
+    words = [took, f"retrieval-only throughput 2/1 = {rp:.2f}x (95 % CI {rlo:.2f}-{rhi:.2f}); per-request latency "
+                   f"2/1 = {lp:.2f}x (95 % CI {llo:.2f}-{lhi:.2f})" + (f": {R4_WHY[v.verdict]}" if v.verdict in R4_WHY
+                                                                       else "")]
     return with_findings(v, words, details)
