@@ -65,7 +65,8 @@ def test_notebook_80_profiling_from_the_notebooks_folder(run_notebook):
     top = pd.read_csv(run.out / "top10_cumulative.csv")  # quick.json: top_n 10
     assert len(top) == 10 and top["cumtime_s"].is_monotonic_decreasing
     p2 = v["P2"]
-    assert p2["verdict"] == decide(p2["ci_low"], p2["ci_high"], claimed="same", equivalence=0.10)
+    assert p2["band"] == 0.10 and p2["band_why"]  # P2's stated band: "same" within +-10 %
+    assert p2["verdict"] == decide(p2["ci_low"], p2["ci_high"], claimed="same", equivalence=p2["band"])
     assert 0.8 < p2["effect"] < 1.25  # cProfile's decode self time is llama.cpp's decode time
     assert 0.9 < p2["details"]["profile_coverage_of_wall"] < 1.1
     assert list((run.out / "figures").glob("*.png"))
