@@ -481,7 +481,7 @@ def headline_effect(v: dict) -> str:
 
 def conditions_text(v: dict) -> str:
     """'tg at depth 0: supported x1.11; tg at depth 1024: refuted x0.92'."""
-    return "; ".join(f"{c.get('condition', '')}: {label(c)}" + (f" x{to_float(c.get('effect')):.3g}"
+    return "; ".join(f"{c.get('condition', '')}: {c.get('verdict', '')}" + (f" x{to_float(c.get('effect')):.3g}"
                                                                if to_float(c.get("effect")) is not None else "")
                      for c in v.get("conditions") or [])
 
@@ -509,7 +509,8 @@ def _conditions_html(v: dict) -> str:
     e = html.escape
     rows = "".join(f"<tr><td>{e(str(c.get('condition', '')))}</td><td>{_badge(c)}</td><td>{e(_effect(c))}</td>"
                    f"<td>{e(_summary(c))}</td></tr>" for c in conds)
-    head = f"Depends on {e(v['depends_on'])}. " if v.get("depends_on") else ""
+    said = "depends on" in _summary(v).lower()
+    head = f"Depends on {e(v['depends_on'])}. " if v.get("depends_on") and not said else ""
     return (f"<p>{head}One sub-verdict per condition:</p><table><tr><th>condition</th><th>label</th>"
             f"<th>effect [CI]</th><th>summary</th></tr>{rows}</table>")
 
@@ -541,7 +542,7 @@ def claims_html(verdicts: list[dict], out_root: str | os.PathLike, page_dir: str
                 + (f" <span class='small'>band {e(band)}</span>" if band else "")
                 + (f" <span class='small'>({html.escape('; '.join(flags), quote=False)})</span>" if flags else ""))
         body = [f"<p>{e(_summary(v))}</p>"]
-        if v.get("metric"):
+        if v.get("metric") and v.get("verdict") != MIXED:   # a mixed claim's effects are its conditions'
             body.append(f"<p class='small'>effect: {e(v['metric'])}"
                         + (f"; {v.get('confidence', 0.95):.0%} interval" if v.get("confidence") else "") + "</p>")
         if v.get("reason") and v.get("reason") != _summary(v):

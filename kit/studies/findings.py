@@ -97,6 +97,9 @@ def effect_points(verdicts: list[dict]) -> tuple[list[dict], list[dict]]:
     return ratios, others
 
 
+TICKS = (0.1, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
 def _draw(ax, points: list[dict]) -> None:
     for i, p in enumerate(points):
         color = report.LABEL_COLORS.get(p["verdict"], "k")
@@ -120,6 +123,12 @@ def plot_effects(findings: Findings):
     _draw(ax, ratios)
     if ratios:
         ax.set_xscale("log")
+        lo = min(p["lo"] for p in ratios)
+        hi = max(p["hi"] for p in ratios)
+        ticks = [t for t in TICKS if lo / 1.1 <= t <= hi * 1.1] or [1.0]
+        ax.xaxis.set_major_locator(plt.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"x{x:g}"))
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         band = max((p["band"] or 0 for p in ratios), default=0)
         if band:
             ax.axvspan(1 - band, 1 + band, color="0.92", zorder=0)
