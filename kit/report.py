@@ -355,7 +355,7 @@ def write_findings(out_root: str | os.PathLike = OUTPUTS, out_dir: str | os.Path
     lines += ["", "## Claims", "", "| claim | label | effect [CI] | band | study | summary |", "|---|---|---|---|---|---|"]
     for v in vs:
         summ = _summary(v).replace("|", "/").replace("\n", " ")
-        lines.append(f"| {v['claim']} | {label(v)} | {_effect(v)} | {_band_text(v)} | {v.get('study', '')} | "
+        lines.append(f"| {v['claim']} | {label(v)} | {headline_effect(v)} | {_band_text(v)} | {v.get('study', '')} | "
                      f"{summ} |")
     lines += ["", "## The guide's checklist", ""]
     lines += [f"- [{'x' if c['ticked'] else ' '}] {c['item']} - {c['state']}: {c['evidence']}" for c in cl]
