@@ -179,6 +179,12 @@ def flip_note(row) -> str:
     return f"FLIP ({row['first_run']} in A)"
 
 
+def row_note(row) -> str:
+    """The flip note, then the conditions whose sub-verdict changed."""
+    parts = [flip_note(row)] + ([f"conditions: {row['conditions_changed']}"] if row["conditions_changed"] else [])
+    return "; ".join(p for p in parts if p)
+
+
 def summary_lines(df: pd.DataFrame) -> list[str]:
     """How many claims kept their label, and each flip with what run A said about it."""
     both = df[(df["verdict_a"] != NOT_RUN) & (df["verdict_b"] != NOT_RUN)]
@@ -209,7 +215,7 @@ def format_comparison(df: pd.DataFrame, prov: pd.DataFrame | None = None, names:
              "|---|---|---|---|---|---|---:|---|"]
     for _, r in df.iterrows():
         ratio = f"{r['b_over_a']:.3f}" if r["b_over_a"] is not None and not pd.isna(r["b_over_a"]) else ""
-        note = flip_note(r) + (f"; conditions: {r['conditions_changed']}" if r["conditions_changed"] else "")
+        note = row_note(r)
         lines.append(f"| {r['claim']} | {r['study']} | {r['label_a']} | {_ci(r, 'a')} | {r['label_b']} | "
                      f"{_ci(r, 'b')} | {ratio} | {note} |".replace("\n", " "))
     lines += [""] + summary_lines(df)
@@ -230,7 +236,7 @@ def compare_html(df: pd.DataFrame, prov: pd.DataFrame | None = None, names: Sequ
            "<th>B effect [CI]</th><th>B/A</th><th>flip</th></tr>"]
     for _, r in df.iterrows():
         ratio = f"{r['b_over_a']:.3f}" if r["b_over_a"] is not None and not pd.isna(r["b_over_a"]) else ""
-        note = flip_note(r) + (f"; conditions: {r['conditions_changed']}" if r["conditions_changed"] else "")
+        note = row_note(r)
         out.append(f"<tr class='{'flip' if r['flip'] else ''}'><td>{e(r['claim'])}</td><td>{e(r['study'])}</td>"
                    f"<td class='{label_class(r['verdict_a'])}'>{e(r['label_a'])}</td><td>{e(_ci(r, 'a'))}</td>"
                    f"<td class='{label_class(r['verdict_b'])}'>{e(r['label_b'])}</td><td>{e(_ci(r, 'b'))}</td>"

@@ -11,12 +11,12 @@ FAST = [110, 112, 111, 113, 109]
 BASE = [100, 101, 99, 100, 102]
 
 
-def _run(root: Path, r1_candidate, commit: str) -> None:
+def _run(root: Path, r1_candidate, commit: str, deep=(92, 93, 91, 92, 94)) -> None:
     """A run's folders: G3 supported, G2 mixed, M1 no meaningful effect, R1 from the given samples, G1 not
     testable; one result row and an environment.json with the given build commit."""
     g2 = verdicts.combine("G2", {
         "tg at depth 0": verdicts.compare("G2", FAST, BASE, metric="tg t/s ratio, depth 0"),
-        "tg at depth 1024": verdicts.compare("G2", [92, 93, 91, 92, 94], BASE, metric="tg t/s ratio, depth 1024"),
+        "tg at depth 1024": verdicts.compare("G2", list(deep), BASE, metric="tg t/s ratio, depth 1024"),
     }, depends_on="context depth")
     verdicts.write_verdicts(root / "20_batch_flash_attn", [
         g2, verdicts.compare("G3", FAST, BASE, metric="pp t/s ratio")])
@@ -87,3 +87,12 @@ def test_report_shows_the_second_run_when_asked(tmp_path):
     section = text[text.index("id='compare'"):]
     assert "<tr class='flip'><td>R1</td>" in section and "every flip was inconclusive or borderline in A: yes" in section
     assert "id='compare'" not in report.render_report(a).read_text()
+
+
+def test_a_condition_that_changes_inside_a_mixed_claim_is_named(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, BASE, "c")
+    _run(b, BASE, "c", deep=[80, 120, 95, 130, 70])      # depth 1024: refuted -> inconclusive; still mixed
+    g2 = compare.compare_runs(a, b).set_index("claim").loc["G2"]
+    assert not g2["flip"] and g2["conditions_changed"] == "tg at depth 1024: refuted -> inconclusive"
+    assert list(compare.provenance_diff(a, b)["differs"]) == [False] * len(compare.PROVENANCE_FIELDS)
