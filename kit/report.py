@@ -213,12 +213,29 @@ def setting_of(v: dict) -> str:
 
 
 def _fmt_value(x) -> str:
+    """A details value as text: a number, a sub-verdict's ratio with its interval, or a difference with its
+    interval (e.g. the recall a smaller k costs)."""
     if isinstance(x, dict) and to_float(x.get("effect")) is not None:
         return f"x{x['effect']:.3g}" + (f" [{x['ci_low']:.3g}, {x['ci_high']:.3g}]"
                                          if to_float(x.get("ci_low")) is not None else "")
+    if isinstance(x, dict) and to_float(x.get("difference")) is not None:
+        pair = []
+        for k in x:
+            if k.endswith(("_small", "_large")) and not k.startswith("k_") and to_float(x[k]) is not None:
+                name, side = k.rsplit("_", 1)
+                pair.append(f"{name}@{x['k_' + side]}" if x.get("k_" + side) is not None else k)
+                pair[-1] += f" {x[k]:.3g}"
+        ci = (f" [{x['ci_low']:+.3g}, {x['ci_high']:+.3g}]" if to_float(x.get("ci_low")) is not None
+              and to_float(x.get("ci_high")) is not None else "")
+        return (", ".join(pair) + ": " if pair else "") + f"difference {x['difference']:+.3g}{ci}"
     if isinstance(x, float):
         return f"{x:.4g}"
     return str(x)
+
+
+def _named(key: str, text: str) -> str:
+    name = key.replace("_", " ")
+    return text if text.startswith(key) or text.startswith(name) else f"{name} {text}"
 
 
 def costs(v: dict) -> dict[str, str]:
@@ -231,9 +248,10 @@ def costs(v: dict) -> dict[str, str]:
         if explicit.get(kind) not in (None, ""):
             out[kind] = _fmt_value(explicit[kind])
             continue
-        found = [f"{k.replace('_', ' ')} {_fmt_value(x)}" for k, x in details.items()
+        found = [_named(k, _fmt_value(x)) for k, x in details.items()
                  if pattern.search(k) and (isinstance(x, (int, float, str)) and not isinstance(x, bool)
-                                           or isinstance(x, dict) and to_float(x.get("effect")) is not None)]
+                                           or isinstance(x, dict) and (to_float(x.get("effect")) is not None
+                                                                       or to_float(x.get("difference")) is not None))]
         out[kind] = "; ".join(found[:3]) if found else "not measured"
     return out
 

@@ -256,3 +256,14 @@ def test_effects_figure_puts_every_ratio_on_a_better_scale(tmp_path):
     assert [p["name"] for p in others] == ["Q1"]                            # rho is no ratio: its own panel
     fig = findings.plot_effects(f)
     assert len(fig.axes) == 2 and "better" in fig.axes[0].get_xlabel()
+
+
+def test_costs_come_from_the_verdicts_details_or_say_not_measured():
+    recall = {"k_small": 3, "k_large": 8, "recall_small": 0.8, "recall_large": 0.92, "difference": -0.12,
+              "ci_low": -0.2, "ci_high": -0.05, "n_questions": 20}
+    got = report.costs({"details": {"recall": recall, "kv_mib_saved": 12.0, "notes": "x", "quality_costs": [1]}})
+    assert got == {"memory": "kv mib saved 12", "quality": "not measured",
+                   "recall": "recall@3 0.8, recall@8 0.92: difference -0.12 [-0.2, -0.05]"}
+    explicit = report.costs({"details": {"cost": {"quality": "perplexity x1.02 [1.01, 1.03]"}, "rss_peak_mb": 300}})
+    assert explicit["quality"] == "perplexity x1.02 [1.01, 1.03]" and explicit["memory"] == "rss peak mb 300"
+    assert report.cost_text(report.costs({})) == "not measured"
