@@ -30,7 +30,7 @@ import jinja2
 import llama_cpp
 import psutil
 from kit.logs import llama_log_to_file
-from kit.models import ChatFormat, chat_format_for, resolve_model
+from kit.models import CHAT_TEMPLATE_KEY, chat_format_for, resolve_model
 from kit.gpu import GpuSampler
 from kit.environment import process_provenance
 
@@ -128,21 +128,25 @@ class LoadedModel:
 def load_model(settings: Settings, model_path: str | None = None, log_file: str | None = None) -> LoadedModel:
     """Load through llama_cpp.Llama (as a server would), timing the load; effective values read back from llama.cpp.
 
-    The chat format is `kit.models.chat_format_for`'s: the setting, the GGUF's template, or one chosen from the
-    vocabulary for a GGUF without one (never llama-cpp-python's "llama-2" fallback). Rows say which
-    (chat_format_effective, chat_format_source)."""
+    The chat format is `kit.models.chat_format_for`'s: the setting (passed to Llama), the GGUF's template, or for a
+    GGUF without one a format chosen from its vocabulary, set on the Llama in place of llama-cpp-python's "llama-2"
+    fallback (the Llama reads it at each request). Only a template-less GGUF costs the header parse here. Rows say
+    which (chat_format_effective, chat_format_source)."""
     llama_log_to_file(log_file)
     path = model_path or str(resolve_model(settings.model))
-    try:
-        chat = chat_format_for(path, settings.chat_format)
-    except ChatFormatError as exc:  # engine tests need no template: the chat studies refuse this model up front
-        chat = ChatFormat(None, f"none: llama-cpp-python's fallback ({exc})")
-    kw = settings.llama_kwargs(path)
-    if chat.name is not None:
-        kw["chat_format"] = chat.name
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(**kw)
+    llm = llama_cpp.Llama(**settings.llama_kwargs(path))
     load_ms = (time.perf_counter() - t0) * 1e3
+    if settings.chat_format is not None:
+        source = "setting"
+    elif CHAT_TEMPLATE_KEY in llm.metadata:
+        source = "gguf"
+    else:
+        try:
+            chat = chat_format_for(path)
+            llm.chat_format, source = chat.name, chat.source
+        except ChatFormatError as exc:  # engine tests need no template: the chat studies refuse this model up front
+            source = f"none: llama-cpp-python's fallback ({exc})"
     ctx = llm._ctx.ctx
     eff = {
         "n_ctx_effective": int(llama_cpp.llama_n_ctx(ctx)),
@@ -151,7 +155,7 @@ def load_model(settings: Settings, model_path: str | None = None, log_file: str 
         "n_threads_effective": int(llm.n_threads),
         "n_threads_batch_effective": int(llm.n_threads_batch),
         "chat_format_effective": llm.chat_format,  # "chat_template.default": the GGUF's template as written
-        "chat_format_source": chat.source,
+        "chat_format_source": source,
     }
     return LoadedModel(llm=llm, settings=settings, load_ms=load_ms, effective=eff)
 
