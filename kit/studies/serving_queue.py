@@ -435,7 +435,7 @@ def gpu_gap(rows) -> str | None:
     if rows.empty or "gpu_info" not in rows:
         return None
     if rows["gpu_info"].fillna("").astype(str).str.strip().eq("").all():
-        return "no NVIDIA GPU visible to NVML on this machine: there is no GPU to sample"
+        return "no NVIDIA GPU visible to NVML on this machine, so there is nothing to sample"
     return None
 
 
@@ -531,22 +531,23 @@ def p1_verdict(df, evidence: Sequence[str] = ()):
 
 def _p1_summary(cov, details: dict) -> str:
     filled = [f"{r['metric']} ({r['column']})" for _, r in cov.iterrows() if r["status"] == "filled"]
-    explained = [f"{r['metric']} ({r['column']}) is empty: {r['note'].split(': ', 1)[-1]}" for _, r in cov.iterrows()
-                 if r["status"] == "explained"]
+    why: dict[str, list[str]] = {}  # one sentence per reason: "A and B are empty: <why>"
+    for _, r in cov[cov["status"] == "explained"].iterrows():
+        why.setdefault(r["note"].split(": ", 1)[-1], []).append(f"{r['metric']} ({r['column']})")
     notes = [f"{r['metric']}: {r['note']}" for _, r in cov.iterrows() if r["status"] == "filled" and r["note"]]
     text = f"Every successful row carries {', '.join(filled)}."
-    if explained:
-        text += " " + "; ".join(explained) + "."
+    for reason, names in why.items():
+        text += f" {' and '.join(names)} {'is' if len(names) == 1 else 'are'} empty: {reason}."
     if notes:
         text += " " + "; ".join(notes) + "."
     q = details.get("queue_over_service_at_heaviest_load")
     if q:
-        text += (f" What queue time adds, at {details['heaviest_load']}: median queue time is x{q['ratio']:.2f} the "
-                 f"median service time (95 % CI {q['ci'][0]:.2f}-{q['ci'][1]:.2f}), invisible to a monitor of "
-                 f"tokens/s alone.")
+        text += (f" At the heaviest load ({details['heaviest_load']}) the median queue time was x{q['ratio']:.2f} the "
+                 f"median service time (95 % CI {q['ci'][0]:.2f}-{q['ci'][1]:.2f}): waiting that a monitor of "
+                 f"tokens/s alone does not show.")
     d = details.get("decode_ms_per_token_heaviest_vs_lightest")
     if d:
-        text += (f" Decode time per token there is x{d['ratio']:.2f} that at {details['lightest_load']} "
+        text += (f" Decode time per token there was x{d['ratio']:.2f} that at {details['lightest_load']} "
                  f"(95 % CI {d['ci'][0]:.2f}-{d['ci'][1]:.2f}).")
     return text
 
