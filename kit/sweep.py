@@ -375,6 +375,7 @@ class Adaptive:
     looks: int = 3
     max_s: float = 120.0
     equivalence: float | None = None                # None: the claim's band (kit.verdicts.BANDS)
+    test_kinds: tuple = ENGINE_KINDS                # the tests whose comparisons the verdict uses (pp, tg, pg)
     spent_s: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
@@ -498,7 +499,7 @@ def _interleave_test(test: Test, lives: list[LiveTrial], todo: Sequence[list], m
         step(j, "prepare")
     block(members)
     undecided: set[int] = set()
-    if adaptive is not None and test.kind in ENGINE_KINDS:
+    if adaptive is not None and test.kind in adaptive.test_kinds:
         for look in range(1, adaptive.looks + 1):
             undecided = adaptive.undecided({j: x for j, x in samples.items() if j not in rows}, settings or {})
             if not undecided or look == adaptive.looks or adaptive.spent_s >= adaptive.max_s:

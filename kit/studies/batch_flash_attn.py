@@ -29,8 +29,9 @@ from kit.gpu import build_supports_gpu_offload
 from kit.measure import Test, pp, tg
 from kit.plots import setup, speed_plot
 from kit.results import median_table, pooled_samples
-from kit.sweep import grid, planned_rows, run_sweep
-from kit.verdicts import MIXED, NOT_TESTABLE, Verdict, combine, compare, not_testable, ratio_of, ratio_text
+from kit.sweep import Adaptive, grid, planned_rows, run_sweep
+from kit.verdicts import (MIXED, NOT_TESTABLE, Verdict, combine, compare, not_testable, ratio_of, ratio_text,
+                          rows_confidence)
 
 CLAIM_BATCH = "G3"
 CLAIM_FLASH = "G2"
@@ -101,6 +102,9 @@ class BatchFlashStudy(StudyConfig):
     n_threads_batch: int = param(0, "prompt-processing threads in both parts; 0 means llama-cpp-python's default",
                                  ge=0)
     timeout_s: float = param(600.0, "seconds before a trial's child process is killed", gt=0)
+    looks: int = param(3, "blocks of `repetitions` rounds at most for a comparison still inconclusive (1: none "
+                          "added); every look and verdict at the Bonferroni confidence 1 - 0.05/looks", ge=1, le=10)
+    looks_max_s: float = param(120.0, "seconds of added rounds at most, per part", ge=0)
 
     def check(self) -> None:
         for name in ("n_batch", "n_ubatch", "prompt_lengths", "depths"):
@@ -168,21 +172,28 @@ class BatchFlashStudy(StudyConfig):
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
-def _run_part(study: BatchFlashStudy, configs, tests, claim: str, part: str, progress: bool):
+def _run_part(study: BatchFlashStudy, configs, tests, claim: str, part: str, progress: bool, pair):
     out = study.out_path
+    adaptive = Adaptive(claim, [pair], looks=study.looks, max_s=study.looks_max_s)
     df = run_sweep(out.name, configs, tests, study.repetitions, out_root=out.parent, timeout_s=study.timeout_s,
-                   progress=progress, extra={"claim": claim, "part": part})
+                   progress=progress, extra={"claim": claim, "part": part}, adaptive=adaptive)
     return planned_rows(df, configs, tests, study.repetitions)
 
 
 def run_batch_grid(study: BatchFlashStudy, progress: bool = True):
-    """G3: every (n_batch, n_ubatch) of the grid x every prompt length; rows of this plan as a DataFrame."""
-    return _run_part(study, study.batch_configs(), study.batch_tests(), CLAIM_BATCH, "batch_grid", progress)
+    """G3: every (n_batch, n_ubatch) of the grid x every prompt length; rows of this plan as a DataFrame. The
+    guide's cell against the baseline gets more interleaved rounds while inconclusive (`looks`)."""
+    (gb, gu), (bb, bu) = study.guide_batch, study.baseline_batch
+    base = study.batch_base()
+    pair = (base.replace(n_batch=gb, n_ubatch=gu), base.replace(n_batch=bb, n_ubatch=bu))
+    return _run_part(study, study.batch_configs(), study.batch_tests(), CLAIM_BATCH, "batch_grid", progress, pair)
 
 
 def run_flash_attn(study: BatchFlashStudy, progress: bool = True):
-    """G2: flash attention off and on, pp and tg at every depth; rows of this plan as a DataFrame."""
-    return _run_part(study, study.flash_configs(), study.flash_tests(), CLAIM_FLASH, "flash_attn", progress)
+    """G2: flash attention off and on, pp and tg at every depth; rows of this plan as a DataFrame. A test whose
+    on/off comparison is inconclusive gets more interleaved rounds (`looks`)."""
+    off, on = study.flash_configs()
+    return _run_part(study, [off, on], study.flash_tests(), CLAIM_FLASH, "flash_attn", progress, (on, off))
 
 
 # ---- analysis: G3 ------------------------------------------------------------------------------------------------
@@ -271,8 +282,10 @@ def _gpu_scope(gpu_offload: bool | None) -> str:
 
 
 def _batch_comparisons(df, study: BatchFlashStudy, evidence: Sequence[str],
-                       confidence: float = 0.95) -> list[tuple[int, Verdict, bool]]:
-    """(prompt length, guide over baseline verdict, whether both cut the prompt the same way) per prompt length."""
+                       confidence: float | None = None) -> list[tuple[int, Verdict, bool]]:
+    """(prompt length, guide over baseline verdict, whether both cut the prompt the same way) per prompt length.
+    confidence: None takes the rows' (`rows_confidence`: higher after adaptive looks)."""
+    confidence = confidence or rows_confidence(df)
     (gb, gu), (bb, bu) = study.guide_batch, study.baseline_batch
     table = batch_table(df)
     out = []
@@ -296,7 +309,7 @@ def _prompt_condition(n: int, same: bool) -> str:
 
 
 def verdict_batch(df, study: BatchFlashStudy, evidence: Sequence[str] = (), gpu_offload: bool | None = None,
-                  confidence: float = 0.95) -> Verdict:
+                  confidence: float | None = None) -> Verdict:
     """G3: pp t/s of the guide's 1024/512 against the 512/512 baseline, one sub-verdict per prompt length
     (`kit.verdicts.combine`: mixed when prompt lengths disagree); the effect shown is the longest prompt's, where
     the two settings cut the prompt differently. A prompt length where both do the same work stays a condition:
@@ -348,11 +361,13 @@ def flash_table(df) -> pd.DataFrame:
     return t.sort_values(keys).reset_index(drop=True)[FLASH_COLUMNS]
 
 
-def flash_comparisons(df, evidence: Sequence[str] = (), confidence: float = 0.95) -> list[Verdict]:
-    """Flash on over off, one Verdict (claim G2) per depth and test, ordered by depth, then pp before tg."""
+def flash_comparisons(df, evidence: Sequence[str] = (), confidence: float | None = None) -> list[Verdict]:
+    """Flash on over off, one Verdict (claim G2) per depth and test, ordered by depth, then pp before tg.
+    confidence: None takes the rows' (`rows_confidence`: higher after adaptive looks)."""
     out = []
     if df is None or df.empty:
         return out
+    confidence = confidence or rows_confidence(df)
     d = df.assign(_mode=[_mode(r) for r in df.to_dict("records")])
     for depth in sorted(d["n_depth"].dropna().unique()):
         for mode in ("pp", "tg"):
@@ -382,7 +397,7 @@ def comparisons_table(verdicts: Sequence[Verdict]) -> pd.DataFrame:
 
 
 def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = None,
-                  confidence: float = 0.95) -> Verdict:
+                  confidence: float | None = None) -> Verdict:
     """G2: one sub-verdict per test (pp, tg) and context depth, combined (`kit.verdicts.combine`): the label all
     conditions share, else mixed with each condition's label. The effect shown is decode (tg) at the deepest
     context, where attention costs most and a RAG server spends its time."""

@@ -28,9 +28,9 @@ from kit.paths import DEFAULT_MODEL
 from kit.plots import median_plot, panel_figure, samples_long
 from kit.quality import ensure_reference, reference_path
 from kit.results import ci_label, load_results, median_table, ok_rows, pooled_samples
-from kit.sweep import run_sweep
+from kit.sweep import Adaptive, run_sweep
 from kit.verdicts import (INCONCLUSIVE, MIXED, NO_EFFECT, REFUTED, SUPPORTED, combine, compare, from_interval,
-                          median_ci, not_testable, paired_log_ratio)
+                          median_ci, not_testable, paired_log_ratio, rows_confidence)
 
 GUIDE_N_CTX = (2048, 4096, 8192, 16384)
 GUIDE_MODEL_PROPERTIES = {"n_ctx_train": 131072, "rope_freq_base": 10000.0}
@@ -81,6 +81,9 @@ class ContextStudy(StudyConfig):
     ppl_n_ctx: int = param(256, "perplexity chunk size (tokens)", ge=1)
     ppl_chunks: int = param(3, "perplexity chunks of held-out text", ge=1)
     timeout_s: float = param(900.0, "seconds one trial may take before its child is killed", gt=0)
+    looks: int = param(3, "blocks of `repetitions` rounds at most while M1's comparison is inconclusive (1: none "
+                          "added); every look and the verdict at the Bonferroni confidence 1 - 0.05/looks", ge=1, le=10)
+    looks_max_s: float = param(120.0, "seconds of added rounds at most", ge=0)
 
     def check(self) -> None:
         """Cross-field rules; reads the model card and derives n_ctx_run, beyond_train and depth_ctx."""
@@ -218,10 +221,21 @@ def beyond_train_note(study: ContextStudy) -> str:
 
 
 # ---- running ----------------------------------------------------------------------------------------------------
-def _sweep(study: ContextStudy, configs, tests, repetitions: int, part: str, progress: bool):
+def _sweep(study: ContextStudy, configs, tests, repetitions: int, part: str, progress: bool,
+           adaptive: Adaptive | None = None):
     out = study.out_path
     return run_sweep(out.name, configs, tests, repetitions=repetitions, out_root=out.parent,
-                     timeout_s=study.timeout_s, progress=progress, extra={"part": part})
+                     timeout_s=study.timeout_s, progress=progress, extra={"part": part}, adaptive=adaptive)
+
+
+def _m1_adaptive(study: ContextStudy) -> Adaptive | None:
+    """More interleaved rounds for M1's pair (the n_ctx values `_m1_sizes` compares) while it is inconclusive."""
+    have = sorted(set(study.n_ctx_run))
+    if len(have) < 2:
+        return None
+    small, large = (4096, 8192) if {4096, 8192} <= set(have) else (have[-2], have[-1])
+    return Adaptive("M1", [(study.settings(n_ctx=small), study.settings(n_ctx=large))], looks=study.looks,
+                    max_s=study.looks_max_s)
 
 
 def run_context_study(study: ContextStudy, parts: tuple = PARTS, progress: bool = True):
@@ -230,7 +244,7 @@ def run_context_study(study: ContextStudy, parts: tuple = PARTS, progress: bool 
         if p not in PARTS:
             raise SettingsError(f"unknown part {p!r}; parts: {', '.join(PARTS)}")
     if "allocated" in parts:
-        _sweep(study, *study.allocated_plan(), study.repetitions, "allocated", progress)
+        _sweep(study, *study.allocated_plan(), study.repetitions, "allocated", progress, _m1_adaptive(study))
     if "fill" in parts:
         for config, tests in study.fill_plans():
             _sweep(study, [config], tests, study.fill_repetitions, "fill", progress)
@@ -438,11 +452,13 @@ _M1_CONCLUSION = {
 }
 
 
-def m1_verdict(df, study: ContextStudy, evidence=(), confidence: float = 0.95):
+def m1_verdict(df, study: ContextStudy, evidence=(), confidence: float | None = None):
     """M1: the same prompt at a smaller allocated n_ctx (4096) against a larger one (8192): one sub-verdict for tg
     t/s and one for TTFT, combined (`kit.verdicts.combine`, mixed when they disagree; the effect shown is tg's).
-    The used-context (depth) effect and the KV memory saved are evidence in details and the summary."""
+    The used-context (depth) effect and the KV memory saved are evidence in details and the summary.
+    confidence: None takes the allocated rows' (`rows_confidence`: higher after adaptive looks)."""
     d = ok_rows(df, "allocated")
+    confidence = confidence or rows_confidence(d)
     sizes = _m1_sizes(d)
     if sizes is None:
         have = sorted(int(n) for n in d["n_ctx"].unique()) if not d.empty else []
@@ -456,7 +472,7 @@ def m1_verdict(df, study: ContextStudy, evidence=(), confidence: float = 0.95):
                    higher_is_better=False, claimed="better", confidence=confidence,
                    metric=f"TTFT ms ({study.prompt_tokens}-token prompt), n_ctx {small} / {large}")
     kv_saved = (study.card.kv_cache_bytes(large) - study.card.kv_cache_bytes(small)) / 2**20
-    used, used_words = _used_context(df, study, confidence)
+    used, used_words = _used_context(df, study)
     v = combine("M1", {"tg t/s": tgv, "TTFT": ttft}, depends_on="metric (tg t/s, TTFT)", headline="tg t/s",
                 evidence=list(evidence),
                 details={"ttft": ttft.to_dict(), "kv_mib_saved": round(kv_saved, 1), "n_ctx_small": small,

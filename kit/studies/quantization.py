@@ -45,9 +45,9 @@ from kit.measure import pp, tg
 from kit.models import model_card, read_gguf_header, resolve_model, sha256_file
 from kit.paths import DEFAULT_MODEL, REPO_ROOT, resolve as resolve_path
 from kit.results import RESULTS_FILE
-from kit.sweep import run_sweep
+from kit.sweep import Adaptive, run_sweep
 from kit.verdicts import (SUPPORTED, UNSTABLE_CV, Band, Verdict, bootstrap_ratio, combine, compare, cv, decide,
-                          evidence_path, median_ci, not_testable, ratio_of)
+                          evidence_path, median_ci, not_testable, ratio_of, rows_confidence)
 
 # llama_ftype values (llama.h)
 FTYPES = {
@@ -98,6 +98,9 @@ class QuantStudy(StudyConfig):
     cache_dir: str = param(DEFAULT_CACHE_DIR, "quantized files and reference log-probs (relative: to the "
                                               "repository root; git-ignored)")
     timeout_s: float = param(600.0, "seconds one trial may take before its child is killed", gt=0)
+    looks: int = param(3, "blocks of `repetitions` rounds at most while an adjacent Q1 pair is inconclusive (1: none "
+                          "added); every look and the verdict at the Bonferroni confidence 1 - 0.05/looks", ge=1, le=10)
+    looks_max_s: float = param(120.0, "seconds of added rounds at most", ge=0)
 
     def check(self) -> None:
         """No duplicate types; the reference first (it is always built and measured); the model exists."""
@@ -304,8 +307,13 @@ def run_quantization_study(study: QuantStudy, progress: bool = True):
     configs = [base.replace(model=l["path"]) for l in ladder]
     tests = [pp(study.n_prompt), tg(study.n_gen),
              quality.kld_test_for(ref_logits, study.ppl_n_ctx, study.ppl_chunks, reference_sha256=ref_sha)]
+    by_type = {l["quant_type"]: c for l, c in zip(ladder, configs)}
+    order = [q for q in GUIDE_SPEED_ORDER if q in by_type]
+    # Q1's adjacent pairs in the guide's order get more interleaved tg rounds while inconclusive
+    adaptive = Adaptive("Q1", [(by_type[a], by_type[b]) for a, b in zip(order, order[1:])], looks=study.looks,
+                        max_s=study.looks_max_s, test_kinds=("tg",))
     df = run_sweep(out.name, configs, tests, repetitions=study.repetitions, out_root=out.parent,
-                   timeout_s=study.timeout_s, progress=progress, extra={"claim": "Q1"})
+                   timeout_s=study.timeout_s, progress=progress, extra={"claim": "Q1"}, adaptive=adaptive)
     return ladder, df
 
 
@@ -330,6 +338,8 @@ def study_table(ladder: list[dict], df):
                 r[f"{name}_ts"] = round(statistics.median(s), 2)
                 r[f"{name}_ci_low"], r[f"{name}_ci_high"] = round(lo, 2), round(hi, 2)
                 r[f"{name}_samples"] = s
+                if kind == "tg" and "looks_planned" in t and t.iloc[-1]["looks_planned"] == t.iloc[-1]["looks_planned"]:
+                    r["looks_planned"] = int(t.iloc[-1]["looks_planned"])  # Q1's schedule: its verdict's confidence
             else:
                 r[f"{name}_ts"] = None
         k = ok[ok["test_kind"] == "kit.quality:kld_test"] if not ok.empty else ok
@@ -447,7 +457,7 @@ def _rank_agreement(samples: dict[str, list[float]], present: list[str], n_boot:
     return rho, med, boots[int(0.025 * (len(boots) - 1))], boots[int(0.975 * (len(boots) - 1))]
 
 
-def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0, confidence: float = 0.95):
+def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0, confidence: float | None = None):
     """Q1: does tg speed fall along the guide's order Q2_K > Q3_K_M > Q4_0 > Q4_K_M > Q5_K_M > Q6_K?
 
     The claim is an order, so it is judged on adjacent pairs in the guide's order (those measured): one
@@ -456,7 +466,9 @@ def speed_order_verdict(table, evidence=(), n_boot: int = 2000, seed: int = 0, c
     alone would call a half-scrambled order "supported" whenever it leans the right way; it is evidence in
     details and the summary: Spearman rho between the guide's position and the measured median tg
     (+1 = exactly the guide's order), with a bootstrap interval over the raw samples of every type.
+    confidence: None takes the table's (`rows_confidence`: higher after adaptive looks).
     """
+    confidence = confidence or rows_confidence(table)
     t = table.set_index("quant_type")
     present = [q for q in GUIDE_SPEED_ORDER if q in t.index and t.loc[q].get("tg_samples") is not None
                and isinstance(t.loc[q]["tg_samples"], list) and len(t.loc[q]["tg_samples"]) > 0]
@@ -513,7 +525,7 @@ def _front_condition(t, q: str, role: str, confidence: float) -> tuple[str, Verd
     return f"{q} ({role}) against {rival}", v
 
 
-def recommendation_verdict(table, evidence=(), confidence: float = 0.95):
+def recommendation_verdict(table, evidence=(), confidence: float | None = None):
     """Q2: are the guide's recommended types (Q4_K_M, Q4_K_S, Q3_K_M, Q5_K_M) on the tg-vs-KLD Pareto front?
 
     A type is on the front when it is faster than every type at least as close to F16 (mean KLD), so each
@@ -522,7 +534,9 @@ def recommendation_verdict(table, evidence=(), confidence: float = 0.95):
     faster (dominated); no meaningful effect = no faster than a better-quality type within the band. Combined
     (`kit.verdicts.combine`): mixed when the recommended types differ. The point-estimate fronts and the clear
     dominators (faster beyond the interval and closer to F16 beyond 1.96 standard errors) are in details.
+    confidence: None takes the table's (`rows_confidence`: Q1's looks chose how many tg samples each type has).
     """
+    confidence = confidence or rows_confidence(table)
     recommended = [q for qs in GUIDE_RECOMMENDED.values() for q in qs]
     t = table.dropna(subset=["tg_ts", "kld_mean"])
     present = [q for q in recommended if q in set(t["quant_type"])]
