@@ -36,7 +36,6 @@ from pathlib import Path
 import gguf
 import llama_cpp
 import pandas as pd
-from tqdm.auto import tqdm
 
 from kit import quality
 from kit.config import Settings, SettingsError, StudyConfig, check_rule, param
@@ -44,6 +43,7 @@ from kit.logs import llama_log_to_file
 from kit.measure import pp, tg
 from kit.models import model_card, read_gguf_header, resolve_model, sha256_file
 from kit.paths import DEFAULT_MODEL, REPO_ROOT, resolve as resolve_path
+from kit.progress import progress_bar
 from kit.results import RESULTS_FILE
 from kit.sweep import Adaptive, run_sweep
 from kit.verdicts import (SUPPORTED, UNSTABLE_CV, Band, Verdict, bootstrap_ratio, combine, compare, cv, decide,
@@ -268,9 +268,11 @@ def build_ladder(source: str | os.PathLike = DEFAULT_MODEL, types=LADDER,
     manifest_p = folder / "manifest.json"
     manifest = json.loads(manifest_p.read_text()) if manifest_p.exists() else {}
     out = []
-    for ftype in tqdm(types, desc="quantize", unit="file", disable=not progress):
-        path, log, info, cached = _ensure_file(folder, stem, ftype, src.path, manifest, nthread)
-        out.append(_ladder_entry(ftype, path, log, info, cached, src))
+    with progress_bar(len(types), "quantize", unit="file", enabled=progress) as bar:
+        for ftype in types:
+            path, log, info, cached = _ensure_file(folder, stem, ftype, src.path, manifest, nthread)
+            out.append(_ladder_entry(ftype, path, log, info, cached, src))
+            bar.update(1)
     return out
 
 
