@@ -31,7 +31,8 @@ from kit.sweep import planned_rows, run_sweep
 
 CARD_FIELDS = ("name", "architecture", "model_type", "file_type", "n_layers", "n_ctx_train", "rope_freq_base",
                "n_embd", "n_head", "n_head_kv", "head_dim", "n_vocab", "size_bytes", "n_params", "bits_per_weight",
-               "read_per_token_bytes", "tied_embeddings", "layer_bytes_mean", "has_chat_template", "sha256")
+               "read_per_token_bytes", "tied_embeddings", "layer_bytes_mean", "has_chat_template", "chat_markers",
+               "sha256")
 ROOFLINE_NOTE = ("bound = read bandwidth / weight bytes per token; KV-cache reads (small at short context) and "
                  "compute are ignored; the bandwidth is one thread's, as is llama-cpp-python's default tg thread "
                  "count on 2 cores (cpu_count // 2)")
