@@ -3,15 +3,18 @@
 - `load_guide_profile` reads data/guide_profiles/<name>.env with the guide's LLAMACPP_* names and says what this
   build does with it (GPU layers ignored without offload, n_ubatch clamped like llama.cpp does ...).
 - `measure_profiles` measures named configurations: engine pp/tg at the workload and RAG-shaped requests.
-- `choose_kit_profiles` picks the kit's speed / balanced / quality from the tuner's confirmed candidates, and
-  `write_kit_profiles` writes them as `.env` files whose header holds the measured numbers and trial keys.
+- `choose_kit_profiles` derives the kit's speed / balanced / quality from the tuner's winner (no second
+  "fastest" pick among candidates the tuner could not tell apart, so the files are as stable as the winner), and
+  `write_kit_profiles` writes them as `.env` files whose header holds the measured numbers, the trial keys, the
+  changes the tuner took with the comparison that justified each, and the candidates within noise of the winner.
 
 RAG-shaped requests (`rag_request_test`): streamed chat completions whose messages the RAG pipeline builds
 (`kit.studies.rag.pipeline.rag_messages`: the RAG study's chunking, packing into the token budget and chat
 template), with each profile's own ``rag_search_k`` and ``max_context_length``, for TTFT and tokens/s as a
 client sees them. Retrieval is neither run nor timed: the chunks come in an oracle order (the question's gold
-topics first, then the rest of the corpus), so every profile gets the same best-case context; the RAG study
-(outputs/60_rag) measures search time, and its rows set the kit profiles' rag_search_k (`rag_floor_from_study`).
+topics first, then the rest of the corpus), so every profile gets the same best-case context; retrieval.py times
+search and measures what a smaller k costs in recall, and the RAG study's rows (outputs/60_rag) set the kit
+profiles' rag_search_k (`rag_floor_from_study`).
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from kit.studies.rag.pipeline import (
     Chunk, LlamaTokenCounter, Question, chunk_documents, load_corpus, load_questions, rag_messages,
 )
 from kit.studies.autotune.tuner import (
-    TuneResult, Workload, changes_quality, describe, num, request_time_samples, rows_for, settings_key,
+    TuneResult, Workload, changes_quality, describe, num, ratio_words, request_time_samples, rows_for, settings_key,
+    with_reference_quality,
 )
 from kit.sweep import run_sweep, study_dir
 
@@ -96,8 +100,8 @@ def rag_request_test(lm, test: Test, repetitions: int) -> dict:
     max_context_length (see the module docstring): TTFT and generated tokens/s as a client sees them."""
     s, p = lm.settings, test.params
     max_tokens = int(test.n_gen or 32)
-    chunks = chunk_documents(load_corpus(), int(p["chunk_chars"]))
-    questions = load_questions(split="dev")[:int(p["n_questions"])]
+    chunks, questions = request_inputs(int(p["chunk_chars"]), p.get("corpus_topics") or None)
+    questions = questions[:int(p["n_questions"])]
     room = lm.effective["n_ctx_effective"] - max_tokens - PROMPT_ROOM
     budget = max(min(s.max_context_length, room), 0)
     counter = LlamaTokenCounter(llm=lm.llm)
@@ -117,8 +121,24 @@ def rag_request_test(lm, test: Test, repetitions: int) -> dict:
     }
 
 
-def rag_request(*, max_tokens: int, n_questions: int, chunk_chars: int) -> Test:
-    return Test(REQUEST_KIND, n_gen=max_tokens, params={"n_questions": n_questions, "chunk_chars": chunk_chars})
+def request_inputs(chunk_chars: int, corpus_topics: Sequence[str] | None = None,
+                   split: str = "dev") -> tuple[list[Chunk], list[Question]]:
+    """The chunks every RAG-shaped request and the recall of k are built from (the RAG pipeline's chunking,
+    neighbours overlapping by its default 100 characters), and the questions whose gold topic is among them."""
+    docs = load_corpus(topics=list(corpus_topics) if corpus_topics else None)
+    chunks = chunk_documents(docs, chunk_chars)
+    questions = load_questions(split=split, doc_ids={c.doc_id for c in chunks} if corpus_topics else None)
+    if not questions:
+        raise ValueError(f"no {split} question has a gold topic among corpus_topics={list(corpus_topics or [])}")
+    return chunks, questions
+
+
+def rag_request(*, max_tokens: int, n_questions: int, chunk_chars: int,
+                corpus_topics: Sequence[str] = ()) -> Test:
+    params = {"n_questions": n_questions, "chunk_chars": chunk_chars}
+    if corpus_topics:
+        params["corpus_topics"] = list(corpus_topics)
+    return Test(REQUEST_KIND, n_gen=max_tokens, params=params)
 
 
 # ---- measuring profiles --------------------------------------------------------------------------------------------
@@ -239,15 +259,6 @@ def rag_floor_from_study(out_root: str | os.PathLike, min_recall: float) -> dict
     return {"rag_search_k": k, "recall": float(ok.loc[k]), "column": col, "met": True, "min_recall": min_recall}
 
 
-def rag_search_samples(out_root: str | os.PathLike) -> dict[int, list[float]] | None:
-    """Retrieval time samples (ms: embed the question + search) per k from the RAG study's latency.jsonl."""
-    df = _rag_part(out_root, "latency")
-    if df.empty or not {"k", "search_ms"} <= set(df.columns):
-        return None
-    out = {int(k): [float(x) for x in g["search_ms"].dropna()] for k, g in df.groupby("k")}
-    return {k: v for k, v in out.items() if v} or None
-
-
 # ---- choosing, describing and writing the kit's own profiles -----------------------------------------------------
 def _pow2_at_least(n: int) -> int:
     p = 512
@@ -256,34 +267,29 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
-def _top_settings(result: TuneResult) -> list[Settings]:
-    return [c.settings for c in result.confirmed if c.settings not in (result.start, result.defaults)] + [result.start]
-
-
-def _engine_choices(result: TuneResult, balanced_ppl_ratio: float) -> tuple[dict[str, Settings], Settings | None]:
-    """The engine settings of each kit profile, and the fastest confirmed (under the RAM limit)."""
+def _engine_choices(result: TuneResult, balanced_ppl_ratio: float) -> dict[str, Settings]:
+    """The engine settings of each kit profile, all from the tuner's winner: speed is the winner; balanced is the
+    winner where its perplexity stays within balanced_ppl_ratio of the reference (else the winner with the
+    reference's KV cache, model and RoPE); quality is the winner with the reference's. Deterministic given the
+    winner: a second pick by speed among candidates the tuner could not tell apart would flip between runs."""
     ref = result.screened[0].settings if result.screened else result.start
-    ok = [c for c in result.confirmed if c.score_s is not None and c.status == "ok"]
-    feasible = [c for c in ok if c.settings in _top_settings(result)] or ok
-    limit = result.constraints.ram_limit_mb
-    if limit is not None:
-        feasible = [c for c in feasible if c.rss_peak_mb is None or c.rss_peak_mb <= limit] or feasible
-    fastest = min(feasible, key=lambda c: c.score_s).settings if feasible else None
-
-    def pick(max_ratio: float | None) -> Settings:
-        pool = [c for c in feasible if not changes_quality(c.settings, ref)
-                or (max_ratio is not None and c.ppl_ratio is not None and c.ppl_ratio <= max_ratio)]
-        return min(pool, key=lambda c: c.score_s).settings if pool else result.start
-
-    return {"speed": result.best, "balanced": pick(balanced_ppl_ratio), "quality": pick(None)}, fastest
+    best = result.best
+    plain = with_reference_quality(best, ref)
+    if not changes_quality(best, ref):
+        return {"speed": best, "balanced": best, "quality": best}
+    cand = result.candidate_for(best)
+    ratio = cand.ppl_ratio if cand is not None else None
+    balanced = best if ratio is not None and ratio <= balanced_ppl_ratio else plain
+    return {"speed": best, "balanced": balanced, "quality": plain}
 
 
-def _kit_profile(name: str, eng: Settings, guide: Settings, result: TuneResult, fastest: Settings | None,
-                 rag_floor: dict | None, answer_tokens: int) -> tuple[Settings, list[str]]:
+def _kit_profile(name: str, eng: Settings, guide: Settings, result: TuneResult, rag_floor: dict | None,
+                 answer_tokens: int) -> tuple[Settings, list[str]]:
     """One kit profile: its engine settings, the guide's request settings, the RAG floor's k, an n_ctx that fits."""
     req = {k: getattr(guide, k) for k in REQUEST_FIELDS}
-    notes = [f"engine settings: {describe(eng)}" + (" (the tuned best)" if eng == result.best else "")
-             + (" - fastest confirmed" if fastest is not None and eng == fastest else "")]
+    notes = [f"engine settings: {describe(eng)}" + (" (the tuner's winner)" if eng == result.best else
+                                                    " (the tuner's winner with the reference's KV cache, model "
+                                                    "and RoPE base)")]
     if rag_floor:
         k = rag_floor["rag_search_k"] if name != "quality" else max(rag_floor["rag_search_k"], guide.rag_search_k)
         req["rag_search_k"] = k
@@ -308,19 +314,20 @@ def _kit_profile(name: str, eng: Settings, guide: Settings, result: TuneResult, 
 
 def choose_kit_profiles(result: TuneResult, guide: dict[str, Settings], rag_floor: dict | None = None,
                         balanced_ppl_ratio: float = 1.01, answer_tokens: int = 512) -> tuple[dict[str, Settings], dict]:
-    """The kit's speed / balanced / quality from the tuner's confirmed candidates.
+    """The kit's speed / balanced / quality from the tuner's winner (`_engine_choices`).
 
-    speed: the tuned best (fastest confirmed under the memory limit and the quality floor);
-    balanced: the fastest confirmed with perplexity within ``balanced_ppl_ratio`` of the reference;
-    quality: the fastest confirmed that leaves the numbers untouched (f16 KV, the reference model).
+    speed: the winner (under the memory limit and the quality floor, kept at the start unless a change was
+    measured beyond the band); balanced: the winner if its perplexity is within ``balanced_ppl_ratio`` of the
+    reference, else the winner with the reference's KV cache and model; quality: the winner with the numbers
+    untouched (the reference's KV cache, model and RoPE base).
     Request settings (temperature, RAG k and budget) come from the guide's profile of the same name, except
     rag_search_k, which the RAG study's recall floor sets where outputs/60_rag exists. n_ctx is raised where the
     RAG budget plus an answer would not fit. Returns (profiles, why) with a reason per profile.
     """
-    engine, fastest = _engine_choices(result, balanced_ppl_ratio)
+    engine = _engine_choices(result, balanced_ppl_ratio)
     out, why = {}, {}
     for name, eng in engine.items():
-        out[name], why[name] = _kit_profile(name, eng, guide[name], result, fastest, rag_floor, answer_tokens)
+        out[name], why[name] = _kit_profile(name, eng, guide[name], result, rag_floor, answer_tokens)
     return out, why
 
 
@@ -333,8 +340,10 @@ def profile_header(name: str, measured: dict, source: str, extra: Sequence[str] 
     """The comment block on top of a written profile: what was measured, and from which trials."""
     req, tgr = measured.get("request", {}), measured.get("tg", {})
     lines = [f"kit profile '{name}' - chosen from measurements on this machine ({source})",
-             f"measured: generation {_fmt(num(req.get('median_ts')))} tokens/s (streamed, RAG-shaped request), "
-             f"engine tg {_fmt(num(tgr.get('median_ts')))} t/s, TTFT {_fmt(num(req.get('ttft_ms')))} ms",
+             f"measured (streamed, RAG-shaped request of {_fmt(num(req.get('n_prompt')))} prompt tokens): decode "
+             f"{_fmt(_per_s(req.get('decode_ms_per_token')))} tokens/s (1000 / ITL), TTFT "
+             f"{_fmt(num(req.get('ttft_ms')))} ms, end-to-end {_fmt(num(req.get('e2e_ms')))} ms "
+             f"({_fmt(num(req.get('median_ts')))} tokens/s with TTFT); engine tg {_fmt(num(tgr.get('median_ts')))} t/s",
              f"memory: peak RSS {_fmt(num(req.get('rss_peak_mb')))} MB"
              + (f", VRAM {_fmt(num(req.get('vram_peak_mb')))} MB" if req.get('vram_peak_mb') is not None else ""),
              f"quality: perplexity {_fmt(measured.get('ppl'))} "
@@ -348,6 +357,26 @@ def profile_header(name: str, measured: dict, source: str, extra: Sequence[str] 
         lines.append(f"engine pp/tg: measured in the tuner's '{stage}' stage with the same model and load settings")
     lines += list(extra)
     return "\n".join(lines)
+
+
+def tuner_header(result: TuneResult) -> list[str]:
+    """The tuner's part of a profile header: the winner and why, each change taken with the comparison that
+    justified it, and the candidates within noise of the winner (not told apart from it by the rule)."""
+    lines = [f"tuner winner: {describe(result.best)} ({'kept the start point' if result.kept_start else 'moved'}"
+             f"; {result.why_best})"]
+    taken = [d for d in result.decisions if d["taken"]]
+    lines += [f"taken: {d['axis']} {d['change']}: {ratio_words(d)}" for d in taken]
+    noise = [d for d in result.decisions if not d["taken"]]
+    noise_lines = [f"{d['axis']} {d['change']} vs current: {ratio_words(d)}" for d in noise]
+    noise_lines += [f"{w['settings']} ({w['differs']}) vs winner: {ratio_words(w)}" for w in result.within_noise]
+    lines.append("within noise of the winner (not taken; the rule keeps the current value unless a difference "
+                 "beyond the band is measured): " + ("; ".join(noise_lines) if noise_lines else "none measured"))
+    return lines
+
+
+def _per_s(ms) -> float | None:
+    ms = num(ms)
+    return round(1000.0 / ms, 2) if ms else None
 
 
 def _fmt(x) -> str:
@@ -374,6 +403,6 @@ def write_kit_profiles(profiles: dict[str, Settings], measured: dict[str, dict],
         m["ppl_ratio"] = cand.ppl_ratio if cand and cand.ppl_ratio is not None else (
             1.0 if not changes_quality(s, ref) else None)
         m["trial_keys"] = [m.get(t, {}).get("trial_key") for t in ("pp", "tg", "request")]
-        header = profile_header(name, m, "kit.studies.autotune", why.get(name, []))
+        header = profile_header(name, m, "kit.studies.autotune", why.get(name, []) + tuner_header(result))
         paths[name] = write_profile(Path(out_dir) / f"{name}.env", s, header)
     return paths

@@ -1,7 +1,9 @@
 """Notebook 85's study: its config (`AutotuneStudy`, every parameter with its default and help) and the one run
-function the notebook calls (`run_autotune_study`): the tuner, then the guide's and the kit's profiles."""
+function the notebook calls (`run_autotune_study`): the tuner, the tuner again under limits that bind (X4), then
+the guide's and the kit's profiles, and retrieval at the two profiles' k (X2)."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +17,14 @@ from kit.studies.autotune.profiles import (
     GUIDE_PROFILE_NAMES, choose_kit_profiles, guide_profile_table, load_guide_profiles, measure_profiles,
     profile_table, rag_floor_from_study, rag_request, write_kit_profiles,
 )
+from kit.studies.autotune.retrieval import retrieval_cost
 from kit.studies.autotune.tuner import (
-    Constraints, SearchSpace, TuneResult, Workload, benchmark_settings,
+    Constraints, SearchSpace, TuneResult, Workload, benchmark_settings, constrained_run, describe, x4_limits,
 )
 
 PROFILES_CSV = "profiles.csv"
+X4_FILE = "autotune_x4.json"
+RETRIEVAL_FILE = "retrieval.json"
 
 
 def default_threads() -> list[int]:
@@ -46,6 +51,8 @@ class AutotuneStudy(StudyConfig):
     flash_attn: list[bool] = param([False, True], "flash attention off / on")
     kv_type: list[str] = param(["f16", "q8_0", "q4_0"], "KV cache type for K and V together (quantized turns "
                                "flash_attn on)", choices=KV_CACHE_TYPES)
+    rope_freq_base: list[float] = param([10000.0], "RoPE base overrides screened (the guide's 10000; the start keeps "
+                                        "the model's own): quality-changing, so the floor judges them", gt=0)
     n_ctx: list[int] = param([2048, 8192], "context sizes screened (must hold n_prompt + n_gen)", ge=1)
     ram_limit_mb: float = param(0.0, "peak RSS limit per trial in MB; 0 means no limit", ge=0)
     vram_limit_mb: float = param(0.0, "VRAM limit in MB on GPU builds; 0 means free VRAM minus a margin", ge=0)
@@ -54,7 +61,9 @@ class AutotuneStudy(StudyConfig):
     ppl_chunks: int = param(3, "perplexity chunks per quality-changing candidate (paired)", ge=1)
     ppl_chunk_tokens: int = param(256, "tokens per perplexity chunk", ge=16)
     confirm_top: int = param(1, "screened configurations confirmed with full repetitions", ge=0)
-    min_gain: float = param(0.03, "a value is taken only if faster by more than this fraction", ge=0)
+    min_gain: float = param(0.03, "a screened value is measured again against the current one (full repetitions, "
+                            "interleaved) only if it was faster by more than this fraction; it is taken only if "
+                            "compare labels it supported under X3's band", ge=0)
     profile_repetitions: int = param(3, "passes over the questions per profile (request-level)", ge=1)
     request_questions: int = param(1, "RAG questions per pass (data/rag_questions.jsonl, dev split)", ge=1)
     request_max_tokens: int = param(32, "answer cap for every profile's requests (the guide's profiles set none)",
@@ -62,6 +71,10 @@ class AutotuneStudy(StudyConfig):
     chunk_chars: int = param(400, "characters per RAG chunk (the RAG pipeline's chunking, which overlaps "
                              "neighbours by 100 characters)", gt=100)
     min_recall: float = param(0.9, "recall floor for rag_search_k, where outputs/60_rag exists", ge=0, le=1)
+    corpus_topics: list[str] = param([], "document ids the RAG requests and the recall of k use; empty: the whole "
+                                     "corpus")
+    retrieval_questions: int = param(12, "questions timed for RAG search time at each k (X2)", ge=1)
+    retrieval_repetitions: int = param(3, "timed searches per question and k (X2)", ge=1)
 
     # ---- what the tuner and the profiles take -----------------------------------------------------------------
     @property
@@ -77,10 +90,16 @@ class AutotuneStudy(StudyConfig):
     def profiles_path(self) -> Path:
         return resolve(self.profiles_dir)
 
+    @property
+    def cache_dir(self) -> Path:
+        """The embedding cache beside this study's folder (the RAG study's, under the same outputs root)."""
+        return self.out_root / "cache" / "embeddings"
+
     def space(self) -> SearchSpace:
         return SearchSpace(threads=list(self.threads) or default_threads(), n_batch=list(self.n_batch),
                            n_ubatch=list(self.n_ubatch), flash_attn=list(self.flash_attn),
-                           kv_type=list(self.kv_type), n_ctx=list(self.n_ctx))
+                           kv_type=list(self.kv_type), n_ctx=list(self.n_ctx),
+                           rope_freq_base=[float(x) for x in self.rope_freq_base])
 
     def constraints(self) -> Constraints:
         """The limits, with the parameters' 0 ("no limit" / "free VRAM minus a margin") as None."""
@@ -93,7 +112,7 @@ class AutotuneStudy(StudyConfig):
 
     def request(self) -> Test:
         return rag_request(max_tokens=self.request_max_tokens, n_questions=self.request_questions,
-                           chunk_chars=self.chunk_chars)
+                           chunk_chars=self.chunk_chars, corpus_topics=self.corpus_topics)
 
     def tuner_kwargs(self) -> dict:
         """benchmark_settings' arguments from this config."""
@@ -111,6 +130,9 @@ class AutotuneResult:
     guide: dict            # name -> the guide's profile as written (Settings)
     guide_notes: dict      # name -> what this build does with it
     tune: TuneResult
+    x4: TuneResult | None  # the tuner again under limits that bind (None where none can)
+    x4_limits: dict        # those limits and how each was derived (tuner.x4_limits)
+    retrieval: dict | None  # search time and recall@k at the baseline's and the speed profile's k
     rag_floor: dict | None
     kit_profiles: dict     # name -> Settings
     why: dict              # name -> the reasons for each kit profile
@@ -123,23 +145,37 @@ class AutotuneResult:
         return guide_profile_table({n: (self.guide[n], self.guide_notes[n]) for n in self.guide})
 
     def steps_table(self):
-        return pd.DataFrame(self.tune.steps, columns=["axis", "from", "to", "changed", "score_s"])
+        return pd.DataFrame(self.tune.steps, columns=["axis", "from", "to", "changed", "why"])
+
+    def decision_table(self):
+        """Each value the screening nominated, measured again against the current one: the ratio and the label."""
+        return self.tune.decision_table()
 
     def confirmed_table(self):
         cols = ["label", "status", "score_s", "pp_ts", "tg_ts", "rss_peak_mb", "ppl", "ppl_ratio"]
         return self.tune.table("confirmed")[cols]
 
-    def refusal_table(self):
-        df = self.tune.refusal_table()
+    def refusal_table(self, run: TuneResult | None = None):
+        df = (run or self.tune).refusal_table()
         return df[["axis", "change", "reason", "faster", "speedup", "detail"]] if len(df) else df
+
+    def x4_table(self):
+        """The constrained run (X4): its limits, then what it refused."""
+        return self.refusal_table(self.x4) if self.x4 is not None else pd.DataFrame()
 
     def summary(self) -> str:
         """Markdown: the baseline's notes, what find_optimal_gpu_layers said, the refusals and the files written."""
-        t = self.tune
+        t, lim = self.tune, self.x4_limits
+        x4 = (f"**X4 run** (from the winner, under a memory limit of {lim.get('ram_limit_mb')} MB: "
+              f"{lim.get('ram_why')}; quality floor {lim.get('max_ppl_ratio')}: {lim.get('ppl_why')}): "
+              + (f"chose `{describe(self.x4.best)}`, refused {len(self.x4.refusals)}" if self.x4 is not None
+                 else "not run"))
         return "\n\n".join([
             "**Baseline (the guide's good settings) on this build:** " + "; ".join(t.start_notes or ["as written"]),
             f"**find_optimal_gpu_layers:** {t.gpu_layers['reason']} (n_gpu_layers = {t.best.n_gpu_layers})",
+            f"**Winner:** `{describe(t.best)}`: {t.why_best}",
             f"**Refused ({len(t.refusals)}):** see the table below" if t.refusals else "**The tuner refused nothing.**",
+            x4,
             "**Written:** " + ", ".join(f"`{p}`" for p in self.written.values()),
         ])
 
@@ -150,23 +186,50 @@ def profiles_to_measure(tune: TuneResult, guide: dict[str, Settings], kit: dict[
             **{f"kit_{n}": s for n, s in kit.items()}}
 
 
+def run_x4(study: AutotuneStudy, tune: TuneResult, progress: bool = True) -> tuple[TuneResult | None, dict]:
+    """The tuner again from the winner under limits derived from what the first run measured (x4_limits), over
+    the axes that move memory and quality; None where neither limit can bind. Saved as autotune_x4.json."""
+    limits = x4_limits(tune, study.max_ppl_ratio)
+    if limits["ram_limit_mb"] is None and limits["max_ppl_ratio"] is None:
+        return None, limits
+    run = constrained_run(tune, limits, model=study.model, study=study.study_name, out_root=study.out_root,
+                          space=study.space(), screen_repetitions=study.screen_repetitions,
+                          repetitions=study.repetitions, min_gain=study.min_gain, progress=progress)
+    run.save(study.out_path / X4_FILE)
+    return run, limits
+
+
+def run_retrieval(study: AutotuneStudy, ks: list[int]) -> dict:
+    """Search time and recall@k at the given k values (retrieval.json)."""
+    cost = retrieval_cost(ks, chunk_chars=study.chunk_chars, cache_dir=study.cache_dir,
+                          corpus_topics=study.corpus_topics, repetitions=study.retrieval_repetitions,
+                          n_timed=study.retrieval_questions)
+    path = study.out_path / RETRIEVAL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cost, indent=2, default=str))
+    return cost
+
+
 def run_autotune_study(study: AutotuneStudy, progress: bool = True) -> AutotuneResult:
-    """The tuner (autotune.json), then the profiles: the guide's as written, the kit's chosen from the tuner's
-    confirmed candidates and written as .env files, every one measured (profiles.csv)."""
+    """The tuner (autotune.json), the tuner again under limits that bind (autotune_x4.json), then the profiles:
+    the guide's as written, the kit's derived from the winner and written as .env files, every one measured
+    (profiles.csv); then retrieval at the baseline's and the speed profile's k (retrieval.json)."""
     guide = load_guide_profiles(study.model)
     settings = {n: s for n, (s, _) in guide.items()}
     tune = benchmark_settings(**study.tuner_kwargs(), progress=progress)
     tune.save()
+    x4, limits = run_x4(study, tune, progress)
     rag_floor = rag_floor_from_study(study.out_root, study.min_recall)
     kit, why = choose_kit_profiles(tune, settings, rag_floor, balanced_ppl_ratio=study.balanced_ppl_ratio)
     measured = measure_profiles(profiles_to_measure(tune, settings, kit), study=study.study_name,
                                 out_root=study.out_root, repetitions=study.profile_repetitions,
                                 workload=study.workload(), request=study.request(), progress=progress)
     written = write_kit_profiles(kit, {n: measured[f"kit_{n}"] for n in kit}, tune, why, study.profiles_path)
+    retrieval = run_retrieval(study, [tune.start.rag_search_k, kit["speed"].rag_search_k])
     table = profile_table(measured)
     csv = study.out_path / PROFILES_CSV
     csv.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv, index=False)
     return AutotuneResult(study=study, guide=settings, guide_notes={n: nt for n, (_, nt) in guide.items()},
-                          tune=tune, rag_floor=rag_floor, kit_profiles=kit, why=why, measured=measured,
+                          tune=tune, x4=x4, x4_limits=limits, retrieval=retrieval, rag_floor=rag_floor, kit_profiles=kit, why=why, measured=measured,
                           written=written, profiles=table, profiles_csv=csv)

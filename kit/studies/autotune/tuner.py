@@ -5,16 +5,21 @@ The search (``benchmark_settings``):
    Q4_K_M where such a file exists, else the model given) and measure a quality reference there.
 2. **GPU layers** through `kit.search.find_optimal_gpu_layers` with a real probe (a child process per count);
    on a build without GPU offload this is "not testable here" and n_gpu_layers stays 0.
-3. **Screen** one axis at a time (threads, n_batch, n_ubatch, flash_attn, KV cache type, n_ctx) with few
-   repetitions (`kit.sweep.run_sweep`, resumable): a value replaces the current one only when it is
-   faster by more than ``min_gain`` (the guide's "change gradually") *and* it passes every constraint.
-   Memory: peak RSS of the trial (and VRAM the trial added, where there is a GPU) under the limit.
-   Quality: a candidate that changes the numbers (a quantized KV cache, another model file, a RoPE
-   override) gets a perplexity test; its per-chunk perplexity ratio to the reference must stay under
-   ``max_ppl_ratio``. Context: n_ctx must hold the workload.
-   Every faster setting refused for memory, quality or context goes to ``refusals`` with the numbers.
-4. **Confirm** the best few screened configurations, the start point and llama.cpp's defaults with full
-   repetitions; the winner is the best *confirmed* score.
+3. **Screen** one axis at a time (threads, n_batch, n_ubatch, flash_attn, KV cache type, rope_freq_base, n_ctx)
+   with few repetitions (`kit.sweep.run_sweep`, resumable). A value that breaks a constraint is refused with the
+   numbers (memory: peak RSS of the trial, and VRAM it added where there is a GPU, under the limit; quality: a
+   candidate that changes the numbers - a quantized KV cache, another model file, a RoPE override - gets a
+   perplexity test whose ratio to the reference must stay under ``max_ppl_ratio``; context: n_ctx must hold the
+   workload).
+4. **Decide** (the stability rule): the fastest value that passes, if the screening saw it faster by more than
+   ``min_gain``, is measured again against the current settings, both with full repetitions in one interleaved
+   sweep; it replaces them only when `kit.verdicts.compare` labels it "supported" under claim X3's band (its
+   interval excludes no change and does not lie inside the band). Otherwise the current value stays, so two runs
+   on one machine keep the same settings unless a difference beyond the band was measured. Where the current
+   settings themselves break a limit, the fastest value within the limits replaces them.
+5. **Confirm** the path's result (or, where it kept the start, the best screened contender), the start point
+   and llama.cpp's defaults with full repetitions; the winner is the start unless a contender beats it by the same
+   rule (or the start breaks a limit). Every confirmed configuration within noise of the winner is listed.
 
 Score: the time of one RAG-shaped request, ``n_prompt / pp_t/s + n_gen / tg_t/s`` at depth n_prompt
 (engine timing as llama-bench measures it: random tokens, no tokenizing or sampling), so both prompt
@@ -23,6 +28,9 @@ processing (n_batch, threads_batch) and decoding at depth (threads, flash_attn, 
 Quality: `kit.quality`'s perplexity test (llama-perplexity's method, per-chunk NLL kept, so ratios pair chunk by
 chunk). The values searched, the limits and the workload come from `AutotuneStudy` (study.py), which holds
 their defaults; the dataclasses here are the tuner's vocabulary and hold none of their own.
+
+`x4_limits` derives a memory limit and a quality floor from a finished run's measurements (X4 is then tested with
+limits that bind on this machine and model, not with constants), and `constrained_run` runs the tuner under them.
 """
 from __future__ import annotations
 
@@ -45,14 +53,18 @@ from kit.quality import ppl_test
 from kit.results import as_float
 from kit.search import find_optimal_gpu_layers
 from kit.sweep import run_sweep, trial_key
+from kit.verdicts import INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, SUPPORTED, Verdict, compare
 
 # the guide's "good settings" (section "Анализ текущих настроек") and its current n_ctx (section 2)
 GUIDE_GOOD = {"n_gpu_layers": 30, "use_mmap": True, "n_batch": 512, "n_ctx": 8192}
 GUIDE_QUANT = "Q4_K_M"
-AXES_ORDER = ("threads", "n_batch", "n_ubatch", "flash_attn", "kv_type", "n_ctx")
+AXES_ORDER = ("threads", "n_batch", "n_ubatch", "flash_attn", "kv_type", "rope_freq_base", "n_ctx")
+LIMIT_AXES = ("kv_type", "rope_freq_base", "n_ctx")   # the axes that move memory or quality (the X4 run's space)
 QUALITY_FIELDS = ("model", "type_k", "type_v", "rope_freq_base")
 QUALITY_KIND = "kit.quality:perplexity_test"
 TUNE_FILE = "autotune.json"
+RULE_CLAIM = "X3"   # the stability rule compares request times under this claim's band (kit.verdicts.BANDS)
+WITHIN_NOISE = (NO_EFFECT, INCONCLUSIVE)
 
 
 # ---- what the tuner searches, respects and scores --------------------------------------------------------------
@@ -66,7 +78,13 @@ class SearchSpace:
     flash_attn: list
     kv_type: list            # K and V together
     n_ctx: list
+    rope_freq_base: list = field(default_factory=list)   # RoPE base overrides (None: the model's own)
     gpu_layers: bool = True  # run find_optimal_gpu_layers first
+
+    def only(self, axes: Sequence[str]) -> "SearchSpace":
+        """The same values on `axes`, nothing on the others, no GPU-layer search."""
+        return SearchSpace(**{a: (list(getattr(self, a)) if a in axes else []) for a in AXES_ORDER},
+                           gpu_layers=False)
 
 
 @dataclass
@@ -88,8 +106,13 @@ class Workload:
     ppl_chunks: int          # perplexity chunks for quality-changing candidates
     ppl_chunk_tokens: int    # tokens per perplexity chunk (second half scored, as llama-perplexity)
 
-    def speed_tests(self) -> list[Test]:
-        return [pp(self.n_prompt), tg(self.n_gen, depth=self.n_prompt)]
+    def speed_tests(self, marker: dict | None = None) -> list[Test]:
+        """pp and tg of the request; a marker (in the tests' params) makes a fresh measurement of the same
+        settings, with its own trial keys, for a comparison that must be interleaved (the engine ignores it)."""
+        tests = [pp(self.n_prompt), tg(self.n_gen, depth=self.n_prompt)]
+        if marker:
+            tests = [Test(t.kind, t.n_prompt, t.n_gen, t.n_depth, params=dict(marker)) for t in tests]
+        return tests
 
     def quality_test(self) -> Test:
         return ppl_test(n_ctx=self.ppl_chunk_tokens, n_chunks=self.ppl_chunks)
@@ -167,16 +190,50 @@ num = as_float  # the package's short name for kit.results.as_float (profiles an
 def describe(s: Settings) -> str:
     t = s.n_threads if s.n_threads == s.n_threads_batch else f"{s.n_threads}/{s.n_threads_batch}"
     kv = s.type_k if s.type_k == s.type_v else f"{s.type_k}/{s.type_v}"
+    rope = f" rope={s.rope_freq_base:g}" if s.rope_freq_base else ""
     return (f"ngl={s.n_gpu_layers} t={t} b={s.n_batch} ub={s.n_ubatch} fa={int(s.flash_attn)} "
-            f"kv={kv} ctx={s.n_ctx}")
+            f"kv={kv} ctx={s.n_ctx}{rope}")
 
 
 def changes_quality(s: Settings, ref: Settings) -> bool:
     return any(getattr(s, f) != getattr(ref, f) for f in QUALITY_FIELDS)
 
 
+def with_reference_quality(s: Settings, ref: Settings) -> Settings:
+    """s with the quality-changing fields (model file, KV types, RoPE base) of the reference."""
+    return s.replace(**{f: getattr(ref, f) for f in QUALITY_FIELDS})
+
+
 def settings_key(s: Settings) -> str:
     return json.dumps(s.to_dict(), sort_keys=True, default=str)
+
+
+def settings_diff(s: Settings, base: Settings) -> dict:
+    """The fields of s that differ from base: {name: value in s}."""
+    a, b = s.to_dict(), base.to_dict()
+    return {k: a[k] for k in a if a[k] != b[k]}
+
+
+def beats(candidate: Sequence[float], incumbent: Sequence[float], metric: str = "") -> Verdict:
+    """The stability rule: compare(RULE_CLAIM) of request times, candidate / incumbent, lower is better. The
+    candidate may replace the incumbent only when the label is "supported": its interval excludes no change and
+    does not lie inside the claim's band. Too few samples (fewer than 3 a side) give "not testable here"."""
+    return compare(RULE_CLAIM, list(candidate), list(incumbent), higher_is_better=False, claimed="better",
+                   metric=metric or "request time ratio, candidate / current",
+                   hint="the repetitions (request time)")
+
+
+def verdict_brief(v: Verdict) -> dict:
+    """The numbers of a comparison a table row or a profile header shows."""
+    return {"effect": v.effect, "ci_low": v.ci_low, "ci_high": v.ci_high, "label": v.label(),
+            "verdict": v.verdict, "n": min(v.n_candidate, v.n_baseline), "band": v.band}
+
+
+def ratio_words(d: dict) -> str:
+    """'x0.981 [0.952, 1.010] no meaningful effect' from verdict_brief's dict."""
+    if d.get("effect") is None or d.get("ci_low") is None:
+        return d.get("label") or d.get("verdict") or "n/a"
+    return f"x{d['effect']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}] {d['label']}"
 
 
 # ---- candidates and the result ---------------------------------------------------------------------------------
@@ -198,6 +255,7 @@ class Candidate:
     ppl: float | None = None
     ppl_ratio: float | None = None
     samples_ppl: list = field(default_factory=list)
+    samples_nll: list = field(default_factory=list)   # per-chunk mean NLL (paired across configurations)
     trial_keys: list = field(default_factory=list)
     samples_request_s: list = field(default_factory=list)
 
@@ -210,6 +268,12 @@ class Candidate:
         d["label"] = self.label()
         return d
 
+    def take_quality(self, other: "Candidate | None") -> None:
+        """Quality is deterministic: carry another measurement's perplexity of the same settings over."""
+        if other is not None and other.ppl is not None and self.ppl is None:
+            self.ppl, self.ppl_ratio = other.ppl, other.ppl_ratio
+            self.samples_ppl, self.samples_nll = other.samples_ppl, other.samples_nll
+
 
 @dataclass
 class TuneResult:
@@ -218,17 +282,21 @@ class TuneResult:
     defaults: Settings
     start_notes: list
     gpu_layers: dict
-    screened: list                      # Candidate
+    screened: list                      # Candidate (the reference first)
     confirmed: list                     # Candidate
     refusals: list                      # dicts: what, why, the numbers
-    steps: list                         # dicts: axis, chosen, why
+    steps: list                         # dicts: axis, from, to, changed, why, decision
     reference_ppl: float | None
     constraints: Constraints
     workload: Workload
     repetitions: int
     screen_repetitions: int
-    min_gain: float                     # the step a screened value had to beat the current one by
+    min_gain: float                     # the screening step a value had to beat the current one by to be decided
     study_dir: str
+    decisions: list = field(default_factory=list)    # dicts: axis, change, the comparison, taken
+    within_noise: list = field(default_factory=list)  # dicts: confirmed candidates not told apart from the winner
+    kept_start: bool = False            # the winner is the start point: nothing beat it by the rule
+    why_best: str = ""
 
     def table(self, which: str = "confirmed"):
         return pd.DataFrame([c.to_row() for c in getattr(self, which)])
@@ -236,21 +304,30 @@ class TuneResult:
     def refusal_table(self):
         return pd.DataFrame(self.refusals)
 
+    def decision_table(self):
+        cols = ["axis", "change", "effect", "ci_low", "ci_high", "label", "taken"]
+        return pd.DataFrame(self.decisions, columns=cols)
+
     def confirmed_for(self, settings: Settings) -> Candidate | None:
         for c in self.confirmed:
             if c.settings == settings:
                 return c
         return None
 
+    def candidate_for(self, settings: Settings) -> Candidate | None:
+        """The confirmed measurement of these settings, else the screened one."""
+        return self.confirmed_for(settings) or next((c for c in self.screened if c.settings == settings), None)
+
     def to_dict(self) -> dict:
         return {
             "best": self.best.to_dict(), "start": self.start.to_dict(), "defaults": self.defaults.to_dict(),
             "start_notes": self.start_notes, "gpu_layers": self.gpu_layers,
             "screened": [c.to_row() for c in self.screened], "confirmed": [c.to_row() for c in self.confirmed],
-            "refusals": self.refusals, "steps": self.steps, "reference_ppl": self.reference_ppl,
-            "constraints": asdict(self.constraints), "workload": asdict(self.workload),
-            "repetitions": self.repetitions, "screen_repetitions": self.screen_repetitions,
-            "min_gain": self.min_gain,
+            "refusals": self.refusals, "steps": self.steps, "decisions": self.decisions,
+            "within_noise": self.within_noise, "kept_start": self.kept_start, "why_best": self.why_best,
+            "reference_ppl": self.reference_ppl, "constraints": asdict(self.constraints),
+            "workload": asdict(self.workload), "repetitions": self.repetitions,
+            "screen_repetitions": self.screen_repetitions, "min_gain": self.min_gain,
         }
 
     @property
@@ -277,10 +354,12 @@ class _Tuner:
         self.screened: list[Candidate] = []
         self.refusals: list[dict] = []
         self.steps: list[dict] = []
+        self.decisions: list[dict] = []
 
     def measure(self, configs: list[Settings], stage: str, axis: str, changes: list[dict], reps: int,
-                extra_tests: Sequence[Test] = (), quality_ref: Settings | None = None) -> list[Candidate]:
-        speed = self.w.speed_tests()
+                extra_tests: Sequence[Test] = (), quality_ref: Settings | None = None,
+                marker: dict | None = None) -> list[Candidate]:
+        speed = self.w.speed_tests(marker)
         plain = [s for s in configs if quality_ref is None or not changes_quality(s, quality_ref)]
         qual = [s for s in configs if s not in plain]
         tests_plain = speed + list(extra_tests)
@@ -318,10 +397,11 @@ class _Tuner:
         q = [r for r in rows if r.get("test_kind") == QUALITY_KIND and r.get("status") == "ok"]
         if q:
             c.ppl = num(q[0].get("ppl"))
-            c.samples_ppl = [round(math.exp(x), 5) for x in samples_of(q[0], "chunk_nll")]
+            c.samples_nll = samples_of(q[0], "chunk_nll")
+            c.samples_ppl = [round(math.exp(x), 5) for x in c.samples_nll]
         return c
 
-    def violation(self, c: Candidate) -> tuple[str, str] | None:
+    def violation(self, c: Candidate, quality: bool = True) -> tuple[str, str] | None:
         """(kind, words) when a candidate breaks a constraint, else None."""
         if c.status != "ok" or c.score_s is None:
             return "failed", f"trial {c.status}: {c.error}"
@@ -331,7 +411,7 @@ class _Tuner:
             return "memory", f"peak RSS {c.rss_peak_mb:.0f} MB > RAM limit {self.c.ram_limit_mb:.0f} MB"
         if self.c.vram_limit_mb is not None and c.vram_added_mb is not None and c.vram_added_mb > self.c.vram_limit_mb:
             return "memory", f"VRAM {c.vram_added_mb:.0f} MB > limit {self.c.vram_limit_mb:.0f} MB"
-        if self.reference is not None and changes_quality(c.settings, self.reference.settings):
+        if quality and self.reference is not None and changes_quality(c.settings, self.reference.settings):
             return self._quality_violation(c)
         return None
 
@@ -360,6 +440,17 @@ class _Tuner:
             "settings": c.label(), "trial_keys": c.trial_keys,
         })
 
+    def decide(self, current: Candidate, nominee: Candidate, axis: str) -> tuple[Candidate, Candidate, Verdict]:
+        """The current settings and the nominee measured again, full repetitions, in one interleaved sweep (fresh
+        trial keys), and the stability rule on their request times."""
+        inc, nom = self.measure([current.settings, nominee.settings], "decide", axis, [{}, nominee.change],
+                                self.reps, marker={"autotune_decision": axis})
+        inc.take_quality(current)
+        nom.take_quality(nominee)
+        v = beats(nom.samples_request_s, inc.samples_request_s,
+                  metric=f"request time ratio, {axis} {nominee.change} / current")
+        return inc, nom, v
+
     def step(self, current: Candidate, axis: str, configs: list[Settings], changes: list[dict]) -> Candidate:
         todo = [(s, ch) for s, ch in zip(configs, changes) if s != current.settings]
         if not todo:
@@ -367,18 +458,41 @@ class _Tuner:
         cands = self.measure([s for s, _ in todo], "screen", axis, [ch for _, ch in todo], self.screen_reps,
                              quality_ref=self.reference.settings)
         self.screened.extend(cands)
-        best = current
+        ok = []
         for c in cands:
             v = self.violation(c)
             if v:
                 self.refuse(c, current, *v)
-                continue
-            if c.score_s < best.score_s * (1 - self.min_gain):
-                best = c
-        self.steps.append({"axis": axis, "from": current.label(), "to": best.label(),
-                           "changed": best is not current,
-                           "score_s": best.score_s, "tried": [c.change for c in cands]})
-        return best
+            else:
+                ok.append(c)
+        step = {"axis": axis, "from": current.label(), "tried": [c.change for c in cands], "decision": None}
+        chosen, why = current, ""
+        if not ok:
+            why = "every value tried broke a constraint" if cands else "nothing to try"
+        elif self.violation(current) is not None:
+            chosen = min(ok, key=lambda c: c.score_s)
+            why = f"the current settings break a limit ({self.violation(current)[1]}): the fastest value within"
+        else:
+            nominee = min(ok, key=lambda c: c.score_s)
+            if nominee.score_s >= current.score_s * (1 - self.min_gain):
+                why = f"no value faster by more than {100 * self.min_gain:.0f} % at screening"
+            else:
+                inc, nom, v = self.decide(current, nominee, axis)
+                bad = self.violation(nom)
+                taken = v.verdict == SUPPORTED and bad is None
+                d = {"axis": axis, "change": nominee.change, "candidate": nom.label(), "current": inc.label(),
+                     **verdict_brief(v), "taken": taken, "trial_keys": inc.trial_keys + nom.trial_keys}
+                self.decisions.append(d)
+                step["decision"] = d
+                if bad:
+                    self.refuse(nom, inc, *bad)
+                if taken:
+                    chosen, why = nom, f"faster beyond the band: {ratio_words(d)}"
+                else:
+                    why = f"not taken: {ratio_words(d)}" + (f"; {bad[1]}" if bad else "")
+        step.update({"to": chosen.label(), "changed": chosen is not current, "score_s": chosen.score_s, "why": why})
+        self.steps.append(step)
+        return chosen
 
 
 def _axis_configs(axis: str, cur: Settings, values: list) -> tuple[list[Settings], list[dict]]:
@@ -436,11 +550,14 @@ def _search_origin(start: Settings, space: SearchSpace, vram_limit_mb: float | N
 
 def _screen(t: _Tuner, origin: Settings, space: SearchSpace) -> tuple[Candidate, Candidate]:
     """The quality reference measured at the origin (quality test forced on), then one axis at a time:
-    (reference, the screening's winner)."""
+    (reference, the path's result)."""
     ref = t.measure([origin], "reference", "start", [{}], t.screen_reps, extra_tests=[t.w.quality_test()])[0]
     if ref.status != "ok" or ref.score_s is None:
         raise RuntimeError(f"the start configuration failed: {ref.status} {ref.error}")
     t.reference = ref
+    bad = t.violation(ref)
+    if bad:  # the start itself breaks a limit: say so; the steps then move to the fastest value within
+        t.refuse(ref, ref, *bad)
     cur = ref
     for axis in AXES_ORDER:
         values = getattr(space, axis)
@@ -449,35 +566,68 @@ def _screen(t: _Tuner, origin: Settings, space: SearchSpace) -> tuple[Candidate,
     return ref, cur
 
 
-def _confirm(t: _Tuner, ref: Candidate, cur: Candidate, start: Settings, defaults: Settings, confirm_top: int,
-             confirm_tests: Sequence[Test]) -> tuple[Settings, list[Candidate]]:
-    """The best few feasible screened, the start point and llama.cpp's defaults with full repetitions:
-    (the best confirmed settings, or the start point where none passes; the confirmed candidates)."""
-    feasible = sorted((c for c in [ref] + t.screened if c.score_s is not None and t.violation(c) is None),
+def _contenders(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, confirm_top: int) -> list[Settings]:
+    """What the confirmation pits against the start: the path's result where it moved, then the fastest feasible
+    screened configurations, `confirm_top` in all (at least one, so a kept start is still compared)."""
+    out = [cur.settings] if cur.settings != start else []
+    feasible = sorted((c for c in t.screened if c.score_s is not None and t.violation(c) is None),
                       key=lambda c: c.score_s)
-    top: list[Settings] = []
-    for c in [cur] + feasible:
-        if c.settings not in top and len(top) < max(confirm_top, 1):
-            top.append(c.settings)
-    pool: list[Settings] = []
-    for s in top + [start, defaults]:
+    for c in feasible:
+        if len(out) >= max(confirm_top, 1):
+            break
+        if c.settings not in out and c.settings not in (start, defaults):
+            out.append(c.settings)
+    return out
+
+
+def _confirm(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, confirm_top: int,
+             confirm_tests: Sequence[Test]) -> tuple[Settings, list[Candidate], list[dict], str]:
+    """The contenders, the start point and llama.cpp's defaults with full repetitions, interleaved. The winner is
+    the start unless a feasible contender beats it by the stability rule (the path's result first), or the start
+    breaks a limit (then the path's result, or the fastest feasible contender). Returns (winner, the confirmed
+    candidates, those within noise of the winner, why)."""
+    contenders = _contenders(t, cur, start, defaults, confirm_top)
+    pool = []
+    for s in contenders + [start, defaults]:
         if s not in pool:
             pool.append(s)
     conf = t.measure(pool, "confirm", "confirm", [{} for _ in pool], t.reps, extra_tests=confirm_tests)
-    by_settings = {settings_key(c.settings): c for c in [ref] + t.screened}
-    for c in conf:  # quality is deterministic: carry the screening's perplexity over
-        prev = by_settings.get(settings_key(c.settings))
-        if prev is not None and prev.ppl is not None:
-            c.ppl, c.ppl_ratio, c.samples_ppl = prev.ppl, prev.ppl_ratio, prev.samples_ppl
-    ok = []
+    earlier = {settings_key(c.settings): c for c in t.screened}
     for c in conf:
+        c.take_quality(earlier.get(settings_key(c.settings)))
+    base = conf[pool.index(start)]
+    ok = []
+    for c in conf[:len(contenders)]:
         v = t.violation(c)
-        if c.settings in top:
-            if v:
-                t.refuse(c, conf[pool.index(start)], *v)
-            else:
-                ok.append(c)
-    return (min(ok, key=lambda c: c.score_s).settings if ok else start), conf
+        if v:
+            t.refuse(c, base, *v)
+        else:
+            ok.append((c, beats(c.samples_request_s, base.samples_request_s,
+                                metric="request time ratio, contender / start")))
+    won = [c for c, v in ok if v.verdict == SUPPORTED]
+    start_bad = t.violation(base, quality=False)
+    if won:
+        best = next((c for c in won if c.settings == cur.settings), None) or min(won, key=lambda c: c.score_s)
+        why = "beats the start beyond the band: " + ratio_words(verdict_brief(next(v for c, v in ok if c is best)))
+    elif start_bad and ok:
+        best = next((c for c, _ in ok if c.settings == cur.settings), None) or min((c for c, _ in ok),
+                                                                                 key=lambda c: c.score_s)
+        why = f"the start breaks a limit ({start_bad[1]}): the fastest confirmed configuration within"
+    else:
+        best = base
+        why = ("the start breaks a limit and no confirmed configuration is within it" if start_bad else
+               "no contender beat the start beyond the band: " +
+               ("; ".join(f"{c.label()} {ratio_words(verdict_brief(v))}" for c, v in ok) or
+                "no feasible contender was screened"))
+    within = []
+    for c in conf:
+        if c is best or c.score_s is None:
+            continue
+        v = beats(c.samples_request_s, best.samples_request_s, metric="request time ratio, candidate / winner")
+        if v.verdict in WITHIN_NOISE:
+            within.append({"settings": c.label(), "differs": settings_diff(c.settings, best.settings),
+                           **verdict_brief(v), "feasible": t.violation(c) is None})
+    return best.settings, conf, within, why
 
 
 def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, space: SearchSpace,
@@ -499,8 +649,59 @@ def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, s
     defaults = llama_defaults(start.model)
     if defaults.n_ctx < workload.n_prompt + workload.n_gen:
         defaults = defaults.replace(n_ctx=start.n_ctx)
-    best, conf = _confirm(t, ref, cur, start, defaults, confirm_top, confirm_tests)
+    best, conf, within, why = _confirm(t, cur, start, defaults, confirm_top, confirm_tests)
     return TuneResult(best=best, start=start, defaults=defaults, start_notes=notes, gpu_layers=gpu,
                       screened=[ref] + t.screened, confirmed=conf, refusals=t.refusals, steps=t.steps,
                       reference_ppl=ref.ppl, constraints=cons, workload=workload, repetitions=repetitions,
-                      screen_repetitions=screen_repetitions, min_gain=min_gain, study_dir=str(Path(out_root) / study))
+                      screen_repetitions=screen_repetitions, min_gain=min_gain,
+                      study_dir=str(Path(out_root) / study), decisions=t.decisions, within_noise=within,
+                      kept_start=best == start, why_best=why)
+
+
+# ---- X4: limits that bind, derived from a finished run ---------------------------------------------------------
+def x4_limits(result: TuneResult, max_ppl_ratio: float | None) -> dict:
+    """A memory limit and a quality floor that bind on what `result` measured (claim X4's test).
+
+    Memory: the smallest peak RSS among the screened and confirmed configurations plus half the gap to the
+    largest, so at least one measured configuration is above it and one below. Quality: the study's floor where a
+    screened candidate's perplexity ratio exceeds it, else halfway between 1 and the largest ratio measured.
+    A limit is None (with why) where the measurements leave no room for one to bind."""
+    measured = [c for c in result.screened + result.confirmed if c.status == "ok"]
+    rss = [c.rss_peak_mb for c in measured if c.rss_peak_mb is not None]
+    out: dict = {"ram_limit_mb": None, "max_ppl_ratio": None}
+    if len(rss) >= 2 and max(rss) > min(rss):
+        lo, hi = min(rss), max(rss)
+        out.update(ram_limit_mb=round(lo + (hi - lo) / 2, 1), rss_min_mb=lo, rss_max_mb=hi,
+                   ram_why=f"the smallest measured peak RSS {lo:.0f} MB plus half the gap to the largest "
+                           f"{hi:.0f} MB")
+    else:
+        out["ram_why"] = "no limit can bind: the configurations measured share one peak RSS" if rss else \
+            "no peak RSS was measured"
+    ratios = [c.ppl_ratio for c in measured if c.ppl_ratio is not None]
+    worst = max(ratios, default=None)
+    if worst is not None and max_ppl_ratio is not None and worst > max_ppl_ratio:
+        out.update(max_ppl_ratio=max_ppl_ratio, ppl_ratio_max=worst,
+                   ppl_why=f"the study's floor {max_ppl_ratio:g}: a screened candidate's perplexity ratio "
+                           f"({worst:.4g}) exceeds it")
+    elif worst is not None and worst > 1:
+        floor = round(1 + (worst - 1) / 2, 5)
+        out.update(max_ppl_ratio=floor, ppl_ratio_max=worst,
+                   ppl_why=f"halfway between 1 and the largest perplexity ratio measured ({worst:.4g}): the "
+                           f"study's floor {max_ppl_ratio} binds on nothing here")
+    else:
+        out["ppl_why"] = ("no limit can bind: no quality-changing candidate was screened" if worst is None else
+                          f"no limit can bind: no candidate's perplexity rose (largest ratio {worst:.4g})")
+    return out
+
+
+def constrained_run(result: TuneResult, limits: dict, *, model: str, study: str, out_root: str | os.PathLike,
+                    space: SearchSpace, screen_repetitions: int, repetitions: int, min_gain: float,
+                    progress: bool = True) -> TuneResult:
+    """The tuner again from `result`'s winner, over the axes that move memory and quality (LIMIT_AXES), under
+    `x4_limits`' limits. Rows of configurations already measured are reused (resumable sweeps)."""
+    cons = Constraints(ram_limit_mb=limits.get("ram_limit_mb"), vram_limit_mb=result.constraints.vram_limit_mb,
+                       max_ppl_ratio=limits.get("max_ppl_ratio"))
+    return benchmark_settings(model, study=study, out_root=out_root, space=space.only(LIMIT_AXES),
+                              constraints=cons, workload=result.workload, screen_repetitions=screen_repetitions,
+                              repetitions=repetitions, confirm_top=1, min_gain=min_gain, start=result.best,
+                              progress=progress)
