@@ -65,7 +65,7 @@ def test_notebook_30_context_kv(run_notebook):
 def _follows_band_rule(v: dict, **rule) -> bool:
     """A verdict of notebook 40 is the one rule's label for its interval and its claim's band; a combined one is the
     label its testable conditions share (each following its own interval), else mixed."""
-    if v["conditions"]:
+    if v.get("conditions"):
         labels = {c["verdict"] for c in v["conditions"] if c["verdict"] != NOT_TESTABLE}
         return all(_follows_band_rule(c, **rule) for c in v["conditions"] if c["verdict"] != NOT_TESTABLE) and \
             v["verdict"] == (labels.pop() if len(labels) == 1 else MIXED)
