@@ -38,6 +38,7 @@ CLAIM_IDS = ("G1", "G2", "G3", "M1", "M2", "C1", "C2", "Q1", "Q2", "R1", "R2", "
              "S1", "S2", "O1", "O2", "O3", "P1", "P2", "X1", "X2", "X3", "X4")
 UNSTABLE_CV = 0.10
 BORDERLINE_CONFIDENCE = 0.99   # a decided label that this confidence would not give is flagged borderline
+SAMPLES_CAP = 10_000           # samples_to_decide stops counting here
 MIN_SAMPLES = 3   # fewest values per side for a bootstrap interval; a study may ask for more, never fewer
 VERDICTS_FILE = "verdicts.json"
 
@@ -124,6 +125,9 @@ class Verdict:
         """The label as a reader sees it: 'supported (borderline)', 'inconclusive: ~40 samples per side would
         decide it'."""
         if self.verdict == INCONCLUSIVE and self.samples_to_decide:
+            if self.samples_to_decide >= SAMPLES_CAP:
+                return (f"{INCONCLUSIVE}: over {SAMPLES_CAP} samples per side would be needed at this spread (the "
+                        "effect sits on no change or on the band's edge)")
             return f"{INCONCLUSIVE}: about {self.samples_to_decide} samples per side would decide it"
         return f"{self.verdict} (borderline)" if self.borderline else self.verdict
 
@@ -271,7 +275,7 @@ def _z(confidence: float) -> float:
 
 
 def samples_to_decide(point: float, lo: float, hi: float, n: int, equivalence: float = 0.0,
-                      no_change: float = 1.0, cap: int = 10_000) -> int | None:
+                      no_change: float = 1.0, cap: int = SAMPLES_CAP) -> int | None:
     """About how many samples per side an interval like [lo, hi] from n per side needs to be decided, at the same
     spread: its half-width shrinks like 1/sqrt(n), and it decides once it excludes no change or fits in the band,
     whichever comes first. None when neither can happen (the point is on no change and there is no band)."""
@@ -337,9 +341,10 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
     unstable = any(x is not None and x >= UNSTABLE_CV for x in cvs)
     direction = "higher" if point > 1 else "lower"
     auto = (f"{metric or 'metric'}: {abs(point - 1) * 100:.1f} % {direction} "
-            f"({confidence:.0%} CI {lo:.3f}-{hi:.3f}, n={len(candidate)} vs {len(baseline)})")
+            f"({confidence_text(confidence)} CI {lo:.3f}-{hi:.3f}, n={len(candidate)} vs {len(baseline)})")
     if need:
-        auto += f"; about {need} samples per side would decide it at this spread"
+        auto += (f"; about {need} samples per side would decide it at this spread" if need < SAMPLES_CAP else
+                 f"; over {SAMPLES_CAP} samples per side would be needed at this spread")
     return Verdict(claim=claim, verdict=verdict, summary=summary or auto, effect=round(point, 4),
                    ci_low=round(lo, 4), ci_high=round(hi, 4), metric=metric, evidence=list(evidence),
                    unstable=unstable, n_baseline=len(baseline), n_candidate=len(candidate),
@@ -406,6 +411,11 @@ def _short_text(v: Verdict) -> str:
     if v.effect is None or v.ci_low is None:
         return v.label()
     return f"{v.label()} x{v.effect:.3g} [{v.ci_low:.3g}, {v.ci_high:.3g}]"
+
+
+def confidence_text(confidence: float) -> str:
+    """'95 %', '98.3 %', '97.5 %'."""
+    return f"{confidence * 100:.3g} %"
 
 
 def looks_confidence(looks: int, confidence: float = 0.95) -> float:

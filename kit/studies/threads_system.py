@@ -49,8 +49,8 @@ from kit.measure import Test, bench_engine, pp, proc_memory, tg
 from kit.models import model_card
 from kit.paths import DEFAULT_MODEL
 from kit.results import ci_label, load_results, median_table, ok_rows, pooled_samples
-from kit.sweep import run_sweep
-from kit.verdicts import DECIDED, NOT_TESTABLE, combine, compare, looks_confidence, not_testable
+from kit.sweep import Adaptive, run_sweep
+from kit.verdicts import DECIDED, NOT_TESTABLE, combine, compare, looks_confidence, not_testable, rows_confidence
 
 CACHE_STATES = ("cold", "warm")
 # A cold trial whose file is still more than this fraction in the page cache is not cold: flagged in the row.
@@ -370,6 +370,10 @@ class SystemStudy(StudyConfig):
     mlock_values: list[bool] = param([False, True], "use_mlock values", nonempty=True)
     first_prompt: int = param(32, "tokens of the first request after loading", ge=1)
     timeout_s: float = param(600.0, "seconds one trial may take before its child is killed", gt=0)
+    looks: int = param(3, "C1's looks: blocks of `repetitions` interleaved rounds at most while os.cpu_count() "
+                          "threads against another count is inconclusive; every look and the verdict at the "
+                          "Bonferroni confidence 1 - 0.05/looks", ge=1, le=10)
+    looks_max_s: float = param(60.0, "seconds of C1's added rounds at most", ge=0)
 
     def check(self) -> None:
         """Cross-field rules; reads the model card and the CPU topology, fills in the default thread counts."""
@@ -474,15 +478,23 @@ class SystemStudy(StudyConfig):
 
 # ---- running ----------------------------------------------------------------------------------------------------
 def _sweep(study: SystemStudy, configs, tests, repetitions: int, part: str, extra: dict | None = None,
-           progress: bool = True):
+           progress: bool = True, adaptive: Adaptive | None = None):
     out = study.out_path
     return run_sweep(out.name, configs, tests, repetitions=repetitions, out_root=out.parent,
-                     timeout_s=study.timeout_s, progress=progress, extra={"part": part, **(extra or {})})
+                     timeout_s=study.timeout_s, progress=progress, extra={"part": part, **(extra or {})},
+                     adaptive=adaptive)
 
 
 def run_threads(study: SystemStudy, progress: bool = True):
-    return _sweep(study, study.thread_configs(), study.thread_tests(), study.repetitions, "threads",
-                  progress=progress)
+    """C1's thread counts, interleaved; os.cpu_count() threads against each other count gets more rounds while
+    inconclusive (`looks`)."""
+    configs = study.thread_configs()
+    n_all = study.topology["os_cpu_count"]
+    cand = [c for c in configs if c.n_threads == n_all]
+    adaptive = Adaptive("C1", [(cand[0], c) for c in configs if c.n_threads != n_all], looks=study.looks,
+                        max_s=study.looks_max_s) if cand else None
+    return _sweep(study, configs, study.thread_tests(), study.repetitions, "threads", progress=progress,
+                  adaptive=adaptive)
 
 
 def run_numa(study: SystemStudy, progress: bool = True):
@@ -589,11 +601,12 @@ def _thread_verdict(df, study: SystemStudy, kind: str, evidence):
     phys = study.topology["physical"]
     base_t = phys if phys != n_all and phys in others else best_t
     what = "n_threads (generation)" if kind == "tg" else "n_threads_batch (prompt processing)"
-    v = compare("C1", cand, others[base_t], claimed="better", evidence=evidence,
+    conf = rows_confidence(d)  # higher after C1's adaptive looks
+    v = compare("C1", cand, others[base_t], claimed="better", evidence=evidence, confidence=conf,
                 metric=f"{kind} t/s, {n_all} threads (os.cpu_count) / {base_t} threads "
                        f"({'physical cores' if base_t == phys else 'best other count'}), {what}")
     if base_t != best_t:
-        v.details["vs_best"] = compare("C1", cand, others[best_t], claimed="better",
+        v.details["vs_best"] = compare("C1", cand, others[best_t], claimed="better", confidence=conf,
                                        metric=f"{kind} t/s, {n_all} / {best_t} threads (best other)").to_dict()
     v.details.update(kind=kind, baseline_threads=base_t, best_other_threads=best_t, candidate_threads=n_all)
     return v
