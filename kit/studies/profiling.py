@@ -297,6 +297,8 @@ class ProfilingStudy(ChatStudyConfig):
     temperature: float = param(0.8, "sampling temperature of the profiled request (llama-cpp-python's default)", ge=0)
     repetitions: int = param(5, "profiled requests per variant; the engine test's repetitions too", ge=1)
     top_n: int = param(20, "rows of the top table (by cumulative time)", ge=1)
+    chat_format: str | None = param(None, "llama-cpp-python chat format (None: the GGUF's template, or one chosen "
+                                          "from the vocabulary when it has none)")
     timeout_s: float = param(900.0, "wall-clock limit of the trial (child process), seconds", gt=0)
     out_dir: str = param("outputs/80_profiling", "rows, .prof files, CSV, figures and verdicts.json go here")
 
@@ -308,7 +310,7 @@ class ProfilingStudy(ChatStudyConfig):
 
     def settings(self) -> Settings:
         return Settings(model=self.model, n_ctx=self.n_ctx, n_threads=self.n_threads, temperature=self.temperature,
-                        max_tokens=self.max_tokens)
+                        max_tokens=self.max_tokens, chat_format=self.chat_format)
 
     def prompt(self) -> dict:
         return load_prompts(self.prompts_file)[self.prompt_index]

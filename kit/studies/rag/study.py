@@ -51,7 +51,7 @@ import pandas as pd
 from kit.config import Settings, StudyConfig, check_rule, param
 from kit.environment import process_provenance, save_environment
 from kit.measure import load_model, requests_row, stream_chat
-from kit.models import model_card
+from kit.models import chat_format_for, model_card
 from kit.paths import DEFAULT_MODEL, RAG_QUESTIONS_FILE, REPO_ROOT, resolve
 from kit.results import append_rows, read_rows
 from kit.verdicts import DECIDED, Verdict, from_interval, looks_confidence, paired_log_ratio, too_few
@@ -124,6 +124,7 @@ class RagStudy(StudyConfig):
                    f"corpus={self.corpus!r} is neither {PYDOC_CORPUS!r} nor an existing folder")
         empty = [n for n in ("model", "questions_path", "cache_dir", "out_dir") if not getattr(self, n)]
         check_rule(not empty, f"{', '.join(empty)} must be a non-empty string")
+        chat_format_for(self.model)  # a model whose answers would all end at once: one error before any work
 
     @property
     def k_max(self) -> int:
