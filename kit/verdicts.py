@@ -95,6 +95,7 @@ class Verdict:
     samples_to_decide: int | None = None   # inconclusive: about this many samples per side would decide it
     conditions: list[dict] = field(default_factory=list)   # sub-verdicts, one per condition (mixed, combine)
     depends_on: str = ""              # what the conditions differ in (depth, prompt length, metric ...)
+    higher_is_better: bool | None = None   # which way the effect, a ratio against 1, is better; None: not a ratio
 
     def __post_init__(self) -> None:
         if self.claim not in CLAIM_IDS:
@@ -349,7 +350,8 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
                    ci_low=round(lo, 4), ci_high=round(hi, 4), metric=metric, evidence=list(evidence),
                    unstable=unstable, n_baseline=len(baseline), n_candidate=len(candidate),
                    reason="unstable samples (CV >= 10 %): repeat on a quieter machine" if unstable else "",
-                   band=eq, band_why=why, confidence=confidence, borderline=borderline, samples_to_decide=need)
+                   band=eq, band_why=why, confidence=confidence, borderline=borderline, samples_to_decide=need,
+                   higher_is_better=higher_is_better)
 
 
 def from_interval(claim: str, point: float, lo: float, hi: float, *, claimed: str = "better",
@@ -366,7 +368,8 @@ def from_interval(claim: str, point: float, lo: float, hi: float, *, claimed: st
     return Verdict(claim=claim, verdict=verdict, summary=summary, effect=round(point, 4), ci_low=round(lo, 4),
                    ci_high=round(hi, 4), metric=metric, evidence=list(evidence), reason=reason, unstable=unstable,
                    n_baseline=n_baseline, n_candidate=n_candidate, details=dict(details or {}), band=eq,
-                   band_why=why, confidence=confidence, borderline=borderline, samples_to_decide=need)
+                   band_why=why, confidence=confidence, borderline=borderline, samples_to_decide=need,
+                   higher_is_better=higher_is_better if no_change == 1.0 else None)
 
 
 def combine(claim: str, conditions: dict[str, Verdict], depends_on: str, *, headline: str | None = None,
@@ -402,7 +405,7 @@ def combine(claim: str, conditions: dict[str, Verdict], depends_on: str, *, head
                    n_candidate=head.n_candidate, details=dict(details or {}), band=head.band, band_why=head.band_why,
                    confidence=head.confidence, borderline=borderline,
                    samples_to_decide=max((v.samples_to_decide or 0 for v in testable.values()), default=0) or None,
-                   conditions=subs, depends_on=depends_on)
+                   conditions=subs, depends_on=depends_on, higher_is_better=head.higher_is_better)
 
 
 def _short_text(v: Verdict) -> str:
