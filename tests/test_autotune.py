@@ -14,7 +14,7 @@ from kit.config import StudyConfigError, read_dotenv
 from kit.gpu import build_supports_gpu_offload
 from kit.models import model_card
 from kit.paths import DEFAULT_MODEL, GUIDE_PROFILES_DIR
-from kit.results import read_rows
+from kit.results import append_rows, read_rows
 from kit.search import NOT_TESTABLE_NO_OFFLOAD
 from kit.studies import autotune
 from kit.sweep import run_sweep
@@ -269,6 +269,19 @@ def test_retrieval_cost_recall_and_search_time(tmp_path):
     again = autotune.retrieval_cost([3, 8], chunk_chars=400, cache_dir=tmp_path / "emb", corpus_topics=QUICK_TOPICS,
                                     repetitions=1, n_timed=1)
     assert again["n_embedded"] == 0 and again["recall"] == cost["recall"]  # the cache: nothing embedded twice
+    # the RAG study's rows, where they hold both k values, are read instead of measuring again
+    assert autotune.from_rag_study(tmp_path, [3, 8]) is None
+    rag = tmp_path / "60_rag"
+    rag.mkdir()
+    ids = cost["question_ids"]
+    append_rows(rag / "retrieval.jsonl", [{"question_id": q, "k": k, "budget": b, "recall_at_k": cost["recall"][k][i]}
+                                         for k in (3, 8) for i, q in enumerate(ids) for b in (100, 4000)])
+    append_rows(rag / "latency.jsonl", [{"question_id": ids[0], "k": k, "search_ms": x}
+                                       for k in (3, 8) for x in cost["search_ms"][k]])
+    read = autotune.from_rag_study(tmp_path, [8, 3])
+    assert read["recall"] == {k: [float(x) for x in cost["recall"][k]] for k in (3, 8)}  # one row per question
+    assert read["search_ms"][3] == cost["search_ms"][3] and "RAG study" in read["source"]
+    assert autotune.from_rag_study(tmp_path, [3, 10]) is None  # a k the RAG study did not measure
 
 
 def _measured(settings: Settings, decode_ms: list[float], ttft: list[float], n_prompt: int, pp_ts: float,

@@ -19,7 +19,7 @@ from kit.studies.autotune.profiles import (
     measured_engine_rows, profile_header, profile_table, rag_floor_from_study, rag_request, rag_request_test,
     request_inputs, tuner_header, write_kit_profiles, write_profile,
 )
-from kit.studies.autotune.retrieval import recall_cost, retrieval_cost
+from kit.studies.autotune.retrieval import from_rag_study, recall_cost, retrieval_cost
 from kit.studies.autotune.study import AutotuneResult, AutotuneStudy, run_autotune_study
 from kit.studies.autotune.tuner import (
     Candidate, Constraints, SearchSpace, TuneResult, Workload, beats, benchmark_settings, constrained_run,
@@ -33,10 +33,10 @@ from kit.studies.autotune.verdicts import (
 __all__ = [
     "AutotuneResult", "AutotuneStudy", "Candidate", "Constraints", "GUIDE_PROFILE_NAMES", "SearchSpace",
     "TuneResult", "Workload", "against_claim", "autotune_verdicts", "beats", "benchmark_settings",
-    "choose_kit_profiles", "constrained_run", "guide_baseline", "llama_defaults", "load_guide_profile",
-    "load_guide_profiles", "measure_profiles", "measured_engine_rows", "memory_condition", "plot_profiles",
-    "profile_header", "profile_table", "quality_condition", "rag_floor_from_study", "rag_request",
-    "rag_request_test", "recall_cost", "request_inputs", "retrieval_cost",
-    "run_autotune_study", "tuner_header", "write_kit_profiles", "write_profile", "x1_verdict", "x2_ratio_table",
-    "x2_verdict", "x3_verdict", "x4_limits", "x4_verdict",
+    "choose_kit_profiles", "constrained_run", "from_rag_study", "guide_baseline", "llama_defaults",
+    "load_guide_profile", "load_guide_profiles", "measure_profiles", "measured_engine_rows", "memory_condition",
+    "plot_profiles", "profile_header", "profile_table", "quality_condition", "rag_floor_from_study", "rag_request",
+    "rag_request_test", "recall_cost", "request_inputs", "retrieval_cost", "run_autotune_study", "tuner_header",
+    "write_kit_profiles", "write_profile", "x1_verdict", "x2_ratio_table", "x2_verdict", "x3_verdict", "x4_limits",
+    "x4_verdict",
 ]

@@ -232,7 +232,7 @@ def profile_table(measured: dict[str, dict]):
 
 
 # ---- what the RAG study found (outputs/60_rag) -----------------------------------------------------------------------
-def _rag_part(out_root: str | os.PathLike, part: str):
+def rag_part(out_root: str | os.PathLike, part: str):
     """One part of the RAG study's files (<out_root>/60_rag/<part>.jsonl) as a DataFrame; empty when absent."""
     return pd.DataFrame(read_rows(Path(out_root) / RAG_STUDY / f"{part}.jsonl"))
 
@@ -242,7 +242,7 @@ def rag_floor_from_study(out_root: str | os.PathLike, min_recall: float) -> dict
 
     Reads the RAG study's retrieval.jsonl (columns k, split, recall_at_k). None where the study has not run.
     """
-    df = _rag_part(out_root, "retrieval")
+    df = rag_part(out_root, "retrieval")
     if df.empty or not {"k", "recall_at_k"} <= set(df.columns):
         return None
     if "split" in df:

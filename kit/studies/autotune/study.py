@@ -17,7 +17,7 @@ from kit.studies.autotune.profiles import (
     GUIDE_PROFILE_NAMES, choose_kit_profiles, guide_profile_table, load_guide_profiles, measure_profiles,
     profile_table, rag_floor_from_study, rag_request, write_kit_profiles,
 )
-from kit.studies.autotune.retrieval import retrieval_cost
+from kit.studies.autotune.retrieval import from_rag_study, retrieval_cost
 from kit.studies.autotune.tuner import (
     Constraints, SearchSpace, TuneResult, Workload, benchmark_settings, constrained_run, describe, x4_limits,
 )
@@ -61,9 +61,9 @@ class AutotuneStudy(StudyConfig):
     ppl_chunks: int = param(3, "perplexity chunks per quality-changing candidate (paired)", ge=1)
     ppl_chunk_tokens: int = param(256, "tokens per perplexity chunk", ge=16)
     confirm_top: int = param(1, "screened configurations confirmed with full repetitions", ge=0)
-    min_gain: float = param(0.03, "a screened value is measured again against the current one (full repetitions, "
-                            "interleaved) only if it was faster by more than this fraction; it is taken only if "
-                            "compare labels it supported under X3's band", ge=0)
+    min_gain: float = param(0.05, "a screened value is measured again against the current one (full repetitions, "
+                            "interleaved) only if it was faster by more than this fraction (X3's band); it is taken "
+                            "only if compare labels it supported", ge=0)
     profile_repetitions: int = param(3, "passes over the questions per profile (request-level)", ge=1)
     request_questions: int = param(1, "RAG questions per pass (data/rag_questions.jsonl, dev split)", ge=1)
     request_max_tokens: int = param(32, "answer cap for every profile's requests (the guide's profiles set none)",
@@ -73,8 +73,9 @@ class AutotuneStudy(StudyConfig):
     min_recall: float = param(0.9, "recall floor for rag_search_k, where outputs/60_rag exists", ge=0, le=1)
     corpus_topics: list[str] = param([], "document ids the RAG requests and the recall of k use; empty: the whole "
                                      "corpus")
-    retrieval_questions: int = param(12, "questions timed for RAG search time at each k (X2)", ge=1)
-    retrieval_repetitions: int = param(3, "timed searches per question and k (X2)", ge=1)
+    retrieval_questions: int = param(12, "questions timed for RAG search time at each k (X2), where the RAG "
+                                     "study's rows do not hold both k values", ge=1)
+    retrieval_repetitions: int = param(3, "timed searches per question and k (X2), likewise", ge=1)
 
     # ---- what the tuner and the profiles take -----------------------------------------------------------------
     @property
@@ -200,10 +201,11 @@ def run_x4(study: AutotuneStudy, tune: TuneResult, progress: bool = True) -> tup
 
 
 def run_retrieval(study: AutotuneStudy, ks: list[int]) -> dict:
-    """Search time and recall@k at the given k values (retrieval.json)."""
-    cost = retrieval_cost(ks, chunk_chars=study.chunk_chars, cache_dir=study.cache_dir,
-                          corpus_topics=study.corpus_topics, repetitions=study.retrieval_repetitions,
-                          n_timed=study.retrieval_questions)
+    """Search time and recall@k at the given k values (retrieval.json): the RAG study's rows where they hold both
+    k values (nothing measured again), else measured here with the requests' chunking."""
+    cost = from_rag_study(study.out_root, ks) or retrieval_cost(
+        ks, chunk_chars=study.chunk_chars, cache_dir=study.cache_dir, corpus_topics=study.corpus_topics,
+        repetitions=study.retrieval_repetitions, n_timed=study.retrieval_questions)
     path = study.out_path / RETRIEVAL_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cost, indent=2, default=str))
@@ -231,5 +233,6 @@ def run_autotune_study(study: AutotuneStudy, progress: bool = True) -> AutotuneR
     csv.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(csv, index=False)
     return AutotuneResult(study=study, guide=settings, guide_notes={n: nt for n, (_, nt) in guide.items()},
-                          tune=tune, x4=x4, x4_limits=limits, retrieval=retrieval, rag_floor=rag_floor, kit_profiles=kit, why=why, measured=measured,
-                          written=written, profiles=table, profiles_csv=csv)
+                          tune=tune, x4=x4, x4_limits=limits, retrieval=retrieval, rag_floor=rag_floor,
+                          kit_profiles=kit, why=why, measured=measured, written=written, profiles=table,
+                          profiles_csv=csv)

@@ -53,7 +53,7 @@ from kit.quality import ppl_test
 from kit.results import as_float
 from kit.search import find_optimal_gpu_layers
 from kit.sweep import run_sweep, trial_key
-from kit.verdicts import INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, SUPPORTED, Verdict, compare
+from kit.verdicts import INCONCLUSIVE, NO_EFFECT, SUPPORTED, Verdict, compare
 
 # the guide's "good settings" (section "Анализ текущих настроек") and its current n_ctx (section 2)
 GUIDE_GOOD = {"n_gpu_layers": 30, "use_mmap": True, "n_batch": 512, "n_ctx": 8192}
@@ -344,8 +344,9 @@ class TuneResult:
 # ---- one tuner run: measuring, judging, refusing ---------------------------------------------------------------
 class _Tuner:
     def __init__(self, study: str, out_root: str, constraints: Constraints, workload: Workload,
-                 screen_reps: int, reps: int, min_gain: float, progress: bool):
+                 screen_reps: int, reps: int, min_gain: float, progress: bool, decide: bool = True):
         self.study, self.out_root = study, out_root
+        self.decide_changes = decide
         self.c, self.w = constraints, workload
         self.screen_reps, self.reps = screen_reps, reps
         self.min_gain = min_gain
@@ -476,6 +477,8 @@ class _Tuner:
             nominee = min(ok, key=lambda c: c.score_s)
             if nominee.score_s >= current.score_s * (1 - self.min_gain):
                 why = f"no value faster by more than {100 * self.min_gain:.0f} % at screening"
+            elif not self.decide_changes:
+                why = "within the limits already: this run moves only to stay within them"
             else:
                 inc, nom, v = self.decide(current, nominee, axis)
                 bad = self.violation(nom)
@@ -633,17 +636,18 @@ def _confirm(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, con
 def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, space: SearchSpace,
                        constraints: Constraints, workload: Workload, screen_repetitions: int, repetitions: int,
                        confirm_top: int, min_gain: float, start: Settings | None = None,
-                       confirm_tests: Sequence[Test] = (), progress: bool = True) -> TuneResult:
+                       confirm_tests: Sequence[Test] = (), progress: bool = True, decide: bool = True) -> TuneResult:
     """Search for the fastest settings under a memory limit and a quality floor (see the module docstring).
 
     AutotuneStudy.tuner_kwargs() gives every argument but `start` (default: the guide's good settings);
-    a relative out_root is taken from the repository root."""
+    a relative out_root is taken from the repository root. decide=False never measures a nominated value again:
+    the run moves only where the current settings break a limit (constrained_run)."""
     out_root = resolve(out_root)
     notes: list[str] = []
     if start is None:
         start, notes = guide_baseline(model, out_root)
     cons = _check_args(start, constraints, workload, screen_repetitions, repetitions, confirm_top, min_gain)
-    t = _Tuner(study, str(out_root), cons, workload, screen_repetitions, repetitions, min_gain, progress)
+    t = _Tuner(study, str(out_root), cons, workload, screen_repetitions, repetitions, min_gain, progress, decide)
     gpu, start, origin = _search_origin(start, space, constraints.vram_limit_mb)
     ref, cur = _screen(t, origin, space)
     defaults = llama_defaults(start.model)
@@ -698,10 +702,11 @@ def constrained_run(result: TuneResult, limits: dict, *, model: str, study: str,
                     space: SearchSpace, screen_repetitions: int, repetitions: int, min_gain: float,
                     progress: bool = True) -> TuneResult:
     """The tuner again from `result`'s winner, over the axes that move memory and quality (LIMIT_AXES), under
-    `x4_limits`' limits. Rows of configurations already measured are reused (resumable sweeps)."""
+    `x4_limits`' limits. It moves only where the current settings break a limit (no speed decisions: the first
+    run made those); rows of configurations already measured are reused (resumable sweeps)."""
     cons = Constraints(ram_limit_mb=limits.get("ram_limit_mb"), vram_limit_mb=result.constraints.vram_limit_mb,
                        max_ppl_ratio=limits.get("max_ppl_ratio"))
     return benchmark_settings(model, study=study, out_root=out_root, space=space.only(LIMIT_AXES),
                               constraints=cons, workload=result.workload, screen_repetitions=screen_repetitions,
                               repetitions=repetitions, confirm_top=1, min_gain=min_gain, start=result.best,
-                              progress=progress)
+                              progress=progress, decide=False)

@@ -127,13 +127,15 @@ def x2_attribution(baseline: dict, tuned: dict) -> dict:
                                  "tuned": num(rt.get("n_gen_tokens_mean"))}}
 
 
-def _attribution_words(att: dict, recall: dict | None) -> str:
+def _attribution_words(att: dict, recall: dict | None, decode_effect: float | None = None) -> str:
     eng = ", ".join(f"{k} {d['baseline']} -> {d['tuned']}" for k, d in att["engine_settings"].items()) or "none"
     req = ", ".join(f"{k} {d['baseline']} -> {d['tuned']}" for k, d in att["request_settings"].items()) or "none"
     tok = att["prompt_tokens"]
     words = [f"Engine settings changed: {eng}; request settings changed: {req}."]
     if att["engine_tg_ratio"]:
-        words.append(f"Decode: engine tg x{att['engine_tg_ratio']:.3g} at the same depth (the engine settings).")
+        words.append(f"Decode: engine tg x{att['engine_tg_ratio']:.3g} at the same depth (the engine settings)"
+                     + (f"; the request's x{decode_effect:.3g} leaves x{decode_effect / att['engine_tg_ratio']:.3g} "
+                        f"to decoding after a shorter prompt and to sampling" if decode_effect else "") + ".")
     if tok["ratio"] and att["engine_pp_ratio"]:
         words.append(f"TTFT: the prompt is {tok['tuned']:.0f} vs {tok['baseline']:.0f} tokens (x{tok['ratio']:.3g}, "
                      f"the smaller k and budget) and engine prompt processing x{att['engine_pp_ratio']:.3g} as fast "
@@ -142,7 +144,7 @@ def _attribution_words(att: dict, recall: dict | None) -> str:
         words.append(f"The shorter prompt costs recall: recall@{recall['k_small']} {recall['recall_small']:.3f} vs "
                      f"recall@{recall['k_large']} {recall['recall_large']:.3f} (difference "
                      f"{recall['difference']:+.3f}, 95 % CI {recall['ci_low']:+.3f} to {recall['ci_high']:+.3f}, "
-                     f"{recall['n_questions']} questions).")
+                     f"{recall['n_questions']} questions; {recall.get('source', '')}).")
     return " ".join(words)
 
 
@@ -182,12 +184,14 @@ def x2_verdict(baseline: dict, tuned: dict, retrieval: dict | None = None, basel
             f"RAG search time ratio (embed the question + exact search), k={tuned_k} / k={baseline_k}",
             cl["RAG search time"]["text"])
         recall = recall_cost(retrieval, tuned_k, baseline_k)
+        if recall:
+            recall["source"] = f"{retrieval.get('source')}, {retrieval.get('chunk_chars')}-character chunks"
     att = x2_attribution(baseline, tuned)
     v = combine("X2", conds, depends_on="metric", headline="decode tokens/s", evidence=evidence,
                 details={"attribution": att, "recall": recall, "implied_e2e_ratio": implied,
                          "baseline": describe(baseline["settings"]), "tuned": describe(tuned["settings"]),
                          "baseline_k": baseline_k, "tuned_k": tuned_k})
-    v.summary = v.summary + " " + _attribution_words(att, recall)
+    v.summary = v.summary + " " + _attribution_words(att, recall, conds["decode tokens/s"].effect)
     return v
 
 
