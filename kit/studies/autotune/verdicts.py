@@ -328,7 +328,7 @@ def quality_condition(run: TuneResult, limits: dict) -> Verdict:
     numbers = {}
     if paired:
         numbers = {"effect": paired["ppl_ratio"], "ci_low": paired["ci_low"], "ci_high": paired["ci_high"],
-                   "n_candidate": paired["n_chunks"], "n_baseline": paired["n_chunks"]}
+                   "n_candidate": paired["n_chunks"], "n_baseline": paired["n_chunks"], "higher_is_better": False}
         summary += (f". Worst: {worst.change} perplexity x{paired['ppl_ratio']:.4g} (95 % CI {paired['ci_low']:.4g}-"
                     f"{paired['ci_high']:.4g}, {paired['n_chunks']} paired chunks)")
     return _check(not chosen_bad, summary,
