@@ -133,13 +133,13 @@ def plot_effects(findings: Findings):
         if band:
             ax.axvspan(1 - band, 1 + band, color="0.92", zorder=0)
     ax.axvline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("times better than the baseline (95 % CI)  better →")
-    ax.set_title("ratio effects, right is better (time ratios inverted)")
+    ax.set_xlabel("times better than the baseline (interval)  better →")
+    ax.set_title("ratios, right is better\n(time ratios inverted)", fontsize=10)
     if others:
         _draw(axes[0][1], others)
         axes[0][1].axvline(0.0, color="k", lw=0.6, ls=":")
         axes[0][1].set_xlabel("effect on its own scale (see each claim's metric)")
-        axes[0][1].set_title("not ratios: rank correlation, share ...")
+        axes[0][1].set_title("not ratios\n(own scale)", fontsize=10)
     handles = [plt.Line2D([], [], color=c, marker="o", lw=2, label=k) for k, c in report.LABEL_COLORS.items()
                if any(p["verdict"] == k for p in ratios + others)]
     if handles:
