@@ -151,8 +151,12 @@ def test_x4_limits_derive_from_the_measurements_and_bind(tuned):
     rss = [c.rss_peak_mb for c in res.screened + res.confirmed if c.rss_peak_mb is not None]
     assert limits["ram_limit_mb"] == pytest.approx(min(rss) + (max(rss) - min(rss)) / 2, abs=0.1)
     assert limits["max_ppl_ratio"] == 1.01  # the floor given: q4_0 and the RoPE override exceed it
-    # the constrained run starts at the winner and screens KV type, RoPE base and n_ctx only
-    assert x4.start == res.best and {s["axis"] for s in x4.steps} <= {"kv_type", "rope_freq_base", "n_ctx"}
+    # the constrained run starts at the largest configuration measured (over the limit by construction, so it must
+    # move) and screens KV type, RoPE base and n_ctx only
+    largest = max((c for c in res.screened + res.confirmed if c.rss_peak_mb is not None), key=lambda c: c.rss_peak_mb)
+    assert x4.start == largest.settings == autotune.x4_start(res, limits) and largest.rss_peak_mb > limits["ram_limit_mb"]
+    assert {s["axis"] for s in x4.steps} <= {"kv_type", "rope_freq_base", "n_ctx"}
+    assert x4.candidate_for(x4.best).rss_peak_mb <= limits["ram_limit_mb"] and x4.best != x4.start
     over = [c for c in x4.screened + x4.confirmed if c.rss_peak_mb and c.rss_peak_mb > limits["ram_limit_mb"]]
     assert over, "the limit must bind on something measured"
     assert all(c.settings != x4.best for c in over)
@@ -169,6 +173,7 @@ def test_x4_limits_derive_from_the_measurements_and_bind(tuned):
     none = autotune.x4_limits(flat, 1.01)
     assert none["ram_limit_mb"] is None and "no limit can bind" in none["ram_why"]
     assert autotune.memory_condition(x4, none).verdict == verdicts.NOT_TESTABLE
+    assert autotune.x4_start(res, none) == res.best  # no memory limit: from the winner
     # a floor above every candidate's ratio binds on nothing: not testable, with the largest ratio
     loose = {**limits, "max_ppl_ratio": 1e6}
     assert autotune.quality_condition(x4, loose).verdict == verdicts.NOT_TESTABLE

@@ -23,7 +23,7 @@ from kit.studies.autotune.retrieval import from_rag_study, recall_cost, retrieva
 from kit.studies.autotune.study import AutotuneResult, AutotuneStudy, run_autotune_study
 from kit.studies.autotune.tuner import (
     Candidate, Constraints, SearchSpace, TuneResult, Workload, beats, benchmark_settings, constrained_run,
-    guide_baseline, llama_defaults, x4_limits,
+    guide_baseline, llama_defaults, x4_limits, x4_start,
 )
 from kit.studies.autotune.verdicts import (
     against_claim, autotune_verdicts, memory_condition, quality_condition, x1_verdict, x2_ratio_table, x2_verdict,
@@ -38,5 +38,5 @@ __all__ = [
     "plot_profiles", "profile_header", "profile_table", "quality_condition", "rag_floor_from_study", "rag_request",
     "rag_request_test", "recall_cost", "request_inputs", "retrieval_cost", "run_autotune_study", "tuner_header",
     "write_kit_profiles", "write_profile", "x1_verdict", "x2_ratio_table", "x2_verdict", "x3_verdict", "x4_limits",
-    "x4_verdict",
+    "x4_start", "x4_verdict",
 ]

@@ -167,7 +167,7 @@ class AutotuneResult:
     def summary(self) -> str:
         """Markdown: the baseline's notes, what find_optimal_gpu_layers said, the refusals and the files written."""
         t, lim = self.tune, self.x4_limits
-        x4 = (f"**X4 run** (from the winner, under a memory limit of {lim.get('ram_limit_mb')} MB: "
+        x4 = (f"**X4 run** (from the largest measured configuration, under a memory limit of {lim.get('ram_limit_mb')} MB: "
               f"{lim.get('ram_why')}; quality floor {lim.get('max_ppl_ratio')}: {lim.get('ppl_why')}): "
               + (f"chose `{describe(self.x4.best)}`, refused {len(self.x4.refusals)}" if self.x4 is not None
                  else "not run"))
@@ -188,7 +188,7 @@ def profiles_to_measure(tune: TuneResult, guide: dict[str, Settings], kit: dict[
 
 
 def run_x4(study: AutotuneStudy, tune: TuneResult, progress: bool = True) -> tuple[TuneResult | None, dict]:
-    """The tuner again from the winner under limits derived from what the first run measured (x4_limits), over
+    """The tuner again from the largest measured configuration (tuner.x4_start) under limits derived from what the first run measured (x4_limits), over
     the axes that move memory and quality; None where neither limit can bind. Saved as autotune_x4.json."""
     limits = x4_limits(tune, study.max_ppl_ratio)
     if limits["ram_limit_mb"] is None and limits["max_ppl_ratio"] is None:

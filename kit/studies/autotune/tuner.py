@@ -701,12 +701,23 @@ def x4_limits(result: TuneResult, max_ppl_ratio: float | None) -> dict:
 def constrained_run(result: TuneResult, limits: dict, *, model: str, study: str, out_root: str | os.PathLike,
                     space: SearchSpace, screen_repetitions: int, repetitions: int, min_gain: float,
                     progress: bool = True) -> TuneResult:
-    """The tuner again from `result`'s winner, over the axes that move memory and quality (LIMIT_AXES), under
-    `x4_limits`' limits. It moves only where the current settings break a limit (no speed decisions: the first
+    """The tuner again from `x4_start` (the largest measured configuration), over the axes that move memory and
+    quality (LIMIT_AXES), under `x4_limits`' limits. It moves only where the current settings break a limit (no speed decisions: the first
     run made those); rows of configurations already measured are reused (resumable sweeps)."""
     cons = Constraints(ram_limit_mb=limits.get("ram_limit_mb"), vram_limit_mb=result.constraints.vram_limit_mb,
                        max_ppl_ratio=limits.get("max_ppl_ratio"))
     return benchmark_settings(model, study=study, out_root=out_root, space=space.only(LIMIT_AXES),
                               constraints=cons, workload=result.workload, screen_repetitions=screen_repetitions,
-                              repetitions=repetitions, confirm_top=1, min_gain=min_gain, start=result.best,
-                              progress=progress, decide=False)
+                              repetitions=repetitions, confirm_top=1, min_gain=min_gain,
+                              start=x4_start(result, limits), progress=progress, decide=False)
+
+
+def x4_start(result: TuneResult, limits: dict) -> Settings:
+    """Where the X4 run starts: the measured configuration with the largest peak RSS where a memory limit was
+    derived (x4_limits puts the limit below it, so the run must move to stay within it, on any machine), else the
+    first run's winner. Starting from the winner instead left the limit unbound wherever the winner and its one-axis
+    neighbours were all small (a winner at a small context with a compact KV cache)."""
+    if limits.get("ram_limit_mb") is None:
+        return result.best
+    measured = [c for c in result.screened + result.confirmed if c.status == "ok" and c.rss_peak_mb is not None]
+    return max(measured, key=lambda c: c.rss_peak_mb).settings if measured else result.best
