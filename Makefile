@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 CMAKE_ARGS ?=
 ARGS   ?=
 
-.PHONY: install study quick test lab fidelity clean-venv
+.PHONY: install study quick test lab fidelity serve-check clean-venv
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ lab: $(STAMP)            ## interactive work
 
 fidelity: $(STAMP)       ## kit vs llama-bench built from the same llama.cpp source
 	$(PY) -m kit fidelity $(ARGS)
+
+serve-check: $(STAMP)    ## the same load on llama-server (built from the same source) and llama-cpp-python's server
+	$(PY) -m kit serve-check $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""Command line: `python -m kit {info,bench,fidelity,run,report,compare}`.
+"""Command line: `python -m kit {info,bench,fidelity,run,report,compare,serve-check}`.
 
 `bench` takes llama-bench's flags, comma lists and defaults (including `-fa auto`), so a llama-bench user feels at
 home; every flag goes through the checks of `Settings`, `Test` and the sweep's plan before anything runs, all
@@ -287,10 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     # run and report own their flags (kit.runner / kit.report); listed here for --help
     sub.add_parser("run", help="run every study notebook in order and render the report (see run --help)")
     sub.add_parser("report", help="render executed notebooks and the findings index to HTML (see report --help)")
+    sub.add_parser("serve-check", help="the same load on llama-server (built from the vendored source) and on "
+                                       "llama-cpp-python's server (see serve-check --help)")
     return ap
 
 
-_DELEGATED = {"run": runner.main_run, "report": report.main}
+def _serve_check(argv):
+    from kit.studies.server import main as serve_check_main  # the app layer may use a study; loaded when asked
+    return serve_check_main(argv)
+
+
+_DELEGATED = {"run": runner.main_run, "report": report.main, "serve-check": _serve_check}
 
 
 def main(argv: list[str] | None = None) -> int:

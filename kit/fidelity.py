@@ -36,9 +36,16 @@ def llama_cpp_python_version() -> str:
 
 def build_llama_bench(cache: Path = CACHE, jobs: int | None = None, log=print) -> Path:
     """Download the sdist of the installed llama-cpp-python version from the package index and build llama-bench."""
+    return build_llama_tool("llama-bench", cache, jobs, log)
+
+
+def build_llama_tool(target: str, cache: Path = CACHE, jobs: int | None = None, log=print) -> Path:
+    """llama.cpp's `target` (llama-bench, llama-server) built from the llama.cpp that the installed
+    llama-cpp-python vendors (its sdist, from the package index), with the same compiler and default flags, into
+    the cache folder; one build tree serves every target."""
     version = llama_cpp_python_version()
     root = cache / version
-    exe = root / "build" / "bin" / "llama-bench"
+    exe = root / "build" / "bin" / target
     if exe.exists():
         return exe
     root.mkdir(parents=True, exist_ok=True)
@@ -53,13 +60,14 @@ def build_llama_bench(cache: Path = CACHE, jobs: int | None = None, log=print) -
                 tf.extractall(tmp, filter="data")
             vendor = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
             shutil.copytree(vendor, src)
-    log(f"building llama-bench (a few minutes) in {root / 'build'}")
+    log(f"building {target} (a few minutes) in {root / 'build'}")
     build = root / "build"
-    with open(root / "build.log", "w") as logf:
+    with open(root / "build.log", "a") as logf:
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                        "-DLLAMA_OPENSSL=OFF"], check=True, stdout=logf, stderr=subprocess.STDOUT)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+                        "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_OPENSSL=OFF"], check=True, stdout=logf,
+                       stderr=subprocess.STDOUT)
+        subprocess.run(["cmake", "--build", str(build), "--target", target, "-j",
                         str(jobs or os.cpu_count() or 2)], check=True, stdout=logf, stderr=subprocess.STDOUT)
     return exe
 

@@ -461,11 +461,13 @@ def requests_row(reqs: Sequence[dict], speed: str = "e2e") -> dict:
     got = [r for r in reqs if r.get("ttft_ms") is not None]
     itl = [x for r in got for x in r["itl_ms"]]
     per_tok = [statistics.fmean(r["itl_ms"]) for r in got if r["itl_ms"]]
-    engine_per_tok = [r["engine_tg_ms"] / r["n_gen_tokens"] for r in got if r["n_gen_tokens"]]
+    # a served request (kit.serve) has no engine timing: None, left out of the engine columns
+    engine_per_tok = [r["engine_tg_ms"] / r["n_gen_tokens"] for r in got
+                      if r["n_gen_tokens"] and r.get("engine_tg_ms") is not None]
     ts = ([1e3 / x for x in per_tok if x > 0] if speed == "decode" else
           [r["n_gen_tokens"] / (r["e2e_ms"] / 1e3) for r in got if r["e2e_ms"] > 0])
     decode_wall = sum(r["e2e_ms"] - r["ttft_ms"] for r in got)
-    decode_engine = sum(r["engine_tg_ms"] for r in got)
+    decode_engine = sum(r["engine_tg_ms"] for r in got if r.get("engine_tg_ms") is not None)
     finish: dict[str, int] = {}
     for r in reqs:
         finish[str(r.get("finish_reason"))] = finish.get(str(r.get("finish_reason")), 0) + 1
@@ -483,7 +485,7 @@ def requests_row(reqs: Sequence[dict], speed: str = "e2e") -> dict:
         "samples_e2e_ms": [round(r["e2e_ms"], 3) for r in reqs],
         "n_gen_tokens_mean": round(statistics.fmean(r["n_gen_tokens"] for r in reqs), 2) if reqs else None,
         "finish_reasons": finish,
-        "engine_share_of_decode": round(decode_engine / decode_wall, 4) if decode_wall > 0 else None,
+        "engine_share_of_decode": round(decode_engine / decode_wall, 4) if decode_wall > 0 and engine_per_tok else None,
         "samples_decode_ms_per_token": [round(x, 4) for x in per_tok],
         "decode_ms_per_token": _r(statistics.median(per_tok), 4) if per_tok else None,
         "samples_engine_decode_ms_per_token": [round(x, 4) for x in engine_per_tok],

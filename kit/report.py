@@ -758,6 +758,7 @@ def render_report(out_root: str | os.PathLike = OUTPUTS, status: dict | None = N
                    "minutes apart, drift alone could explain them; rerun those studies on a quiet machine before "
                    "acting on them.</p>")
     out.append(claims_html(vs, root, rep, {k: v.name for k, v in pages.items()}, drift=drift))
+    out.append(served_section(root))
     fig = root / EFFECTS_FIGURE
     if fig.exists():
         out.append("<h2>Every effect on one scale</h2><p class='small'>Ratios turned so that right is better "
@@ -776,6 +777,54 @@ def render_report(out_root: str | os.PathLike = OUTPUTS, status: dict | None = N
     index = rep / "index.html"
     index.write_text("\n".join(out), encoding="utf-8")
     return index
+
+
+SERVED_DIR = "86_server"
+
+
+def served_section(root: Path) -> str:
+    """The served study's numbers next to the in-process ones (notebook 86's served_vs_in_process.csv), its knee
+    and what interrupt_requests did to answers; empty where the study has not run."""
+    d = root / SERVED_DIR
+    sbs_path, levels_path, summ_path = d / "served_vs_in_process.csv", d / "served_levels.csv", d / "served_summary.json"
+    if not sbs_path.is_file():
+        return ""
+    e = html.escape
+    try:
+        sbs = pd.read_csv(sbs_path)
+        levels = pd.read_csv(levels_path) if levels_path.is_file() else pd.DataFrame()
+        summ = json.loads(summ_path.read_text()) if summ_path.is_file() else {}
+    except (ValueError, OSError) as exc:
+        return f"<h2>Served over HTTP</h2><p>unreadable served tables ({e(type(exc).__name__)})</p>"
+
+    def cell(x, digits=0):
+        return "" if x is None or (isinstance(x, float) and x != x) else (f"{x:.{digits}f}" if isinstance(x, float) else e(str(x)))
+    rows = "".join(
+        f"<tr><td>{e(str(r['profile']))}</td><td>{cell(r.get('in_process_ttft_ms'))}</td><td>{cell(r.get('served_ttft_ms'))}</td>"
+        f"<td>{cell(r.get('ttft_ratio'), 2)} ({cell(r.get('ttft_ratio_ci'))})</td><td>{cell(r.get('in_process_decode_ts'), 1)}</td>"
+        f"<td>{cell(r.get('served_decode_ts'), 1)}</td><td>{cell(r.get('decode_ts_ratio'), 2)} ({cell(r.get('decode_ts_ratio_ci'))})</td></tr>"
+        for r in sbs.to_dict("records"))
+    parts = ["<h2>Served over HTTP, next to in-process</h2><p class='small'>Notebook 86: each profile started as "
+             "llama-cpp-python's OpenAI server and sent the same RAG-shaped requests as in-process, one after the "
+             "other. Medians; served / in-process with its 95 % interval.</p>",
+             "<table><tr><th>profile</th><th>TTFT in-process (ms)</th><th>TTFT served (ms)</th><th>served / "
+             "in-process</th><th>decode t/s in-process</th><th>decode t/s served</th><th>served / in-process</th>"
+             f"</tr>{rows}</table>"]
+    knee = summ.get("knee") or {}
+    words = []
+    if knee.get("knee_rps"):
+        words.append(f"the server kept up with Poisson arrivals up to {knee['knee_rps']} requests/s")
+    if knee.get("saturated_from_rps"):
+        words.append(f"and saturated at {knee['saturated_from_rps']} requests/s offered")
+    if len(levels) and "part" in levels:
+        c = levels[levels["part"] == "concurrency"]
+        for r in c.to_dict("records"):
+            if r.get("truncation_rate") == r.get("truncation_rate") and r.get("truncation_rate") is not None:
+                words.append(f"{r['load']} with interrupt_requests {'on' if r['interrupt_requests'] else 'off'}: "
+                             f"{r['truncation_rate']:.0%} of answers truncated")
+    if words:
+        parts.append("<p>" + e("; ".join(words)) + ".</p>")
+    return "\n".join(parts)
 
 
 def compare_section(run_a: str | os.PathLike, run_b: str | os.PathLike) -> str:

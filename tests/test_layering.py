@@ -12,7 +12,9 @@ from kit.paths import REPO_ROOT
 
 KIT = REPO_ROOT / "kit"
 APP = {"kit.runner", "kit.__main__"}      # the layer above the studies: runs notebooks, validates their configs
-ALLOWED_CROSS_STUDY = {("kit.studies.autotune", "kit.studies.rag.pipeline")}
+ALLOWED_CROSS_STUDY = {("kit.studies.autotune", "kit.studies.rag.pipeline"),
+                       # the served study serves notebook 85's profiles with its RAG-shaped requests
+                       ("kit.studies.server", "kit.studies.autotune"), ("kit.studies.server", "kit.studies.rag.pipeline")}
 
 
 def _module_name(path: Path) -> str:

@@ -267,3 +267,25 @@ def test_costs_come_from_the_verdicts_details_or_say_not_measured():
     explicit = report.costs({"details": {"cost": {"quality": "perplexity x1.02 [1.01, 1.03]"}, "rss_peak_mb": 300}})
     assert explicit["quality"] == "perplexity x1.02 [1.01, 1.03]" and explicit["memory"] == "rss peak mb 300"
     assert report.cost_text(report.costs({})) == "not measured"
+
+
+def test_served_numbers_sit_next_to_in_process_in_the_report(tmp_path):
+    """Notebook 86's tables (written by kit.studies.server.summarize) become one report section; absent, none."""
+    _every_label(tmp_path)
+    assert "Served over HTTP" not in report.render_report(tmp_path).read_text()
+    d = tmp_path / "86_server"
+    d.mkdir()
+    (d / "served_vs_in_process.csv").write_text(
+        "profile,served_ttft_ms,in_process_ttft_ms,served_decode_ts,in_process_decode_ts,ttft_ratio,ttft_ratio_ci,"
+        "decode_ts_ratio,decode_ts_ratio_ci,served_n,in_process_n\n"
+        "guide_speed,412.5,380.1,61.2,66.0,1.086,1.02-1.15,0.927,0.90-0.95,5,5\n")
+    (d / "served_levels.csv").write_text(
+        "profile,part,load,interrupt_requests,truncation_rate\n"
+        "guide_speed,concurrency,closed c=2,True,0.5\nguide_speed,concurrency,closed c=2,False,0.0\n")
+    (d / "served_summary.json").write_text(json.dumps({"knee": {"knee_rps": 0.4, "saturated_from_rps": 0.7}}))
+    page = report.render_report(tmp_path).read_text()
+    sec = page[page.index("Served over HTTP"):]
+    assert "guide_speed" in sec and "380" in sec and "412" in sec and "1.09 (1.02-1.15)" in sec
+    assert "up to 0.4 requests/s" in sec and "saturated at 0.7" in sec
+    assert "closed c=2 with interrupt_requests on: 50% of answers truncated" in sec
+    assert "closed c=2 with interrupt_requests off: 0% of answers truncated" in sec

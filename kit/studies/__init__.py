@@ -1,6 +1,8 @@
 """The studies, one module (or small package) per notebook. A study imports only the core (kit.config,
 kit.models, kit.measure, kit.sweep, kit.results, kit.verdicts, ...), never another study; the one exception is
-kit.studies.rag.pipeline, the RAG prompt pipeline that the autotune profiles' requests use too.
+kit.studies.rag.pipeline, the RAG prompt pipeline that the autotune profiles' requests use too. The served study
+(kit.studies.server, notebook 86) serves the profiles notebook 85 writes, with the same RAG-shaped requests
+(kit.studies.autotune and its rag.pipeline); the server process and the HTTP client are core (kit.serve).
 
 STUDIES maps each notebook to its config class ("module:Class"): `kit run` builds every selected notebook's
 config from its parameters before anything runs, and a test checks that each notebook's parameters cell
@@ -22,6 +24,7 @@ STUDIES = {
     "75_serving_queue": "kit.studies.serving_queue:ServingStudy",
     "80_profiling": "kit.studies.profiling:ProfilingStudy",
     "85_autotune": "kit.studies.autotune:AutotuneStudy",
+    "86_server": "kit.studies.server:ServedStudy",
     "90_findings": "kit.studies.findings:FindingsStudy",
 }
 

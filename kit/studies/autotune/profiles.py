@@ -32,6 +32,7 @@ from kit.measure import Test, requests_row, stream_chat
 from kit.models import model_card
 from kit.paths import GUIDE_PROFILES_DIR, resolve
 from kit.results import RESULTS_FILE, read_rows
+from kit.serve.deploy import write_deploy_files
 from kit.studies.rag.pipeline import (
     Chunk, LlamaTokenCounter, Question, chunk_documents, load_corpus, load_questions, rag_messages,
 )
@@ -392,7 +393,8 @@ def write_profile(path: str | os.PathLike, settings: Settings, header: str) -> P
 
 def write_kit_profiles(profiles: dict[str, Settings], measured: dict[str, dict], result: TuneResult,
                        why: dict[str, list], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """<out_dir>/{speed,balanced,quality}.env, each with its measured numbers and trial keys on top."""
+    """<out_dir>/{speed,balanced,quality}.env, each with its measured numbers and trial keys on top, and its deploy
+    files beside it (`kit.serve.deploy.write_deploy_files`)."""
     by = {settings_key(c.settings): c for c in result.screened + result.confirmed}
     ref = result.screened[0].settings if result.screened else result.start
     paths = {}
@@ -405,4 +407,7 @@ def write_kit_profiles(profiles: dict[str, Settings], measured: dict[str, dict],
         m["trial_keys"] = [m.get(t, {}).get("trial_key") for t in ("pp", "tg", "request")]
         header = profile_header(name, m, "kit.studies.autotune", why.get(name, []) + tuner_header(result))
         paths[name] = write_profile(Path(out_dir) / f"{name}.env", s, header)
+        # beside it: llama-cpp-python's server config, a llama-server command line, and .env.<name> (the guide's
+        # own file name) (kit.serve.deploy)
+        write_deploy_files(paths[name], s)
     return paths
