@@ -79,7 +79,8 @@ def test_translation_names_every_setting_and_the_config_reads_back():
 def test_deploy_files_beside_the_env(tmp_path):
     env = SMALL.to_dotenv(tmp_path / "speed.env")
     out = serve.write_deploy_files(env)
-    assert json.loads(out["server_config"].read_text())["models"][0]["n_ctx"] == 512
+    cfg = json.loads(out["server_config"].read_text())
+    assert cfg["models"][0]["n_ctx"] == 512 and cfg["interrupt_requests"] is False and cfg["models"][0]["logits_all"] is False
     assert "llama-server" in out["llama_server"].read_text() and os.access(out["llama_server"], os.X_OK)
     assert out["env_guide_name"].name == ".env.speed"
     assert Settings.from_dotenv(out["env_guide_name"]) == Settings.from_dotenv(env)

@@ -140,14 +140,16 @@ def llama_server_command(settings: Settings, *, exe: str = "llama-server", host:
 
 def write_deploy_files(env_path: str | os.PathLike, settings: Settings | None = None, *,
                        model_path: str | None = None, guide_name: str | None = None) -> dict[str, Path]:
-    """Beside `<dir>/<name>.env`: `<name>.server.json` (llama-cpp-python's server config), `<name>.llama-server.sh`
-    (the same settings as a llama-server command line, notes as comments) and, for the guide's profile names,
-    the `.env` again under the guide's own file name `.env.<name>`. Returns kind -> path."""
+    """Beside `<dir>/<name>.env`: `<name>.server.json` (llama-cpp-python's server config, interrupt_requests
+    false), `<name>.llama-server.sh` (the same settings as a llama-server command line, notes as comments) and, for
+    the guide's profile names, the `.env` again under the guide's own file name `.env.<name>`. Returns kind -> path."""
     env_path = Path(env_path)
     s = settings or Settings.from_dotenv(env_path)
     name = env_path.stem
     out = {}
-    cfg = server_config(s, model_path=model_path)
+    # interrupt_requests false: the server's default cuts off a streaming answer whenever another request waits
+    # (notebook 86 measures it); a deployed profile should answer every request in full
+    cfg = server_config(s, model_path=model_path, interrupt_requests=False)
     p = env_path.with_name(f"{name}.server.json")
     p.write_text(json.dumps(cfg, indent=2) + "\n")
     out["server_config"] = p
