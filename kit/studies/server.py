@@ -165,6 +165,18 @@ def build_requests(s: Settings, study: ServedStudy, counter, passes: int) -> tup
     return out, info
 
 
+def level_requests(reqs: list[tuple[str, list[dict]]], key: str) -> list[tuple[str, list[dict]]]:
+    """The requests with first lines unique to one level (its key and the request's index): a server that keeps
+    earlier prompts (llama-server's prompt cache, a server reused across levels) cannot serve a request from
+    cache. The same level gets the same prompts on a rerun."""
+    out = []
+    for i, (pid, messages) in enumerate(reqs):
+        msgs = [dict(m) for m in messages]
+        msgs[0]["content"] = f"(request {key[:8]}-{i + 1})\n" + msgs[0]["content"].split("\n", 1)[-1]
+        out.append((pid, msgs))
+    return out
+
+
 # ---- levels: one trial each ---------------------------------------------------------------------------------------
 @dataclass
 class Level:
@@ -304,8 +316,10 @@ def _levels_for(study: ServedStudy, names: Sequence[str]) -> list[Level]:
 
 
 def _concurrency_levels(study: ServedStudy, name: str) -> list[Level]:
+    """Closed loops at each concurrency, with interrupt_requests on and off (llama-cpp-python's setting: against
+    another endpoint, one pass, recorded as off)."""
     out = []
-    for interrupt in (True, False):
+    for interrupt in ((False,) if study.endpoint else (True, False)):
         for c in study.concurrency:
             out.append(Level(name, "concurrency", Load("closed", clients=c, requests_per_client=study.requests_per_client),
                              interrupt_requests=interrupt))
@@ -326,7 +340,7 @@ def run_served_study(study: ServedStudy, progress: bool = True, endpoint: Endpoi
     res = ServedResult(rows=pd.DataFrame(), profiles=profiles)
     count = LlamaTokenCounter(study.model)
     spec = {"n_questions": study.n_questions, "chunk_chars": study.chunk_chars, "max_tokens": study.max_tokens,
-            "corpus_topics": list(study.corpus_topics), "nonce": True, "logits_all": study.logits_all}
+            "corpus_topics": list(study.corpus_topics), "nonce": "per level", "logits_all": study.logits_all}
     done = _done_levels(read_rows(results), study.retry_failed)
     deploy_dir = out / "deploy"
     deploy_dir.mkdir(exist_ok=True)
@@ -385,7 +399,7 @@ def run_served_study(study: ServedStudy, progress: bool = True, endpoint: Endpoi
                  study.request_timeout_s)
         for lv in lvs:
             base = {**_base_columns(name, card, pname, s, lv, ep, info), **ep.settings}
-            recs, lvl = run_level(ep, lv, reqs, fields, study)
+            recs, lvl = run_level(ep, lv, level_requests(reqs, lv.key), fields, study)
             _write(results, base, lv, recs, lvl)
             if lvl["level_status"] != "ok" and not ep.alive():
                 res.notes.append(f"{pname}: the server exited during {lv.load.label()}; its remaining levels are "
