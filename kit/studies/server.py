@@ -476,8 +476,8 @@ def _as_records(g: pd.DataFrame) -> list[dict]:
 
 
 def level_table(df: pd.DataFrame, slo_ttft_ms: float, slo_tpot_ms: float) -> pd.DataFrame:
-    """One row per served load level: percentiles (with 95 % bootstrap intervals for p50), throughput, goodput
-    under the SLO, error and truncation rates, the server's peak RSS, the client's CPU share."""
+    """One row per served load level: p50/p90/p95/p99 of TTFT, TPOT and e2e with 95 % bootstrap intervals,
+    throughput, goodput under the SLO, error and truncation rates, the server's peak RSS, the client's CPU share."""
     s = served(df)
     if not len(s):
         return pd.DataFrame()
@@ -497,9 +497,10 @@ def level_table(df: pd.DataFrame, slo_ttft_ms: float, slo_tpot_ms: float) -> pd.
             p50, lo, hi = bootstrap_quantile(vals, 0.5)
             row[f"{name}_p50_ms"] = None if p50 is None else round(p50, 1)
             row[f"{name}_p50_ci"] = None if lo is None else f"{lo:.0f}-{hi:.0f}"
-            for q in QUANTILES[1:]:
-                v = bootstrap_quantile(vals, q, n_boot=1)[0] if vals else None
+            for q in QUANTILES[1:]:  # with few requests a high quantile is near the maximum: its interval says so
+                v, qlo, qhi = bootstrap_quantile(vals, q)
                 row[f"{name}_p{int(q * 100)}_ms"] = None if v is None else round(v, 1)
+                row[f"{name}_p{int(q * 100)}_ci"] = None if qlo is None else f"{qlo:.0f}-{qhi:.0f}"
         itl = [x for xs in ok["samples_itl_ms"] for x in (xs or [])] if len(ok) else []
         row["itl_p50_ms"] = round(bootstrap_quantile(itl, 0.5, n_boot=1)[0], 2) if itl else None
         row["itl_p99_ms"] = round(bootstrap_quantile(itl, 0.99, n_boot=1)[0], 2) if itl else None
