@@ -286,3 +286,31 @@ def test_server_killed_mid_level_writes_error_rows_and_a_rerun_resumes(tmp_path)
     assert set(_server_pids()) <= servers_before
     lv2 = level_table(res2.rows, 3000, 100)
     assert len(lv2) == 5  # a level's rows: the latest run's
+
+
+def test_the_same_load_against_an_endpoint_someone_else_started(tmp_path, started):
+    """endpoint=URL: no server started by the study and nothing in-process; the levels run against that URL (here
+    the module's llama-cpp-python server stands in for llama-server, Ollama or vLLM: `make serve-check` runs it on a
+    real llama-server)."""
+    ep, _ = started
+    env = SMALL.replace(rag_search_k=2, max_context_length=200).to_dotenv(tmp_path / "theirs.env")
+    study = ServedStudy(endpoint=ep.base_url, endpoint_profile=str(env), n_questions=1, chunk_chars=200,
+                        corpus_topics=["pass", "while"], max_tokens=8, repetitions=3, concurrency=[1, 2],
+                        requests_per_client=3, rhos=[1.0], poisson_requests=3, out_dir=str(tmp_path / "out"))
+    assert list(study.profiles()) == ["endpoint"]
+    before = set(_server_pids())
+    res = run_served_study(study, progress=False)
+    assert set(_server_pids()) == before  # the study started no server of its own
+    rows = res.rows
+    assert set(rows["part"]) == {"served"} and set(rows["endpoint_kind"]) == {"external"}
+    assert (rows["endpoint"] == ep.base_url).all() and (rows["status"] == "ok").all()
+    lv = level_table(rows, 3000, 100)
+    assert set(lv["part"]) == {"sequential", "concurrency", "rate"} and (lv["level_status"] == "ok").all()
+    assert not lv[lv["part"] == "concurrency"]["interrupt_requests"].any()  # a setting of the kit's own servers
+    assert res.mu_rps and lv[lv["part"] == "rate"]["offered_rps"].iloc[0] == pytest.approx(res.mu_rps, rel=0.01)
+    # an endpoint that is not OpenAI-compatible: every level a failed row with the cause, nothing raised
+    bad = ServedStudy(endpoint="http://127.0.0.1:9/v1", endpoint_profile=str(env), n_questions=1, chunk_chars=200,
+                      corpus_topics=["pass", "while"], max_tokens=8, repetitions=3, concurrency=[], rhos=[],
+                      out_dir=str(tmp_path / "bad"))
+    rows = run_served_study(bad, progress=False).rows
+    assert len(rows) == 1 and rows["status"].iloc[0].startswith("error: ") and "no answer" in rows["error"].iloc[0]
