@@ -26,3 +26,9 @@ def resolve(path: str | os.PathLike) -> Path:
     """An absolute path: relative ones are taken from the repository root (see the module docstring)."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else REPO_ROOT / p
+
+# what the served study (notebook 86, kit.studies.server) writes beside its rows, and the report reads
+SERVED_STUDY = "86_server"
+SERVED_SIDE_BY_SIDE_FILE = "served_vs_in_process.csv"
+SERVED_LEVELS_FILE = "served_levels.csv"
+SERVED_SUMMARY_FILE = "served_summary.json"

@@ -27,7 +27,9 @@ from kit import compare as compare_mod
 from kit.config import SettingsError, read_dotenv
 from kit.drift import DRIFT_FILE, PROBE_DIR, drift_text, within_drift
 from kit.environment import ENVIRONMENT_FILE
-from kit.paths import OUTPUTS, resolve
+from kit.paths import (
+    OUTPUTS, SERVED_LEVELS_FILE, SERVED_SIDE_BY_SIDE_FILE, SERVED_STUDY, SERVED_SUMMARY_FILE, resolve,
+)
 from kit.results import RESULTS_FILE
 from kit.verdicts import (
     CLAIM_IDS, DECIDED, INCONCLUSIVE, MIXED, NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, VERDICTS, VERDICTS_FILE,
@@ -779,31 +781,33 @@ def render_report(out_root: str | os.PathLike = OUTPUTS, status: dict | None = N
     return index
 
 
-SERVED_DIR = "86_server"
-
-
 def served_section(root: Path) -> str:
-    """The served study's numbers next to the in-process ones (notebook 86's served_vs_in_process.csv), its knee
-    and what interrupt_requests did to answers; empty where the study has not run."""
-    d = root / SERVED_DIR
-    sbs_path, levels_path, summ_path = d / "served_vs_in_process.csv", d / "served_levels.csv", d / "served_summary.json"
-    if not sbs_path.is_file():
+    """The served study's numbers next to the in-process ones (notebook 86's side-by-side table), its knee and what
+    interrupt_requests did to answers; empty where the study has not run."""
+    d = root / SERVED_STUDY
+    if not (d / SERVED_SIDE_BY_SIDE_FILE).is_file():
         return ""
     e = html.escape
     try:
-        sbs = pd.read_csv(sbs_path)
-        levels = pd.read_csv(levels_path) if levels_path.is_file() else pd.DataFrame()
-        summ = json.loads(summ_path.read_text()) if summ_path.is_file() else {}
+        sbs = pd.read_csv(d / SERVED_SIDE_BY_SIDE_FILE)
+        levels = pd.read_csv(d / SERVED_LEVELS_FILE) if (d / SERVED_LEVELS_FILE).is_file() else pd.DataFrame()
+        summ = json.loads((d / SERVED_SUMMARY_FILE).read_text()) if (d / SERVED_SUMMARY_FILE).is_file() else {}
     except (ValueError, OSError) as exc:
         return f"<h2>Served over HTTP</h2><p>unreadable served tables ({e(type(exc).__name__)})</p>"
 
-    def cell(x, digits=0):
-        return "" if x is None or (isinstance(x, float) and x != x) else (f"{x:.{digits}f}" if isinstance(x, float) else e(str(x)))
+    def cell(x, digits: int = 0) -> str:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return ""
+        return f"{x:.{digits}f}" if isinstance(x, float) else e(str(x))
+
+    def ratio(r: dict, metric: str) -> str:
+        return f"{cell(r.get(f'{metric}_ratio'), 2)} ({cell(r.get(f'{metric}_ratio_ci'))})"
+
     rows = "".join(
-        f"<tr><td>{e(str(r['profile']))}</td><td>{cell(r.get('in_process_ttft_ms'))}</td><td>{cell(r.get('served_ttft_ms'))}</td>"
-        f"<td>{cell(r.get('ttft_ratio'), 2)} ({cell(r.get('ttft_ratio_ci'))})</td><td>{cell(r.get('in_process_decode_ts'), 1)}</td>"
-        f"<td>{cell(r.get('served_decode_ts'), 1)}</td><td>{cell(r.get('decode_ts_ratio'), 2)} ({cell(r.get('decode_ts_ratio_ci'))})</td></tr>"
-        for r in sbs.to_dict("records"))
+        f"<tr><td>{e(str(r['profile']))}</td><td>{cell(r.get('in_process_ttft_ms'))}</td>"
+        f"<td>{cell(r.get('served_ttft_ms'))}</td><td>{ratio(r, 'ttft')}</td>"
+        f"<td>{cell(r.get('in_process_decode_ts'), 1)}</td><td>{cell(r.get('served_decode_ts'), 1)}</td>"
+        f"<td>{ratio(r, 'decode_ts')}</td></tr>" for r in sbs.to_dict("records"))
     parts = ["<h2>Served over HTTP, next to in-process</h2><p class='small'>Notebook 86: each profile started as "
              "llama-cpp-python's OpenAI server and sent the same RAG-shaped requests as in-process, one after the "
              "other. Medians; served / in-process with its 95 % interval.</p>",
@@ -817,9 +821,8 @@ def served_section(root: Path) -> str:
     if knee.get("saturated_from_rps"):
         words.append(f"and saturated at {knee['saturated_from_rps']} requests/s offered")
     if len(levels) and "part" in levels:
-        c = levels[levels["part"] == "concurrency"]
-        for r in c.to_dict("records"):
-            if r.get("truncation_rate") == r.get("truncation_rate") and r.get("truncation_rate") is not None:
+        for r in levels[levels["part"] == "concurrency"].to_dict("records"):
+            if pd.notna(r.get("truncation_rate")):
                 words.append(f"{r['load']} with interrupt_requests {'on' if r['interrupt_requests'] else 'off'}: "
                              f"{r['truncation_rate']:.0%} of answers truncated")
     if words:

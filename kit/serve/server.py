@@ -35,7 +35,7 @@ from kit.serve.deploy import server_config
 READY_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 LOG_TAIL_LINES = 20
-_RUNNING: set["LlamaCppServer"] = set()
+_RUNNING: set["CommandServer"] = set()
 
 
 class ServerError(RuntimeError):
@@ -144,63 +144,29 @@ def check_endpoint(base_url: str, timeout_s: float = 10.0) -> str:
     return ids[0]
 
 
-class LlamaCppServer:
-    """llama-cpp-python's OpenAI server for one profile, as a context manager yielding its Endpoint."""
+class CommandServer:
+    """Any OpenAI-compatible server started from a command line (llama.cpp's `llama-server`, or llama-cpp-python's
+    through LlamaCppServer): in its own session, dying with the kit, its log kept, ready when `<base_url>/models`
+    lists a model (or one ServerError quoting the log), stopped on exit, on error and on Ctrl-C."""
 
-    def __init__(self, settings: Settings, log_dir: str | os.PathLike, *, port: int | None = None,
-                 interrupt_requests: bool = True, ready_timeout_s: float = READY_TIMEOUT_S, name: str = "server",
-                 model_path: str | None = None, logits_all: bool = False):
-        self.settings = settings
-        self.log_dir = Path(log_dir)
-        self.name = name
-        if port is not None and port_in_use(port):
-            raise ServerError(f"port {port} on 127.0.0.1 is already in use: choose another or leave it to the kit")
-        try:
-            path = model_path or str(resolve_model(settings.model))
-        except ModelFileError as exc:
-            raise ServerError(f"the profile's model file: {exc}") from None
-        if not Path(path).is_file():
-            raise ServerError(f"the profile's model file does not exist: {path}")
-        self.model_path = path
-        self.port = port
-        self.interrupt_requests = interrupt_requests
-        self.logits_all = logits_all
-        self.ready_timeout_s = ready_timeout_s
+    def __init__(self, cmd: list[str], base_url: str, log_path: str | os.PathLike,
+                 ready_timeout_s: float = READY_TIMEOUT_S, kind: str = "llama-server", name: str | None = None,
+                 env: dict | None = None):
+        self.cmd, self.base_url, self.log_path = list(cmd), base_url, Path(log_path)
+        self.ready_timeout_s, self.kind, self.name, self.env = ready_timeout_s, kind, name or kind, env
         self.proc: subprocess.Popen | None = None
-        self.endpoint: Endpoint | None = None
-        self.started_s: float | None = None
 
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.name}.log"
-
-    @property
-    def config_path(self) -> Path:
-        return self.log_dir / f"{self.name}.server.json"
-
-    def config(self, port: int) -> dict:
-        return server_config(self.settings, port=port, interrupt_requests=self.interrupt_requests,
-                             model_path=self.model_path, logits_all=self.logits_all)
-
-    def start(self) -> Endpoint:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        port = self.port or free_port()
-        cfg = self.config(port)
-        self.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
-        env = dict(os.environ, GGML_NO_BACKTRACE="1")
-        env.pop("CONFIG_FILE", None)
-        for k in ("HOST", "PORT"):  # the server reads these over its config: never from the kit's environment
-            env.pop(k, None)
-        log = open(self.log_path, "ab")
-        log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} starting {self.name} on port {port}\n".encode())
-        log.flush()
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--config_file", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
+    def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {self.name}: {' '.join(self.cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
         _RUNNING.add(self)
-        base = f"http://127.0.0.1:{port}/v1"
+
+    def _wait_ready(self) -> str:
+        """The model id the server lists once it answers; ServerError (the server stopped) otherwise."""
         deadline = time.monotonic() + self.ready_timeout_s
         while True:
             rc = self.proc.poll()
@@ -209,24 +175,20 @@ class LlamaCppServer:
                 raise ServerError(f"{self.name} exited with code {rc} before it was ready; its log "
                                   f"({self.log_path}) ends:\n{log_tail(self.log_path)}")
             try:
-                r = httpx.get(base + "/models", timeout=2.0)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
+                return check_endpoint(self.base_url, timeout_s=2.0)
+            except ServerError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise ServerError(f"{self.name} did not answer {base}/models within {self.ready_timeout_s:g} s; its "
-                                  f"log ({self.log_path}) ends:\n{log_tail(self.log_path)}")
+                raise ServerError(f"{self.name} did not answer {self.base_url}/models within {self.ready_timeout_s:g} "
+                                  f"s; its log ({self.log_path}) ends:\n{log_tail(self.log_path)}")
             time.sleep(0.2)
-        self.started_s = time.perf_counter() - t0
-        model_cfg = cfg["models"][0]
-        cols = {f"server_{k}": v for k, v in model_cfg.items() if k not in ("model", "verbose")}
-        cols.update(server_interrupt_requests=self.interrupt_requests, server_host="127.0.0.1",
-                    server_ready_s=round(self.started_s, 3))
-        self.endpoint = Endpoint(base, kind="llama-cpp-python", pid=self.proc.pid, model=model_cfg["model_alias"],
-                                 settings=cols)
-        return self.endpoint
+
+    def start(self) -> Endpoint:
+        self._spawn()
+        model = self._wait_ready()
+        return Endpoint(self.base_url, kind=self.kind, pid=self.proc.pid, model=model,
+                        settings={"server_command": " ".join(self.cmd)})
 
     def stop(self) -> int | None:
         """SIGTERM to the server's process group, SIGKILL after STOP_GRACE_S; returns its exit code."""
@@ -257,58 +219,59 @@ class LlamaCppServer:
         return id(self)
 
 
+class LlamaCppServer(CommandServer):
+    """llama-cpp-python's OpenAI server for one profile, as a context manager yielding its Endpoint: the profile's
+    config file (`kit.serve.deploy.server_config`) written under log_dir, then `python -m llama_cpp.server`."""
+
+    def __init__(self, settings: Settings, log_dir: str | os.PathLike, *, port: int | None = None,
+                 interrupt_requests: bool = True, ready_timeout_s: float = READY_TIMEOUT_S, name: str = "server",
+                 model_path: str | None = None, logits_all: bool = False):
+        if port is not None and port_in_use(port):
+            raise ServerError(f"port {port} on 127.0.0.1 is already in use: choose another or leave it to the kit")
+        try:
+            path = model_path or str(resolve_model(settings.model))
+        except ModelFileError as exc:
+            raise ServerError(f"the profile's model file: {exc}") from None
+        if not Path(path).is_file():
+            raise ServerError(f"the profile's model file does not exist: {path}")
+        self.settings, self.log_dir, self.model_path, self.port = settings, Path(log_dir), path, port
+        self.interrupt_requests, self.logits_all = interrupt_requests, logits_all
+        env = dict(os.environ, GGML_NO_BACKTRACE="1")
+        for k in ("CONFIG_FILE", "HOST", "PORT"):  # the server reads these over its config: never the kit's
+            env.pop(k, None)
+        super().__init__([], "", self.log_dir / f"{name}.log", ready_timeout_s, kind="llama-cpp-python", name=name,
+                         env=env)
+        self.endpoint: Endpoint | None = None
+        self.started_s: float | None = None
+
+    @property
+    def config_path(self) -> Path:
+        return self.log_dir / f"{self.name}.server.json"
+
+    def config(self, port: int) -> dict:
+        return server_config(self.settings, port=port, interrupt_requests=self.interrupt_requests,
+                             model_path=self.model_path, logits_all=self.logits_all)
+
+    def start(self) -> Endpoint:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        port = self.port or free_port()
+        cfg = self.config(port)
+        self.config_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        self.cmd = [sys.executable, "-m", "llama_cpp.server", "--config_file", str(self.config_path)]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        t0 = time.perf_counter()
+        self._spawn()
+        model = self._wait_ready()
+        self.started_s = time.perf_counter() - t0
+        model_cfg = cfg["models"][0]
+        cols = {f"server_{k}": v for k, v in model_cfg.items() if k not in ("model", "verbose")}
+        cols.update(server_interrupt_requests=self.interrupt_requests, server_host="127.0.0.1",
+                    server_ready_s=round(self.started_s, 3))
+        self.endpoint = Endpoint(self.base_url, kind=self.kind, pid=self.proc.pid, model=model, settings=cols)
+        return self.endpoint
+
+
 @atexit.register
 def _stop_all() -> None:
     for s in list(_RUNNING):
         s.stop()
-
-
-class CommandServer:
-    """Any OpenAI-compatible server started from a command line (llama.cpp's `llama-server`), with the same
-    guarantees as LlamaCppServer: its own session, dies with the kit, log kept, ready or a clear error, stopped."""
-
-    def __init__(self, cmd: list[str], base_url: str, log_path: str | os.PathLike,
-                 ready_timeout_s: float = READY_TIMEOUT_S, kind: str = "llama-server"):
-        self.cmd, self.base_url, self.log_path = list(cmd), base_url, Path(log_path)
-        self.ready_timeout_s, self.kind = ready_timeout_s, kind
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Endpoint:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(self.cmd)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
-        _RUNNING.add(self)
-        deadline = time.monotonic() + self.ready_timeout_s
-        while True:
-            rc = self.proc.poll()
-            if rc is not None:
-                self.stop()
-                raise ServerError(f"{self.kind} exited with code {rc} before it was ready; its log ends:\n"
-                                  f"{log_tail(self.log_path)}")
-            try:
-                model = check_endpoint(self.base_url, timeout_s=2.0)
-                break
-            except ServerError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServerError(f"{self.kind} did not answer {self.base_url}/models within {self.ready_timeout_s:g} "
-                                  f"s; its log ends:\n{log_tail(self.log_path)}")
-            time.sleep(0.3)
-        return Endpoint(self.base_url, kind=self.kind, pid=self.proc.pid, model=model,
-                        settings={"server_command": " ".join(self.cmd)})
-
-    def stop(self) -> int | None:
-        return LlamaCppServer.stop(self)  # the same SIGTERM / SIGKILL of the process group
-
-    def __enter__(self) -> Endpoint:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def __hash__(self) -> int:
-        return id(self)

@@ -43,7 +43,9 @@ from kit.environment import process_provenance, save_environment
 from kit.fidelity import build_llama_tool
 from kit.measure import requests_row
 from kit.models import chat_format_for, model_card
-from kit.paths import DEFAULT_MODEL, resolve
+from kit.paths import (
+    DEFAULT_MODEL, SERVED_LEVELS_FILE, SERVED_SIDE_BY_SIDE_FILE, SERVED_SUMMARY_FILE, resolve,
+)
 from kit.results import RESULTS_FILE, append_rows, read_rows
 from kit.serve.client import Load, bootstrap_quantile, run_load, tpot_ms
 from kit.serve.deploy import llama_server_command, request_fields, translation, write_deploy_files
@@ -51,8 +53,8 @@ from kit.serve.server import CommandServer, Endpoint, LlamaCppServer, ServerErro
 from kit.studies.autotune.profiles import (
     GUIDE_PROFILE_NAMES, PROMPT_ROOM, gold_first, load_guide_profile, rag_request, request_inputs,
 )
-from kit.studies.autotune.tuner import guide_baseline
-from kit.studies.autotune.verdicts import GUIDE_CLAIMED_RATIOS, against_claim, x1_verdict
+from kit.studies.autotune.tuner import guide_baseline, samples_of
+from kit.studies.autotune.verdicts import decode_ts, speed_conditions, x1_verdict
 from kit.studies.rag.pipeline import LlamaTokenCounter, rag_messages
 from kit.sweep import run_sweep, split_out_dir
 from kit.verdicts import SUPPORTED, Verdict, bootstrap_ratio, combine, compare, not_testable
@@ -143,38 +145,37 @@ class ServedStudy(StudyConfig):
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
-def build_requests(s: Settings, study: ServedStudy, counter, passes: int) -> tuple[list[tuple[str, list[dict]]], dict]:
-    """The RAG-shaped chat requests of one profile (kit.studies.rag.pipeline.rag_messages, oracle order, sized by
-    its rag_search_k and max_context_length within its n_ctx), `passes` times over the questions, each with a
-    unique first line; and what went into them (context tokens, chunks)."""
-    chunks, questions = request_inputs(study.chunk_chars, study.corpus_topics or None)
-    questions = questions[:study.n_questions]
+def build_requests(s: Settings, study: ServedStudy, counter, passes: int,
+                   inputs: tuple[list, list]) -> tuple[list[tuple[str, list[dict]]], dict]:
+    """The RAG-shaped chat requests of one profile (kit.studies.rag.pipeline.rag_messages over `inputs`, the
+    chunks and questions of `request_inputs`, oracle order, sized by its rag_search_k and max_context_length within
+    its n_ctx), `passes` times over the questions; and what went into them (context tokens, chunks, the prompt
+    tokens as sent, with the first line `level_requests` adds)."""
+    chunks, questions = inputs
     n_ctx = s.n_ctx or (model_card(s.model).n_ctx_train or 2048)
     budget = max(min(s.max_context_length, n_ctx - study.max_tokens - PROMPT_ROOM), 0)
-    built = [rag_messages(q, gold_first(q, chunks), s.rag_search_k, budget, counter) for q in questions]
-    out = []
-    for p in range(passes):
-        for qi, (messages, _) in enumerate(built):
-            i = len(out)
-            msgs = [dict(m) for m in messages]
-            msgs[0]["content"] = f"(request {i + 1})\n" + msgs[0]["content"]
-            out.append((f"q{qi}", msgs))
+    built = [rag_messages(q, gold_first(q, chunks), s.rag_search_k, budget, counter)
+             for q in questions[:study.n_questions]]
+    out = [(f"q{qi}", messages) for _ in range(passes) for qi, (messages, _) in enumerate(built)]
+    sent = level_requests(out, "0" * 8)
     info = {"rag_context_tokens": round(statistics.fmean(i["context_tokens"] for _, i in built)),
             "rag_chunks_in_context": round(statistics.fmean(i["n_in_context"] for _, i in built), 2),
-            "n_prompt": round(statistics.fmean(sum(counter(m["content"]) for m in msgs) for _, msgs in out))}
+            "n_prompt": round(statistics.fmean(sum(counter(m["content"]) for m in msgs) for _, msgs in sent))}
     return out, info
+
+
+def first_line(messages: list[dict], line: str) -> list[dict]:
+    """A copy of the messages with `line` put before the first message's text."""
+    msgs = [dict(m) for m in messages]
+    msgs[0]["content"] = f"{line}\n" + msgs[0]["content"]
+    return msgs
 
 
 def level_requests(reqs: list[tuple[str, list[dict]]], key: str) -> list[tuple[str, list[dict]]]:
     """The requests with first lines unique to one level (its key and the request's index): a server that keeps
-    earlier prompts (llama-server's prompt cache, a server reused across levels) cannot serve a request from
-    cache. The same level gets the same prompts on a rerun."""
-    out = []
-    for i, (pid, messages) in enumerate(reqs):
-        msgs = [dict(m) for m in messages]
-        msgs[0]["content"] = f"(request {key[:8]}-{i + 1})\n" + msgs[0]["content"].split("\n", 1)[-1]
-        out.append((pid, msgs))
-    return out
+    earlier prompts (llama-server's prompt cache, llama-cpp-python's longest common prefix, a server reused across
+    levels) cannot serve a request from cache. The same level gets the same prompts on a rerun."""
+    return [(pid, first_line(messages, f"(request {key[:8]}-{i + 1})")) for i, (pid, messages) in enumerate(reqs)]
 
 
 # ---- levels: one trial each ---------------------------------------------------------------------------------------
@@ -339,6 +340,7 @@ def run_served_study(study: ServedStudy, progress: bool = True, endpoint: Endpoi
     profiles = study.profiles()
     res = ServedResult(rows=pd.DataFrame(), profiles=profiles)
     count = LlamaTokenCounter(study.model)
+    chunks, questions = request_inputs(study.chunk_chars, study.corpus_topics or None)  # once, for every profile
     spec = {"n_questions": study.n_questions, "chunk_chars": study.chunk_chars, "max_tokens": study.max_tokens,
             "corpus_topics": list(study.corpus_topics), "nonce": "per level", "logits_all": study.logits_all}
     done = _done_levels(read_rows(results), study.retry_failed)
@@ -393,10 +395,8 @@ def run_served_study(study: ServedStudy, progress: bool = True, endpoint: Endpoi
         # one warm-up request per server start (model pages, the first graph): not recorded
         # (its own first line: a warm-up with the first measured prompt would hand that request a cached prefix)
         pid0, msgs0 = reqs[0]
-        warm = [dict(m) for m in msgs0]
-        warm[0]["content"] = "(warm-up)\n" + warm[0]["content"].split("\n", 1)[-1]
-        run_load(ep.base_url, ep.model, [(pid0, warm)], {**fields, "max_tokens": 2}, Load("closed"),
-                 study.request_timeout_s)
+        run_load(ep.base_url, ep.model, [(pid0, first_line(msgs0, "(warm-up)"))], {**fields, "max_tokens": 2},
+                 Load("closed"), study.request_timeout_s)
         for lv in lvs:
             base = {**_base_columns(name, card, pname, s, lv, ep, info), **ep.settings}
             recs, lvl = run_level(ep, lv, level_requests(reqs, lv.key), fields, study)
@@ -408,7 +408,7 @@ def run_served_study(study: ServedStudy, progress: bool = True, endpoint: Endpoi
 
     # X1 / X2 / P1: each profile in-process, then served, one after the other (drift hits both sides alike)
     for pname, s in profiles.items():
-        reqs, info = build_requests(s, study, count, study.repetitions)
+        reqs, info = build_requests(s, study, count, study.repetitions, (chunks, questions))
         if not study.endpoint:
             run_sweep(name, s, [request_test], repetitions=study.repetitions, out_root=root, progress=progress,
                       extra={"part": IN_PROCESS, "profile": pname})
@@ -418,8 +418,9 @@ def run_served_study(study: ServedStudy, progress: bool = True, endpoint: Endpoi
     cname = "endpoint" if study.endpoint else study.concurrency_profile
     if cname in profiles and (study.concurrency or study.rhos):
         s = profiles[cname]
-        reqs, info = build_requests(s, study, count, max(study.requests_per_client * max(study.concurrency or [1]),
-                                                         study.poisson_requests) // max(study.n_questions, 1) + 1)
+        passes = max(study.requests_per_client * max(study.concurrency or [1]), study.poisson_requests) // \
+            max(study.n_questions, 1) + 1
+        reqs, info = build_requests(s, study, count, passes, (chunks, questions))
         serve(cname, _concurrency_levels(study, cname) if study.concurrency else [], reqs, info)
         rows = read_rows(results)
         mu = service_rate(rows, cname)
@@ -549,8 +550,12 @@ def in_process_summary(df: pd.DataFrame, profile: str) -> dict:
     return g.iloc[-1].to_dict() if len(g) else {}
 
 
-def _decode_ts(m: dict) -> list[float]:
-    return [1000.0 / x for x in (m.get("samples_decode_ms_per_token") or []) if x and x > 0]
+def _ratio_columns(metric: str, served_samples: list[float], in_process_samples: list[float]) -> dict:
+    """served / in-process for one metric, with its 95 % bootstrap interval (None with fewer than 2 a side)."""
+    if len(served_samples) < 2 or len(in_process_samples) < 2:
+        return {f"{metric}_ratio": None, f"{metric}_ratio_ci": None}
+    pt, lo, hi = bootstrap_ratio(served_samples, in_process_samples)
+    return {f"{metric}_ratio": round(pt, 3), f"{metric}_ratio_ci": f"{lo:.3f}-{hi:.3f}"}
 
 
 def side_by_side(df: pd.DataFrame, profiles: Sequence[str]) -> pd.DataFrame:
@@ -558,22 +563,13 @@ def side_by_side(df: pd.DataFrame, profiles: Sequence[str]) -> pd.DataFrame:
     out = []
     for p in profiles:
         sv, ip = request_summary(df, p), in_process_summary(df, p)
-        row = {"profile": p, "served_ttft_ms": sv.get("ttft_ms"), "in_process_ttft_ms": ip.get("ttft_ms"),
-               "served_decode_ts": None, "in_process_decode_ts": None}
-        for metric, a, b in (("ttft", sv.get("samples_ttft_ms") or [], ip.get("samples_ttft_ms") or []),
-                             ("decode_ts", _decode_ts(sv), _decode_ts(ip))):
-            if metric == "decode_ts":
-                row["served_decode_ts"] = round(statistics.median(a), 1) if a else None
-                row["in_process_decode_ts"] = round(statistics.median(b), 1) if b else None
-            if len(a) >= 2 and len(b) >= 2:
-                pt, lo, hi = bootstrap_ratio(a, b)
-                row[f"{metric}_ratio"] = round(pt, 3)
-                row[f"{metric}_ratio_ci"] = f"{lo:.3f}-{hi:.3f}"
-            else:
-                row[f"{metric}_ratio"], row[f"{metric}_ratio_ci"] = None, None
-        row["served_n"] = len(sv.get("samples_ttft_ms") or [])
-        row["in_process_n"] = len(ip.get("samples_ttft_ms") or [])
-        out.append(row)
+        ttft_sv, ttft_ip = samples_of(sv, "samples_ttft_ms"), samples_of(ip, "samples_ttft_ms")
+        dec_sv, dec_ip = decode_ts(sv), decode_ts(ip)
+        out.append({"profile": p, "served_ttft_ms": sv.get("ttft_ms"), "in_process_ttft_ms": ip.get("ttft_ms"),
+                    "served_decode_ts": round(statistics.median(dec_sv), 1) if dec_sv else None,
+                    "in_process_decode_ts": round(statistics.median(dec_ip), 1) if dec_ip else None,
+                    **_ratio_columns("ttft", ttft_sv, ttft_ip), **_ratio_columns("decode_ts", dec_sv, dec_ip),
+                    "served_n": len(ttft_sv), "in_process_n": len(ttft_ip)})
     return pd.DataFrame(out)
 
 
@@ -601,15 +597,7 @@ def x2_served(df: pd.DataFrame, evidence: Sequence[str] = ()) -> Verdict:
     if not base or not tuned:
         return not_testable("X2", "served X2 needs the baseline and the kit's speed profile (notebook 85 writes it) "
                             "served with successful requests", evidence=evidence)
-    cl = GUIDE_CLAIMED_RATIOS
-    conds = {
-        "decode tokens/s": against_claim("decode tokens/s", _decode_ts(tuned), _decode_ts(base),
-                                         cl["decode tokens/s"]["ratio"], True,
-                                         "decode tokens/s ratio (1000 / mean ITL per request), served, tuned / baseline",
-                                         cl["decode tokens/s"]["text"]),
-        "TTFT": against_claim("TTFT", tuned.get("samples_ttft_ms") or [], base.get("samples_ttft_ms") or [],
-                              cl["TTFT"]["ratio"], False, "TTFT ratio, served, tuned / baseline", cl["TTFT"]["text"]),
-    }
+    conds = speed_conditions(base, tuned, where="served, ")
     v = combine("X2", conds, "metric", evidence=evidence)
     return _served_tag(v)
 
@@ -770,9 +758,6 @@ def plot_served(df: pd.DataFrame, levels: pd.DataFrame, profiles: Sequence[str])
 
 
 # ---- what the notebook shows and the report reads -------------------------------------------------------------
-SIDE_BY_SIDE_FILE = "served_vs_in_process.csv"
-LEVELS_FILE = "served_levels.csv"
-SUMMARY_FILE = "served_summary.json"
 
 
 @dataclass
@@ -800,9 +785,9 @@ def summarize(res: ServedResult, study: ServedStudy) -> ServedSummary:
     levels = level_table(res.rows, study.slo_ttft_ms, study.slo_tpot_ms)
     k = knee(levels) if len(levels) else {"knee_rps": None, "saturated_from_rps": None, "why": "no levels ran"}
     out = study.out_path
-    sbs.to_csv(out / SIDE_BY_SIDE_FILE, index=False)
-    levels.to_csv(out / LEVELS_FILE, index=False)
-    (out / SUMMARY_FILE).write_text(json.dumps({"knee": k, "mu_rps": res.mu_rps, "notes": res.notes,
+    sbs.to_csv(out / SERVED_SIDE_BY_SIDE_FILE, index=False)
+    levels.to_csv(out / SERVED_LEVELS_FILE, index=False)
+    (out / SERVED_SUMMARY_FILE).write_text(json.dumps({"knee": k, "mu_rps": res.mu_rps, "notes": res.notes,
                                                 "slo_ttft_ms": study.slo_ttft_ms, "slo_tpot_ms": study.slo_tpot_ms},
                                                indent=2, default=str))
     return ServedSummary(sbs, levels, k, res.mu_rps, list(res.notes))

@@ -98,8 +98,24 @@ def implied_e2e_ratio(baseline: dict) -> float | None:
     return round((0.5 * ttft + (e2e - ttft) / 1.5) / e2e, 4)
 
 
-def _decode_ts(m: dict) -> list[float]:
-    return [1000.0 / x for x in _req_samples(m, "samples_decode_ms_per_token") if x > 0]
+def decode_ts(request: dict) -> list[float]:
+    """Per-request decode tokens/s (1000 / mean ITL) from a request row (`kit.measure.requests_row`)."""
+    return [1000.0 / x for x in samples_of(request, "samples_decode_ms_per_token") if x > 0]
+
+
+def speed_conditions(baseline: dict, tuned: dict, where: str = "", ttft_note: str = "") -> dict[str, Verdict]:
+    """X2's decode tokens/s and TTFT conditions from two request rows (tuned / baseline against the guide's ratios);
+    `where` and `ttft_note` qualify the metric text (the served study: "served, ")."""
+    cl = GUIDE_CLAIMED_RATIOS
+    return {
+        "decode tokens/s": against_claim("decode tokens/s", decode_ts(tuned), decode_ts(baseline),
+                                         cl["decode tokens/s"]["ratio"], True,
+                                         f"decode tokens/s ratio (1000 / mean ITL per request), {where}tuned / "
+                                         "baseline", cl["decode tokens/s"]["text"]),
+        "TTFT": against_claim("TTFT", samples_of(tuned, "samples_ttft_ms"), samples_of(baseline, "samples_ttft_ms"),
+                              cl["TTFT"]["ratio"], False, f"TTFT ratio, {where}tuned / baseline{ttft_note}",
+                              cl["TTFT"]["text"]),
+    }
 
 
 def _ratio(a, b) -> float | None:
@@ -155,15 +171,7 @@ def x2_verdict(baseline: dict, tuned: dict, retrieval: dict | None = None, basel
     profile's k), each against the guide's claimed ratio; combined per metric (`combine`: one label where they
     agree, else mixed). details: which change produced each gain, and the recall the smaller k costs."""
     cl = GUIDE_CLAIMED_RATIOS
-    conds = {
-        "decode tokens/s": against_claim("decode tokens/s", _decode_ts(tuned), _decode_ts(baseline),
-                                         cl["decode tokens/s"]["ratio"], True,
-                                         "decode tokens/s ratio (1000 / mean ITL per request), tuned / baseline",
-                                         cl["decode tokens/s"]["text"]),
-        "TTFT": against_claim("TTFT", _req_samples(tuned, "samples_ttft_ms"), _req_samples(baseline, "samples_ttft_ms"),
-                              cl["TTFT"]["ratio"], False, "TTFT ratio, tuned / baseline (RAG-shaped request)",
-                              cl["TTFT"]["text"]),
-    }
+    conds = speed_conditions(baseline.get("request", {}), tuned.get("request", {}), ttft_note=" (RAG-shaped request)")
     implied = implied_e2e_ratio(baseline)
     if implied is None:
         conds[E2E] = not_testable("X2", "the baseline has no TTFT and e2e time to imply the guide's e2e ratio from")
