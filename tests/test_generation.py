@@ -10,7 +10,7 @@ from kit.measure import Test as KitTest, load_model
 from kit.paths import PROMPTS_FILE
 from kit.results import read_rows
 from kit.studies import generation as gen
-from kit.verdicts import INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, SUPPORTED, band_of, decide
+from kit.verdicts import INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, band_of, compare, decide
 
 
 # ---- prompts and text ---------------------------------------------------------------------------------------------
@@ -264,3 +264,33 @@ def test_verdicts_name_the_cause_when_every_trial_failed():
 def test_s1_verdict_faster_guide_is_supported():
     v = gen.s1_verdict(_s1_rows([150.0, 151, 149, 150.5, 149.5]), equivalence=0.03)
     assert v.verdict == SUPPORTED and v.ci_low > 1.2 and v.effect == pytest.approx(150.0 / 120.1, rel=1e-3)
+
+
+def _paired_rows(ratio: float):
+    """Two prompts at very different speeds (a long one decodes slower), 5 seeds each; the guide's requests run at
+    `ratio` times the defaults' with the same prompt and seed, plus a little noise."""
+    def reqs(scale: float):
+        out = []
+        for pid, speed in (("long", 90.0), ("short", 150.0)):
+            for seed in range(5):
+                ts = speed * scale * (1 + 0.004 * ((seed * 7) % 5 - 2))
+                out.append({"prompt_id": pid, "seed": seed, "decode_ms_per_token": 1e3 / ts})
+        return out
+    base = {"status": "ok", "samples_n_gen_tokens": [48] * 10, "samples_e2e_ms": [900.0] * 10,
+            "decode_ms_per_token": 8.0, "overhead_ms_per_token": 1.0, "max_tokens": 48}
+    g, d = reqs(ratio), reqs(1.0)
+    return pd.DataFrame([{**base, "label": "guide", "requests": g, "samples_ts": [1e3 / r["decode_ms_per_token"] for r in g]},
+                         {**base, "label": "default", "requests": d,
+                          "samples_ts": [1e3 / r["decode_ms_per_token"] for r in d]}])
+
+
+def test_s1_pairs_by_prompt_and_seed_decide_what_unpaired_medians_cannot():
+    df = _paired_rows(0.97)
+    v = gen.s1_verdict(df)
+    assert v.n_candidate == 10 and v.details["paired_requests"] == 10 and "paired by prompt and seed" in v.metric
+    assert v.effect == pytest.approx(0.97, abs=0.005) and v.ci_high - v.ci_low < 0.02
+    assert v.verdict == NO_EFFECT and v.band == band_of("S1").width   # inside S1's stated +-5 % band
+    # the same samples unpaired: two prompts' speeds apart by x1.7 make the ratio of medians say nothing
+    unpaired = compare("S1", df.iloc[0]["samples_ts"], df.iloc[1]["samples_ts"])
+    assert unpaired.verdict == INCONCLUSIVE and unpaired.ci_high - unpaired.ci_low > 0.3
+    assert gen.s1_verdict(_paired_rows(0.85)).verdict == REFUTED

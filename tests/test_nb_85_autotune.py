@@ -48,6 +48,11 @@ def test_85_writes_verdicts_profiles_and_figure(run_notebook, tmp_path):
     tune = json.loads((d / "autotune.json").read_text())
     assert tune["confirmed"] and all(c["status"] == "ok" and c["score_s"] > 0 for c in tune["confirmed"])
     assert all(x["taken"] == (x["verdict"] == SUPPORTED) for x in tune["decisions"])
+    # adaptive confirmation (quick.json: at most 2 blocks of 3 repetitions): a contender and the start that ran a
+    # second block carry both blocks' samples, and every comparison is at the Bonferroni confidence of 2 looks
+    assert tune["confirm_looks"] == 2 and tune["confidence"] == pytest.approx(0.975)
+    assert all(len(c["samples_request_s"]) == 3 * c["looks"] and c["looks"] in (1, 2) for c in tune["confirmed"])
+    assert x3["confidence"] == pytest.approx(0.975) and x3["details"]["confirm_looks_planned"] == 2
     lim = json.loads((d / "autotune_x4.json").read_text())["constraints"]
     assert lim["ram_limit_mb"] == x4["details"]["limits"]["ram_limit_mb"]
     assert x3["verdict"] != NOT_TESTABLE and all(e.startswith("85_autotune/") for e in x3["evidence"])

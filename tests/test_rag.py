@@ -10,7 +10,7 @@ import pytest
 
 from kit.config import StudyConfigError
 from kit.studies import rag as R
-from kit.verdicts import INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED
+from kit.verdicts import INCONCLUSIVE, NO_EFFECT, NOT_TESTABLE, REFUTED, SUPPORTED, compare
 
 
 # ---- chunking -----------------------------------------------------------------------------------------------------
@@ -314,16 +314,20 @@ def test_pareto_front():
 
 
 # ---- verdict logic on synthetic rows (no measurement) ------------------------------------------------------------------------
-def _conc_rows(gap1, gap2, rounds: int = 2, looks: int = 1, planned: int = 1, stop: str = "decided") -> list[dict]:
+def _conc_rows(gap1, gap2, rounds: int = 6, looks: int = 1, planned: int = 1, stop: str = "decided",
+               noise=(1.0, 1.004, 0.996)) -> list[dict]:
     """Concurrency rows as concurrency_phase writes them: retrieval batches, then per round a batch per level whose
-    requests carry the gap each closed (question i's gap: gap1[i] at 1 concurrent query, gap2[i] at 2)."""
+    requests carry the gap each closed (question i's gap: gap1[i] at 1 concurrent query, gap2[i] at 2) and the
+    batch's wall time; round r's batch at 2 concurrent takes noise[r % len(noise)] times its gaps' sum."""
     rows = [{"stage": "retrieval", "concurrency": c, "repetition": r, "throughput_qps": 30.0 + r, "latency_ms": 30.0}
             for c in (1, 2) for r in range(5)]
     for rnd in range(rounds):
         for c, gaps in ((1, gap1), (2, gap2)):
+            wall = sum(gaps) * (1 + 0.002 * rnd) * (noise[rnd % len(noise)] if c == 2 else 1.0)
             rows += [{"stage": "rag", "concurrency": c, "repetition": rnd, "question_id": f"q{i}",
-                      "gap_s": g * (1 + 0.002 * rnd), "latency_ms": 1000.0 * g * c, "throughput_qps": 1 / g,
-                      "looks": looks, "looks_planned": planned, "looks_stop": stop, "extra_rounds_s": 0.0}
+                      "gap_s": g * (1 + 0.002 * rnd), "batch_wall_s": wall, "latency_ms": 1000.0 * g * c,
+                      "throughput_qps": len(gaps) / wall, "looks": looks, "looks_planned": planned,
+                      "looks_stop": stop, "extra_rounds_s": 0.0}
                      for i, g in enumerate(gaps)]
     return rows
 
@@ -365,8 +369,8 @@ def test_verdicts_follow_the_data(tmp_path):
     assert v["R2"].verdict == NO_EFFECT and v["R2"].details["identical_prompts"]
     assert v["R3"].verdict == SUPPORTED
     assert v["R4"].verdict == NO_EFFECT and v["R4"].effect == pytest.approx(1.01, abs=0.002)
-    assert v["R4"].n_candidate == v["R4"].n_baseline == 6 and v["R4"].details["rounds"] == 2
-    assert "TTFT" in v["R1"].summary and "recall" in v["R1"].summary and "2 rounds" in v["R4"].summary
+    assert v["R4"].n_candidate == v["R4"].n_baseline == 6 and v["R4"].details["rounds"] == 6
+    assert "TTFT" in v["R1"].summary and "recall" in v["R1"].summary and "6 rounds" in v["R4"].summary
 
     faster = _synthetic_result(tmp_path, 15.0, 30.0, gaps, [g * 0.5 for g in gaps])
     v = {x.claim: x for x in R.rag_verdicts(faster)}
@@ -377,16 +381,16 @@ def test_verdicts_follow_the_data(tmp_path):
     v = {x.claim: x for x in R.rag_verdicts(slower)}
     assert v["R1"].verdict == REFUTED and v["R4"].verdict == REFUTED
 
-    # two requests per side: too few for any interval, and the reason names what to raise
-    few = R.r4_verdict(_synthetic_result(tmp_path, 30.0, 30.0, gaps[:2], gaps[:2], rounds=1))
+    # two rounds: too few batch pairs for any interval, and the reason names what to raise
+    few = R.r4_verdict(_synthetic_result(tmp_path, 30.0, 30.0, gaps, gaps, rounds=2))
     assert few.verdict == NOT_TESTABLE and "too few" in few.reason and "concurrency_rounds" in few.reason
 
 
 def test_r4_too_wide_an_interval_is_inconclusive_and_says_what_would_decide_it(tmp_path):
     # the issue's R4: ratios spread from x0.64 to x1.8 around x1.1 cannot tell a loss from a gain
     gaps = [2.0, 3.0, 4.0]
-    wide = _synthetic_result(tmp_path, 30.0, 30.0, gaps, [gaps[0] * 0.64, gaps[1] * 1.12, gaps[2] * 1.8], rounds=2,
-                             looks=3, planned=3, stop="schedule")
+    wide = _synthetic_result(tmp_path, 30.0, 30.0, gaps, gaps, rounds=6, looks=3, planned=3, stop="schedule",
+                             noise=(0.64, 1.12, 1.8))
     v = R.r4_verdict(wide)
     assert v.verdict == INCONCLUSIVE and v.ci_low < 1 < v.ci_high
     assert v.confidence == pytest.approx(1 - 0.05 / 3)  # three planned looks: Bonferroni
@@ -394,8 +398,8 @@ def test_r4_too_wide_an_interval_is_inconclusive_and_says_what_would_decide_it(t
     assert v.details["looks"] == 3 and v.details["rounds_to_decide"] >= 3
     assert "last planned look" in v.summary and "rounds would decide it" in v.summary
     # the same spread, stopped by the time cap
-    capped = _synthetic_result(tmp_path, 30.0, 30.0, gaps, [gaps[0] * 0.64, gaps[1] * 1.12, gaps[2] * 1.8],
-                               looks=2, planned=3, stop="time cap")
+    capped = _synthetic_result(tmp_path, 30.0, 30.0, gaps, gaps, rounds=6, looks=2, planned=3, stop="time cap",
+                               noise=(0.64, 1.12, 1.8))
     assert "concurrency_max_s" in R.r4_verdict(capped).summary
 
 
@@ -447,3 +451,25 @@ def test_answer_test_runs_as_a_sweep_test_kind(tmp_path):
     assert row["ttft_ms"] > 0 and len(row["samples_e2e_ms"]) == 2 and 0 < row["n_prompt"] < 300 + 200
     assert all(e >= t for e, t in zip(row["samples_e2e_ms"], row["samples_ttft_ms"]))
     assert row["accuracy"] in (0.0, 0.5, 1.0) and row["accuracy_ci"][0] <= row["accuracy"] <= row["accuracy_ci"][1]
+
+
+def test_r1_pairs_back_to_back_searches(tmp_path):
+    """Questions whose embedding takes 10 to 50 ms: k=5 and k=8 of one question and repetition run back to back,
+    so the pairing removes the question; unpaired medians of the same values could not decide."""
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(10, 50, 30)
+    lat = [{"question_id": f"q{i}", "k": k, "repetition": rep, "embed_ms": b, "faiss_ms": 0.05,
+            "search_ms": b * (1 + rng.normal(0, 0.01))}
+           for rep in range(2) for i, b in enumerate(base) for k in (5, 8)]
+    res = _synthetic_result(tmp_path, 30.0, 30.0, [2.0, 3.0, 4.0], [2.0, 3.0, 4.0])
+    res = R.RagStudyResult(res.out_dir, res.meta, res.retrieval, res.hnsw, pd.DataFrame(lat), res.cache,
+                           res.answers, res.concurrency)
+    v = R.r1_verdict(res)
+    assert v.verdict == NO_EFFECT and v.n_candidate == 60 and "paired" in v.metric
+    assert v.ci_high - v.ci_low < 0.02
+    d = pd.DataFrame(lat)
+    unpaired = compare("R1", d[d.k == 5]["search_ms"].tolist(), d[d.k == 8]["search_ms"].tolist(),
+                       higher_is_better=False)
+    assert unpaired.verdict == INCONCLUSIVE

@@ -81,7 +81,7 @@ class ContextStudy(StudyConfig):
     ppl_n_ctx: int = param(256, "perplexity chunk size (tokens)", ge=1)
     ppl_chunks: int = param(3, "perplexity chunks of held-out text", ge=1)
     timeout_s: float = param(900.0, "seconds one trial may take before its child is killed", gt=0)
-    looks: int = param(3, "blocks of `repetitions` rounds at most while M1's comparison is inconclusive (1: none "
+    looks: int = param(5, "blocks of `repetitions` rounds at most while M1's comparison is inconclusive (1: none "
                           "added); every look and the verdict at the Bonferroni confidence 1 - 0.05/looks", ge=1, le=10)
     looks_max_s: float = param(120.0, "seconds of added rounds at most", ge=0)
 

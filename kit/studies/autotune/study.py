@@ -61,6 +61,10 @@ class AutotuneStudy(StudyConfig):
     ppl_chunks: int = param(3, "perplexity chunks per quality-changing candidate (paired)", ge=1)
     ppl_chunk_tokens: int = param(256, "tokens per perplexity chunk", ge=16)
     confirm_top: int = param(1, "screened configurations confirmed with full repetitions", ge=0)
+    confirm_looks: int = param(3, "confirmation blocks of `repetitions` at most while a contender against the start "
+                                  "is inconclusive (1: none added); every comparison at confidence 1 - 0.05/looks",
+                               ge=1, le=10)
+    confirm_max_s: float = param(120.0, "seconds of added confirmation blocks at most", ge=0)
     min_gain: float = param(0.05, "a screened value is measured again against the current one (full repetitions, "
                             "interleaved) only if it was faster by more than this fraction (X3's band); it is taken "
                             "only if compare labels it supported", ge=0)
@@ -120,7 +124,8 @@ class AutotuneStudy(StudyConfig):
         return {"model": self.model, "study": self.study_name, "out_root": self.out_root, "space": self.space(),
                 "constraints": self.constraints(), "workload": self.workload(),
                 "screen_repetitions": self.screen_repetitions, "repetitions": self.repetitions,
-                "confirm_top": self.confirm_top, "min_gain": self.min_gain}
+                "confirm_top": self.confirm_top, "min_gain": self.min_gain, "confirm_looks": self.confirm_looks,
+                "confirm_max_s": self.confirm_max_s}
 
 
 @dataclass

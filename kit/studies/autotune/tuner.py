@@ -38,6 +38,7 @@ import json
 import math
 import os
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -53,7 +54,7 @@ from kit.quality import ppl_test
 from kit.results import as_float
 from kit.search import find_optimal_gpu_layers
 from kit.sweep import run_sweep, trial_key
-from kit.verdicts import INCONCLUSIVE, NO_EFFECT, SUPPORTED, Verdict, compare
+from kit.verdicts import INCONCLUSIVE, NO_EFFECT, SUPPORTED, Verdict, compare, looks_confidence
 
 # the guide's "good settings" (section "Анализ текущих настроек") and its current n_ctx (section 2)
 GUIDE_GOOD = {"n_gpu_layers": 30, "use_mmap": True, "n_batch": 512, "n_ctx": 8192}
@@ -214,13 +215,15 @@ def settings_diff(s: Settings, base: Settings) -> dict:
     return {k: a[k] for k in a if a[k] != b[k]}
 
 
-def beats(candidate: Sequence[float], incumbent: Sequence[float], metric: str = "") -> Verdict:
+def beats(candidate: Sequence[float], incumbent: Sequence[float], metric: str = "",
+          confidence: float = 0.95) -> Verdict:
     """The stability rule: compare(RULE_CLAIM) of request times, candidate / incumbent, lower is better. The
     candidate may replace the incumbent only when the label is "supported": its interval excludes no change and
-    does not lie inside the claim's band. Too few samples (fewer than 3 a side) give "not testable here"."""
+    does not lie inside the claim's band. Too few samples (fewer than 3 a side) give "not testable here".
+    confidence: higher after the confirmation's adaptive looks (looks_confidence)."""
     return compare(RULE_CLAIM, list(candidate), list(incumbent), higher_is_better=False, claimed="better",
                    metric=metric or "request time ratio, candidate / current",
-                   hint="the repetitions (request time)")
+                   hint="the repetitions (request time)", confidence=confidence)
 
 
 def verdict_brief(v: Verdict) -> dict:
@@ -258,6 +261,20 @@ class Candidate:
     samples_nll: list = field(default_factory=list)   # per-chunk mean NLL (paired across configurations)
     trial_keys: list = field(default_factory=list)
     samples_request_s: list = field(default_factory=list)
+    looks: int = 1                          # confirmation blocks of repetitions this configuration ran
+
+    def add_block(self, more: "Candidate", look: int) -> None:
+        """Another confirmation block of the same settings (an adaptive look): its samples join these."""
+        self.samples_request_s = list(self.samples_request_s) + list(more.samples_request_s)
+        self.trial_keys = list(self.trial_keys) + list(more.trial_keys)
+        if self.samples_request_s:
+            self.score_s = statistics.median(self.samples_request_s)
+        for k in ("rss_peak_mb", "vram_added_mb"):
+            vals = [x for x in (getattr(self, k), getattr(more, k)) if x is not None]
+            setattr(self, k, max(vals) if vals else None)
+        if more.status != "ok" and self.status == "ok":
+            self.status, self.error = more.status, more.error
+        self.looks = look
 
     def label(self) -> str:
         return describe(self.settings)
@@ -297,6 +314,13 @@ class TuneResult:
     within_noise: list = field(default_factory=list)  # dicts: confirmed candidates not told apart from the winner
     kept_start: bool = False            # the winner is the start point: nothing beat it by the rule
     why_best: str = ""
+    confirm_looks: int = 1              # the confirmation's schedule of looks (its comparisons at looks_confidence)
+    confirm_extra_s: float = 0.0        # seconds the added confirmation blocks took
+
+    @property
+    def confidence(self) -> float:
+        """The confidence of every confirmation comparison (X3's too): looks_confidence(confirm_looks)."""
+        return looks_confidence(self.confirm_looks)
 
     def table(self, which: str = "confirmed"):
         return pd.DataFrame([c.to_row() for c in getattr(self, which)])
@@ -328,6 +352,8 @@ class TuneResult:
             "reference_ppl": self.reference_ppl, "constraints": asdict(self.constraints),
             "workload": asdict(self.workload), "repetitions": self.repetitions,
             "screen_repetitions": self.screen_repetitions, "min_gain": self.min_gain,
+            "confirm_looks": self.confirm_looks, "confirm_extra_s": self.confirm_extra_s,
+            "confidence": self.confidence,
         }
 
     @property
@@ -344,8 +370,10 @@ class TuneResult:
 # ---- one tuner run: measuring, judging, refusing ---------------------------------------------------------------
 class _Tuner:
     def __init__(self, study: str, out_root: str, constraints: Constraints, workload: Workload,
-                 screen_reps: int, reps: int, min_gain: float, progress: bool, decide: bool = True):
+                 screen_reps: int, reps: int, min_gain: float, progress: bool, decide: bool = True,
+                 confirm_looks: int = 1, confirm_max_s: float = 0.0):
         self.study, self.out_root = study, out_root
+        self.confirm_looks, self.confirm_max_s, self.confirm_extra_s = confirm_looks, confirm_max_s, 0.0
         self.decide_changes = decide
         self.c, self.w = constraints, workload
         self.screen_reps, self.reps = screen_reps, reps
@@ -583,6 +611,25 @@ def _contenders(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, 
     return out
 
 
+def _more_looks(t: _Tuner, contenders: list, base: Candidate, start: Settings, level: float) -> None:
+    """Adaptive confirmation: while a feasible contender's comparison with the start is inconclusive at `level`,
+    both run another block of `t.reps` repetitions, interleaved (fresh trial keys: a marker per look), and the
+    samples join; up to `t.confirm_looks` blocks in all (a fixed schedule of looks, every look at
+    looks_confidence(confirm_looks)) and `t.confirm_max_s` seconds of added blocks."""
+    for look in range(2, t.confirm_looks + 1):
+        undecided = [c for c in contenders if c.samples_request_s and base.samples_request_s and
+                     beats(c.samples_request_s, base.samples_request_s, confidence=level).verdict == INCONCLUSIVE]
+        if not undecided or t.confirm_extra_s >= t.confirm_max_s:
+            return
+        t0 = time.perf_counter()
+        configs = [c.settings for c in undecided] + [start]
+        more = t.measure(configs, "confirm", "confirm", [{} for _ in configs], t.reps,
+                         marker={"confirm_look": look})
+        for c, m in zip(undecided + [base], more):
+            c.add_block(m, look)
+        t.confirm_extra_s += time.perf_counter() - t0
+
+
 def _confirm(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, confirm_top: int,
              confirm_tests: Sequence[Test]) -> tuple[Settings, list[Candidate], list[dict], str]:
     """The contenders, the start point and llama.cpp's defaults with full repetitions, interleaved. The winner is
@@ -599,14 +646,17 @@ def _confirm(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, con
     for c in conf:
         c.take_quality(earlier.get(settings_key(c.settings)))
     base = conf[pool.index(start)]
-    ok = []
+    level = looks_confidence(t.confirm_looks)
+    feasible = []
     for c in conf[:len(contenders)]:
         v = t.violation(c)
         if v:
             t.refuse(c, base, *v)
         else:
-            ok.append((c, beats(c.samples_request_s, base.samples_request_s,
-                                metric="request time ratio, contender / start")))
+            feasible.append(c)
+    _more_looks(t, [c for c in feasible if c is not base], base, start, level)
+    ok = [(c, beats(c.samples_request_s, base.samples_request_s, metric="request time ratio, contender / start",
+                    confidence=level)) for c in feasible]
     won = [c for c, v in ok if v.verdict == SUPPORTED]
     start_bad = t.violation(base, quality=False)
     if won:
@@ -626,7 +676,8 @@ def _confirm(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, con
     for c in conf:
         if c is best or c.score_s is None:
             continue
-        v = beats(c.samples_request_s, best.samples_request_s, metric="request time ratio, candidate / winner")
+        v = beats(c.samples_request_s, best.samples_request_s, metric="request time ratio, candidate / winner",
+                  confidence=level)
         if v.verdict in WITHIN_NOISE:
             within.append({"settings": c.label(), "differs": settings_diff(c.settings, best.settings),
                            **verdict_brief(v), "feasible": t.violation(c) is None})
@@ -636,7 +687,8 @@ def _confirm(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, con
 def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, space: SearchSpace,
                        constraints: Constraints, workload: Workload, screen_repetitions: int, repetitions: int,
                        confirm_top: int, min_gain: float, start: Settings | None = None,
-                       confirm_tests: Sequence[Test] = (), progress: bool = True, decide: bool = True) -> TuneResult:
+                       confirm_tests: Sequence[Test] = (), progress: bool = True, decide: bool = True,
+                       confirm_looks: int = 1, confirm_max_s: float = 0.0) -> TuneResult:
     """Search for the fastest settings under a memory limit and a quality floor (see the module docstring).
 
     AutotuneStudy.tuner_kwargs() gives every argument but `start` (default: the guide's good settings);
@@ -647,7 +699,10 @@ def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, s
     if start is None:
         start, notes = guide_baseline(model, out_root)
     cons = _check_args(start, constraints, workload, screen_repetitions, repetitions, confirm_top, min_gain)
-    t = _Tuner(study, str(out_root), cons, workload, screen_repetitions, repetitions, min_gain, progress, decide)
+    if confirm_looks < 1 or confirm_max_s < 0:
+        raise SettingsError(f"confirm_looks={confirm_looks} must be >= 1 and confirm_max_s={confirm_max_s} >= 0")
+    t = _Tuner(study, str(out_root), cons, workload, screen_repetitions, repetitions, min_gain, progress, decide,
+               confirm_looks, confirm_max_s)
     gpu, start, origin = _search_origin(start, space, constraints.vram_limit_mb)
     ref, cur = _screen(t, origin, space)
     defaults = llama_defaults(start.model)
@@ -659,7 +714,8 @@ def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, s
                       reference_ppl=ref.ppl, constraints=cons, workload=workload, repetitions=repetitions,
                       screen_repetitions=screen_repetitions, min_gain=min_gain,
                       study_dir=str(Path(out_root) / study), decisions=t.decisions, within_noise=within,
-                      kept_start=best == start, why_best=why)
+                      kept_start=best == start, why_best=why, confirm_looks=confirm_looks,
+                      confirm_extra_s=round(t.confirm_extra_s, 1))
 
 
 # ---- X4: limits that bind, derived from a finished run ---------------------------------------------------------

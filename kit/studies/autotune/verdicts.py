@@ -238,6 +238,7 @@ def x3_verdict(result: TuneResult, evidence: Sequence[str] = ()) -> Verdict:
                             steps=result.steps)
     v = compare("X3", cand.samples_request_s, start.samples_request_s, higher_is_better=False,
                 claimed="better", evidence=evidence, hint="repetitions (request time, tuned vs start)",
+                confidence=result.confidence,
                 metric=("request time ratio (n_prompt/pp + n_gen/tg), " +
                         ("the best contender / the guide's good settings (kept)" if result.kept_start else
                          "tuned / the guide's good settings")))
@@ -252,7 +253,8 @@ def x3_verdict(result: TuneResult, evidence: Sequence[str] = ()) -> Verdict:
     dflt = result.confirmed_for(result.defaults)
     vs_defaults = None
     if dflt is not None and dflt.samples_request_s:
-        d = compare("X3", cand.samples_request_s, dflt.samples_request_s, higher_is_better=False)
+        d = compare("X3", cand.samples_request_s, dflt.samples_request_s, higher_is_better=False,
+                    confidence=result.confidence)
         if d.verdict != NOT_TESTABLE:
             vs_defaults = {"effect": d.effect, "ci_low": d.ci_low, "ci_high": d.ci_high, "label": d.label(),
                            "metric": "request time ratio, tuned / llama-cpp-python defaults"}
@@ -260,7 +262,12 @@ def x3_verdict(result: TuneResult, evidence: Sequence[str] = ()) -> Verdict:
                  "llama_defaults": describe(result.defaults), "vs_llama_defaults": vs_defaults,
                  "find_optimal_gpu_layers": gpu, "steps": result.steps, "decisions": result.decisions,
                  "within_noise": result.within_noise,
-                 "n_screened": len(result.screened), "n_confirmed": len(result.confirmed)}
+                 "n_screened": len(result.screened), "n_confirmed": len(result.confirmed),
+                 "confirm_looks": cand.looks, "confirm_looks_planned": result.confirm_looks,
+                 "confirm_extra_s": result.confirm_extra_s}
+    if result.confirm_looks > 1:
+        v.summary += (f"; confirmed in {cand.looks} of {result.confirm_looks} planned blocks of "
+                      f"{result.repetitions} repetitions (every look at {result.confidence:.1%} confidence)")
     if gpu.startswith("not testable"):
         v.reason = (v.reason + "; " if v.reason else "") + f"find_optimal_gpu_layers: {gpu}"
     return v

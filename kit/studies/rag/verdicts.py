@@ -19,7 +19,7 @@ from pathlib import Path
 import math
 
 from kit.verdicts import (INCONCLUSIVE, NO_EFFECT, REFUTED, SUPPORTED, Verdict, bootstrap_ratio, compare,
-                          evidence_path, from_interval, not_testable)
+                          evidence_path, from_interval, not_testable, paired_log_ratio, too_few)
 from kit.studies.rag.pipeline import bootstrap_mean_diff
 from kit.studies.rag.study import GUIDE, MIN_RAG_SAMPLES, R4_LEVELS, RagStudyResult, r4_compare
 
@@ -62,12 +62,22 @@ def r1_verdict(result: RagStudyResult, equivalence: float | None = None) -> Verd
     lat = result.latency
     if lat.empty or not {K_AFTER, K_BEFORE} <= set(lat["k"]):
         return not_testable("R1", f"search latency was not measured at k={K_AFTER} and k={K_BEFORE}")
-    c = lat[lat["k"] == K_AFTER]["search_ms"].tolist()
-    b = lat[lat["k"] == K_BEFORE]["search_ms"].tolist()
-    v = compare("R1", c, b, min_samples=MIN_RAG_SAMPLES, hint="n_latency_questions or repetitions",
-                higher_is_better=False, claimed="better", equivalence=equivalence,
-                metric=f"RAG search latency (query embedding + exact FAISS search), k={K_AFTER} / k={K_BEFORE}",
-                evidence=evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"))
+    lat = lat.assign(pair=lat["question_id"].astype(str) + "#" + lat["repetition"].astype(str))
+    c, b = paired(lat, "pair", "k", K_AFTER, K_BEFORE, "search_ms")
+    c, b = [x for x, y in zip(c, b) if x > 0 and y > 0], [y for x, y in zip(c, b) if x > 0 and y > 0]
+    metric = (f"RAG search latency (query embedding + exact FAISS search), k={K_AFTER} / k={K_BEFORE}, paired by "
+              "question and repetition (the two searches run back to back)")
+    few = too_few("R1", len(c), len(b), "n_latency_questions or repetitions",
+                  evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"), MIN_RAG_SAMPLES)
+    if few is not None:
+        few.metric = metric
+        return few
+    point, lo, hi = paired_log_ratio([math.log(x) for x in c], [math.log(y) for y in b])
+    v = from_interval("R1", point, lo, hi, claimed="better", higher_is_better=False, equivalence=equivalence,
+                      metric=metric, n_candidate=len(c), n_baseline=len(b),
+                      evidence=evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"))
+    v.summary = (f"search at k={K_AFTER} takes {point:.3f}x the time at k={K_BEFORE} (95 % CI {lo:.3f}-{hi:.3f}, "
+                 f"{len(c)} pairs of back-to-back searches): {v.label()}")
     fa = statistics.median(lat[lat["k"] == K_AFTER]["faiss_ms"])
     fb = statistics.median(lat[lat["k"] == K_BEFORE]["faiss_ms"])
     details = {f"search_ms_median_k{K_AFTER}": statistics.median(c), f"search_ms_median_k{K_BEFORE}": statistics.median(b),
@@ -206,8 +216,7 @@ R4_WHY = {
 
 
 def r4_verdict(result: RagStudyResult, equivalence: float | None = None) -> Verdict:
-    """The time between completed RAG requests (1/throughput) at 2 concurrent queries against 1, paired by question
-    and round (`r4_compare`, at the confidence of the run's schedule of looks); beside it, how many rounds it took,
+    """A batch's wall time (1/throughput) at 2 concurrent queries against 1, paired by round (`r4_compare`, at the confidence of the run's schedule of looks); beside it, how many rounds it took,
     retrieval-only throughput and per-request latency."""
     cc = result.concurrency
     if cc.empty or not set(R4_LEVELS) <= set(cc["concurrency"]):
@@ -235,7 +244,7 @@ def r4_verdict(result: RagStudyResult, equivalence: float | None = None) -> Verd
                "schedule": "the last planned look (concurrency_looks)"}.get(stop, stop)
         took += f"; {cap} stopped it undecided"
         if v.samples_to_decide:
-            details["rounds_to_decide"] = math.ceil(v.samples_to_decide / per_round)
+            details["rounds_to_decide"] = int(v.samples_to_decide)   # one sample per round (r4_pairs)
             took += f" (about {details['rounds_to_decide']} rounds would decide it at this spread)"
     words = [took, f"retrieval-only throughput 2/1 = {rp:.2f}x (95 % CI {rlo:.2f}-{rhi:.2f}); per-request latency "
                    f"2/1 = {lp:.2f}x (95 % CI {llo:.2f}-{lhi:.2f})" + (f": {R4_WHY[v.verdict]}" if v.verdict in R4_WHY
