@@ -67,20 +67,21 @@ def r1_verdict(result: RagStudyResult, equivalence: float | None = None) -> Verd
     c, b = [x for x, y in zip(c, b) if x > 0 and y > 0], [y for x, y in zip(c, b) if x > 0 and y > 0]
     metric = (f"RAG search latency (query embedding + exact FAISS search), k={K_AFTER} / k={K_BEFORE}, paired by "
               "question and repetition (the two searches run back to back)")
-    few = too_few("R1", len(c), len(b), "n_latency_questions or repetitions",
-                  evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"), MIN_RAG_SAMPLES)
-    if few is not None:
-        few.metric = metric
-        return few
-    point, lo, hi = paired_log_ratio([math.log(x) for x in c], [math.log(y) for y in b])
-    v = from_interval("R1", point, lo, hi, claimed="better", higher_is_better=False, equivalence=equivalence,
-                      metric=metric, n_candidate=len(c), n_baseline=len(b),
-                      evidence=evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"))
-    v.summary = (f"search at k={K_AFTER} takes {point:.3f}x the time at k={K_BEFORE} (95 % CI {lo:.3f}-{hi:.3f}, "
-                 f"{len(c)} pairs of back-to-back searches): {v.label()}")
+    v = too_few("R1", len(c), len(b), "n_latency_questions or repetitions",
+                evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"), MIN_RAG_SAMPLES)
+    if v is not None:
+        v.metric = metric
+    else:
+        point, lo, hi = paired_log_ratio([math.log(x) for x in c], [math.log(y) for y in b])
+        v = from_interval("R1", point, lo, hi, claimed="better", higher_is_better=False, equivalence=equivalence,
+                          metric=metric, n_candidate=len(c), n_baseline=len(b),
+                          evidence=evidence(result, "latency.jsonl", "figures/retrieval_vs_k.png"))
+        v.summary = (f"search at k={K_AFTER} takes {point:.3f}x the time at k={K_BEFORE} (95 % CI {lo:.3f}-"
+                     f"{hi:.3f}, {len(c)} pairs of back-to-back searches): {v.label()}")
     fa = statistics.median(lat[lat["k"] == K_AFTER]["faiss_ms"])
     fb = statistics.median(lat[lat["k"] == K_BEFORE]["faiss_ms"])
-    details = {f"search_ms_median_k{K_AFTER}": statistics.median(c), f"search_ms_median_k{K_BEFORE}": statistics.median(b),
+    details = {f"search_ms_median_k{K_AFTER}": statistics.median(c) if c else None,
+               f"search_ms_median_k{K_BEFORE}": statistics.median(b) if b else None,
                f"faiss_ms_median_k{K_AFTER}": fa, f"faiss_ms_median_k{K_BEFORE}": fb,
                "guide_search_ms_before": GUIDE["search_ms_before"], "guide_search_ms_after": GUIDE["search_ms_after"]}
     words = [f"FAISS itself takes {fa:.3f} vs {fb:.3f} ms, the query embedding is the rest",
