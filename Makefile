@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 CMAKE_ARGS ?=
 ARGS   ?=
 
-.PHONY: install study quick test lab fidelity serve-check clean-venv
+.PHONY: install study quick test lab fidelity serve-check vulkan gpu-test clean-venv
 
 install: $(STAMP)
 
@@ -42,6 +42,21 @@ fidelity: $(STAMP)       ## kit vs llama-bench built from the same llama.cpp sou
 
 serve-check: $(STAMP)    ## the same load on llama-server (built from the same source) and llama-cpp-python's server
 	$(PY) -m kit serve-check $(ARGS)
+
+# ---- GPU offload on any machine: llama.cpp's Vulkan backend, on Mesa's software device where there is no GPU ----
+VK_VENV ?= .venv-vulkan
+VK_PY   := $(VK_VENV)/bin/python
+# llama.cpp skips CPU-type Vulkan devices (llvmpipe) unless named; on a machine with a real GPU, leave it empty
+GGML_VK_VISIBLE_DEVICES ?= 0
+
+vulkan: $(VK_VENV)/.installed   ## llama-cpp-python with the Vulkan backend in its own .venv-vulkan
+
+$(VK_VENV)/.installed: pyproject.toml kit/scripts/vulkan-build.sh
+	GGML_VK_VISIBLE_DEVICES=$(GGML_VK_VISIBLE_DEVICES) kit/scripts/vulkan-build.sh $(VK_VENV)
+
+gpu-test: $(VK_VENV)/.installed   ## the gpu-marked tests (the offload path for real) on the Vulkan build
+	GGML_VK_VISIBLE_DEVICES=$(GGML_VK_VISIBLE_DEVICES) PATH="$(abspath $(VK_VENV))/bin:$$PATH" \
+	  $(VK_PY) -m pytest -q -m gpu $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

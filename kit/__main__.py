@@ -87,7 +87,9 @@ def cmd_info(args) -> int:
     print(f"RAM        {env['ram_total_mb']} MiB; NUMA nodes: {len(env['numa_nodes']) or 1}")
     if "mem_read_gbs" in env:
         print(f"Bandwidth  read {env['mem_read_gbs']} GB/s, copy {env['mem_copy_gbs']} GB/s (measured)")
-    print(f"GPU        {env['gpu_info'] or 'none found (NVML)'}")
+    print(f"GPU        {env['gpu_info'] or 'none found (NVML, llama.cpp devices)'}")
+    if env.get("gpu_software_note"):
+        print(f"           {env['gpu_software_note']}")
     print(f"Build      llama-cpp-python {env['llama_cpp_python']}, ggml {env['ggml_version']} "
           f"(commit {env['ggml_commit']}); GPU offload: "
           f"{'yes' if env['gpu_offload'] else 'no (this build has no GPU offload: n_gpu_layers is ignored)'}")

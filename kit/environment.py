@@ -10,6 +10,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 import platform
 import resource
 import sys
@@ -131,8 +132,20 @@ def llama_build_info() -> dict:
         "mlock_supported": bool(llama_cpp.llama_supports_mlock()),
         "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
     }
-    info["backends"] = "GPU" if info["gpu_offload"] else "CPU"
+    devices = gpu.backend_devices() if info["gpu_offload"] else []
+    names = sorted({re.sub(r"\d+$", "", d["name"]) for d in devices if d.get("name")})
+    # llama-bench's column: the GPU backend's name (Vulkan, CUDA, Metal ...), else CPU
+    info["backends"] = ",".join(names) if names else ("GPU" if info["gpu_offload"] else "CPU")
+    info["devices"] = devices
     return info
+
+
+def device_info(gpus: list[dict], devices: list[dict]) -> str:
+    """NVML's GPU names, else llama.cpp's devices ("Vulkan0: llvmpipe (...) [software device]"), else ""."""
+    if gpus:
+        return ", ".join(g["name"] for g in gpus if "name" in g)
+    return ", ".join(f"{d['name']}: {d['description']}" + (" [software device]" if d.get("software") else "")
+                     for d in devices if d.get("name"))
 
 
 def capture_environment(bandwidth: bool = True) -> dict:
@@ -154,7 +167,9 @@ def capture_environment(bandwidth: bool = True) -> dict:
     env.update(llama_build_info())
     gpus = gpu.gpu_inventory()
     env["gpus"] = gpus
-    env["gpu_info"] = ", ".join(g["name"] for g in gpus) if gpus else ""
+    env["gpu_info"] = device_info(gpus, env.get("devices") or [])
+    env["gpu_software_note"] = (gpu.SOFTWARE_NOTE if not gpus and any(d.get("software") for d in env.get("devices")
+                                                                         or []) else "")
     env["gpu_driver"] = gpus[0].get("driver_version") if gpus else None
     if bandwidth:
         env.update(memory_bandwidth_gbs())
@@ -188,7 +203,7 @@ def process_provenance() -> dict:
         "ggml_version": build["ggml_version"],
         "llama_cpp_python_version": build["llama_cpp_python"],
         "cpu_info": cpu_model(),
-        "gpu_info": ", ".join(g["name"] for g in gpus if "name" in g),
+        "gpu_info": device_info(gpus, build.get("devices") or []),
         "backends": build["backends"],
         "hostname": platform.node(),
     }

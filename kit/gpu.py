@@ -16,6 +16,7 @@ The "what fits" searches (n_gpu_layers, context size) that use these readings li
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -309,3 +310,107 @@ def build_supports_gpu_offload() -> bool:
         return bool(llama_cpp.llama_supports_gpu_offload())
     except Exception:  # noqa: BLE001 - very old bindings lack the function
         return False
+
+
+# ---- devices through llama.cpp's own backend API (any vendor: CUDA, Vulkan, Metal, ROCm, SYCL) ------------------
+# NVML answers only for NVIDIA. ggml's backend device API answers for every backend a build has: its name,
+# description, type and free/total memory (ggml_backend_dev_memory). What a model and its context took on a device,
+# llama.cpp states as it allocates ("Vulkan0 model buffer size = ... MiB", KV and compute buffers likewise): the
+# kit reads those lines back from the trial's llama.log (`device_buffers`).
+DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+SOFTWARE_DEVICES = ("llvmpipe", "lavapipe", "swiftshader", "softpipe")
+SOFTWARE_NOTE = ("a software device (Mesa's llvmpipe: the GPU backend's code path running on the CPU); its memory "
+                 "accounting is real, its speed says nothing about real GPUs")
+_BUFFER_LINE = re.compile(r"^\s*\S+:\s+(?P<dev>\S+)\s+(?:(?P<what>model|KV|compute|output|RS)\s+)?buffer size\s+=\s+"
+                          r"(?P<mib>[0-9.]+) MiB", re.M)
+HOST_BUFFERS = re.compile(r"^(CPU|CPU_Mapped|CPU_REPACK|AMX|.*_Host)$")
+
+
+def _ggml() -> Any:
+    """llama-cpp-python's handle on libggml with the device functions typed, or None (no llama_cpp, or a build
+    without the backend device API)."""
+    try:
+        import ctypes
+        import llama_cpp  # noqa: F401 - loads and registers the build's backends
+        from llama_cpp import _ggml as g
+        lib = g.libggml
+        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+        for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p]
+            getattr(lib, fn).restype = ctypes.c_char_p
+        lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_dev_type.restype = ctypes.c_int
+        lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                                ctypes.POINTER(ctypes.c_size_t)]
+        lib.ggml_backend_dev_memory.restype = None
+        return lib
+    except Exception:  # noqa: BLE001 - ImportError, OSError, AttributeError: no device API is "no devices"
+        return None
+
+
+def is_software_device(description: str | None) -> bool:
+    return any(s in (description or "").lower() for s in SOFTWARE_DEVICES)
+
+
+def backend_devices(include_cpu: bool = False) -> list[dict[str, Any]]:
+    """The devices llama.cpp's backends registered (GPU, integrated GPU, accelerator; the CPU too with include_cpu):
+    index, name (e.g. "Vulkan0", "CUDA0"), description, type, free_mb, total_mb, software (llvmpipe and the like).
+    Empty without the API. Vulkan skips CPU-type Vulkan devices unless GGML_VK_VISIBLE_DEVICES names them."""
+    import ctypes
+    lib = _ggml()
+    if lib is None:
+        return []
+    out = []
+    try:
+        for i in range(int(lib.ggml_backend_dev_count())):
+            dev = lib.ggml_backend_dev_get(i)
+            kind = DEVICE_TYPES.get(int(lib.ggml_backend_dev_type(dev)), "other")
+            if kind == "cpu" and not include_cpu:
+                continue
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+            desc = (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace")
+            out.append({"index": i, "name": (lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace"),
+                        "description": desc, "type": kind, "free_mb": _mib(free.value),
+                        "total_mb": _mib(total.value), "software": is_software_device(desc)})
+    except Exception as exc:  # noqa: BLE001 - a device that cannot answer must not abort a run
+        out.append({"error": f"{type(exc).__name__}: {exc}"})
+    return out
+
+
+def device_buffers(log_text: str) -> dict[str, Any]:
+    """What llama.cpp says it allocated on devices while loading a model and creating its context, from the log
+    lines it wrote meanwhile: MiB of model weights, KV cache and compute buffers on non-host devices, their sum
+    (`vram_llama_mb`), and the devices named (`vram_llama_devices`). Host buffers (CPU, CPU_Mapped, *_Host) are left
+    out. All None when no device buffer was allocated (a CPU build, or n_gpu_layers=0 with nothing offloaded)."""
+    parts = {"model": 0.0, "KV": 0.0, "compute": 0.0, "other": 0.0}
+    devices: list[str] = []
+    for m in _BUFFER_LINE.finditer(log_text or ""):
+        dev = m.group("dev")
+        if HOST_BUFFERS.match(dev):
+            continue
+        parts[m.group("what") if m.group("what") in parts else "other"] += float(m.group("mib"))
+        if dev not in devices:
+            devices.append(dev)
+    if not devices:
+        return dict.fromkeys(("vram_llama_mb", "vram_llama_model_mb", "vram_llama_kv_mb", "vram_llama_compute_mb",
+                              "vram_llama_devices"))
+    return {"vram_llama_mb": round(sum(parts.values()), 2), "vram_llama_model_mb": round(parts["model"], 2),
+            "vram_llama_kv_mb": round(parts["KV"], 2), "vram_llama_compute_mb": round(parts["compute"], 2),
+            "vram_llama_devices": ",".join(devices)}
+
+
+def device_memory_columns(before: list[dict], after: list[dict]) -> dict[str, Any]:
+    """Row columns from two `backend_devices()` readings around a load: the first device's name, free and total
+    MiB after, and the drop in free memory (`vram_ggml_used_mb`: what the backend reports taken; 0 where a
+    backend cannot tell, as llvmpipe)."""
+    if not after or "error" in after[0]:
+        return {"vram_device": None, "vram_device_software": None, "vram_ggml_free_mb": None,
+                "vram_ggml_total_mb": None, "vram_ggml_used_mb": None}
+    a = after[0]
+    b = next((d for d in before if d.get("index") == a.get("index") and "free_mb" in d), None)
+    return {"vram_device": f"{a['name']}: {a['description']}", "vram_device_software": a["software"],
+            "vram_ggml_free_mb": a["free_mb"], "vram_ggml_total_mb": a["total_mb"],
+            "vram_ggml_used_mb": round(b["free_mb"] - a["free_mb"], 1) if b else None}

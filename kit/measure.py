@@ -31,7 +31,7 @@ import llama_cpp
 import psutil
 from kit.logs import llama_log_to_file
 from kit.models import CHAT_TEMPLATE_KEY, chat_format_for, resolve_model
-from kit.gpu import GpuSampler
+from kit.gpu import GpuSampler, backend_devices, device_buffers, device_memory_columns
 from kit.environment import process_provenance
 
 DEFAULT_REPETITIONS = 5
@@ -132,11 +132,15 @@ def load_model(settings: Settings, model_path: str | None = None, log_file: str 
     GGUF without one a format chosen from its vocabulary, set on the Llama in place of llama-cpp-python's "llama-2"
     fallback (the Llama reads it at each request). Only a template-less GGUF costs the header parse here. Rows say
     which (chat_format_effective, chat_format_source)."""
-    llama_log_to_file(log_file)
+    log_path = llama_log_to_file(log_file)
     path = model_path or str(resolve_model(settings.model))
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    devices_before = backend_devices()
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(**settings.llama_kwargs(path))
     load_ms = (time.perf_counter() - t0) * 1e3
+    device = {**device_buffers(_read_from(log_path, offset)), **device_memory_columns(devices_before,
+                                                                                      backend_devices())}
     if settings.chat_format is not None:
         source = "setting"
     elif CHAT_TEMPLATE_KEY in llm.metadata:
@@ -156,8 +160,19 @@ def load_model(settings: Settings, model_path: str | None = None, log_file: str 
         "n_threads_batch_effective": int(llm.n_threads_batch),
         "chat_format_effective": llm.chat_format,  # "chat_template.default": the GGUF's template as written
         "chat_format_source": source,
+        **device,
     }
     return LoadedModel(llm=llm, settings=settings, load_ms=load_ms, effective=eff)
+
+
+def _read_from(path, offset: int) -> str:
+    """What a log file gained since `offset` (llama.cpp's lines about this load)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 # ---- engine: llama-bench's test_prompt / test_gen --------------------------------------------------------------

@@ -28,7 +28,9 @@ from kit.results import as_float
 
 NOT_TESTABLE_NO_GPU = "not testable here: no GPU"
 NOT_TESTABLE_NO_OFFLOAD = "not testable here: this build has no GPU offload"
-NOT_TESTABLE_NO_DEVICE = "not testable here: no NVIDIA GPU visible to NVML, so VRAM cannot be measured"
+NOT_TESTABLE_NO_DEVICE = ("not testable here: this build can offload, but neither NVML nor llama.cpp's backends see a "
+                          "device to offload to (on Vulkan, CPU-type devices such as llvmpipe need "
+                          "GGML_VK_VISIBLE_DEVICES)")
 OOM_PATTERN = re.compile(r"out of memory|failed to allocate|cudaMalloc|ErrorOutOfDeviceMemory|"
                          r"unable to allocate|insufficient memory", re.I)
 
@@ -56,14 +58,20 @@ def largest_fitting(candidates: Sequence[Any], fits: Callable[[Any], bool]) -> i
     return lo if lo >= 0 else None
 
 
-def resolve_vram_limit(vram_limit_mb: float | None, margin_mb: float = 512, nvml: Any = None) -> float | None:
-    """Explicit limit, else free VRAM of device 0 minus margin; None without a GPU."""
+def resolve_vram_limit(vram_limit_mb: float | None, margin_mb: float = 512, nvml: Any = None,
+                       devices: list[dict] | None = None) -> float | None:
+    """Explicit limit, else free VRAM of device 0 minus margin: NVML's reading where NVML sees a GPU, else the
+    first device of llama.cpp's backends (`kit.gpu.backend_devices`); None without a device."""
     if vram_limit_mb is not None:
         return float(vram_limit_mb)
     inventory = gpu.gpu_inventory(nvml)
-    if not inventory or "free_mb" not in inventory[0]:
+    if inventory and "free_mb" in inventory[0]:
+        return round(inventory[0]["free_mb"] - margin_mb, 1)
+    devices = gpu.backend_devices() if devices is None else devices
+    usable = [d for d in devices if d.get("total_mb")]
+    if not usable:
         return None
-    return round(inventory[0]["free_mb"] - margin_mb, 1)
+    return round(usable[0]["free_mb"] - margin_mb, 1)
 
 
 def _search(key: str, candidates: Sequence[int], probe: Callable[[int], dict[str, Any]],
@@ -141,22 +149,27 @@ def bisect_context(probe_ctx: Callable[[int], dict[str, Any]], n_ctx_candidates:
 
 
 # ---- can this machine offload? -------------------------------------------------------------------------------
-def offload_support(nvml: Any = None, build_supports: bool | None = None) -> dict:
-    """Whether GPU offload can be measured here: a build with GPU offload and an NVML device to read VRAM from.
+def offload_support(nvml: Any = None, build_supports: bool | None = None, devices: list[dict] | None = None) -> dict:
+    """Whether GPU offload can be measured here: a build with GPU offload and a device whose memory can be read,
+    through NVML (NVIDIA) or llama.cpp's own backend device API (any backend: Vulkan, CUDA, Metal, ROCm, SYCL).
 
-    Returns {"testable", "build_gpu_offload", "gpus", "reason"}; reason is "" when testable, else one line
-    starting with "not testable here".
+    Returns {"testable", "build_gpu_offload", "gpus" (NVML), "devices" (llama.cpp's), "software" (every device
+    is a software one, e.g. llvmpipe), "reason"}; reason is "" when testable, else one line starting with
+    "not testable here".
     """
     build = gpu.build_supports_gpu_offload() if build_supports is None else bool(build_supports)
     gpus = gpu.gpu_inventory(nvml)
-    usable = [g for g in gpus if "free_mb" in g]
+    devices = (gpu.backend_devices() if build else []) if devices is None else devices
+    usable = [g for g in gpus if "free_mb" in g] + [d for d in devices if d.get("total_mb")]
     if not build:
         reason = NOT_TESTABLE_NO_OFFLOAD
     elif not usable:
         reason = NOT_TESTABLE_NO_DEVICE
     else:
         reason = ""
-    return {"testable": not reason, "build_gpu_offload": build, "gpus": gpus, "reason": reason}
+    software = bool(devices) and not gpus and all(d.get("software") for d in devices if d.get("total_mb"))
+    return {"testable": not reason, "build_gpu_offload": build, "gpus": gpus, "devices": devices,
+            "software": software, "reason": reason}
 
 
 def offload_statement(support: dict) -> str:
@@ -167,10 +180,14 @@ def offload_statement(support: dict) -> str:
                  "use it - install a CUDA/Metal/Vulkan build of llama-cpp-python)") if gpus else ""
         return f"This build has no GPU offload{extra}: n_gpu_layers is silently ignored and every layer runs on the CPU."
     if not support["testable"]:
-        return ("This build can offload to a GPU, but no NVIDIA GPU is visible to NVML here, so VRAM cannot be "
-                "measured and the GPU studies are not testable.")
-    names = ", ".join(f"{g['name']} ({g['total_mb']:.0f} MiB)" for g in support["gpus"] if "total_mb" in g)
-    return f"This build can offload to a GPU: {names}."
+        return "This build can offload to a GPU, " + support["reason"].split(": ", 1)[-1] + "."
+    names = [f"{g['name']} ({g['total_mb']:.0f} MiB, NVML)" for g in support["gpus"] if "total_mb" in g]
+    names += [f"{d['name']}: {d['description']} ({d['total_mb']:.0f} MiB, llama.cpp)"
+              for d in support.get("devices") or [] if d.get("total_mb")]
+    text = f"This build can offload to a GPU: {', '.join(names)}."
+    if support.get("software"):
+        text += f" It is {gpu.SOFTWARE_NOTE}."
+    return text
 
 
 # ---- probes --------------------------------------------------------------------------------------------------
@@ -190,8 +207,14 @@ def summarise_probe_rows(rows: Sequence[dict]) -> dict:
     added = [(as_float(r.get("vram_peak_mb")), as_float(r.get("vram_baseline_mb"))) for r in rows]
     added = [p - b for p, b in added if p is not None and b is not None]
     peaks, rss = _present(rows, "vram_peak_mb"), _present(rows, "rss_peak_mb")
+    llama = _present(rows, "vram_llama_mb")
+    # NVML's reading where there is one (what the device really lost), else what llama.cpp says it allocated
+    vram = round(max(added), 1) if added else (round(max(llama), 1) if llama else None)
     out = {"status": status,
-           "vram_peak_mb": round(max(added), 1) if added else None,
+           "vram_peak_mb": vram,
+           "vram_source": "nvml" if added else ("llama.cpp" if llama else None),
+           "vram_nvml_mb": round(max(added), 1) if added else None,
+           "vram_llama_mb": round(max(llama), 1) if llama else None,
            "vram_device_peak_mb": max(peaks) if peaks else None,
            "rss_peak_mb": max(rss) if rss else None,
            "error": error}

@@ -473,3 +473,53 @@ def test_real_pynvml_reports_no_gpu_without_raising() -> None:
     assert sampler.summary == dict.fromkeys(gpu.SUMMARY_KEYS)
     res = search.bisect_gpu_layers(lambda n: {"status": "ok"}, 32)
     assert res["best_n_gpu_layers"] == 0 and res["reason"] == "not testable here: no GPU"
+
+
+# ---- llama.cpp's own device accounting (no NVML) ------------------------------------------------------------------
+LOAD_LOG = """load_tensors: offloading 30 repeating layers to GPU
+load_tensors:   CPU_Mapped model buffer size =    27.25 MiB
+load_tensors:      Vulkan0 model buffer size =    64.85 MiB
+llama_context: Vulkan_Host  output buffer size =     0.19 MiB
+llama_kv_cache:    Vulkan0 KV buffer size =    22.50 MiB
+sched_reserve:    Vulkan0 compute buffer size =    36.84 MiB
+sched_reserve: Vulkan_Host compute buffer size =     2.13 MiB
+~llama_context:    Vulkan0 compute buffer size is  36.8445 MiB, matches expectation of  36.8445 MiB
+"""
+
+
+def test_device_buffers_sum_what_llama_cpp_allocated_on_devices_only():
+    d = gpu.device_buffers(LOAD_LOG)
+    assert d["vram_llama_model_mb"] == 64.85 and d["vram_llama_kv_mb"] == 22.5
+    assert d["vram_llama_compute_mb"] == 36.84   # the destructor's "is ... matches expectation" line is not counted
+    assert d["vram_llama_mb"] == round(64.85 + 22.5 + 36.84, 2) and d["vram_llama_devices"] == "Vulkan0"
+    # a CPU build, or nothing offloaded: host buffers only -> no device columns
+    cpu = gpu.device_buffers("load_tensors:   CPU_Mapped model buffer size =    92.10 MiB\n"
+                             "llama_kv_cache:        CPU KV buffer size =     5.62 MiB\n")
+    assert set(cpu.values()) == {None}
+    two = gpu.device_buffers(LOAD_LOG.replace("Vulkan0 KV", "CUDA1 KV"))
+    assert two["vram_llama_devices"] == "Vulkan0,CUDA1" and two["vram_llama_kv_mb"] == 22.5
+
+
+def test_device_memory_columns_and_offload_support_from_llama_cpp_devices():
+    before = [{"index": 1, "name": "Vulkan0", "description": "llvmpipe (LLVM 15.0.6, 256 bits)", "type": "gpu",
+               "free_mb": 2048.0, "total_mb": 2048.0, "software": True}]
+    after = [{**before[0], "free_mb": 1900.0}]
+    cols = gpu.device_memory_columns(before, after)
+    assert cols["vram_ggml_used_mb"] == 148.0 and cols["vram_device_software"] is True
+    assert cols["vram_device"].startswith("Vulkan0: llvmpipe")
+    assert set(gpu.device_memory_columns([], []).values()) == {None}
+    assert gpu.is_software_device("llvmpipe (LLVM 15.0.6, 256 bits)") and not gpu.is_software_device("NVIDIA H200")
+    sup = search.offload_support(nvml=FakeNvml(n_devices=0), build_supports=True, devices=before)
+    assert sup["testable"] and sup["software"] and sup["reason"] == ""
+    text = search.offload_statement(sup)
+    assert "Vulkan0: llvmpipe" in text and "software device" in text and "says nothing about real GPUs" in text
+    assert search.resolve_vram_limit(None, margin_mb=512, nvml=FakeNvml(n_devices=0), devices=before) == 1536.0
+    none = search.offload_support(nvml=FakeNvml(n_devices=0), build_supports=True, devices=[])
+    assert not none["testable"] and none["reason"] == search.NOT_TESTABLE_NO_DEVICE
+    # NVML's reading wins where it has one, llama.cpp's where it has not; both kept
+    rows = [{"status": "ok", "test_kind": "pp", "vram_llama_mb": 120.0, "vram_peak_mb": None}]
+    assert search.summarise_probe_rows(rows)["vram_peak_mb"] == 120.0
+    assert search.summarise_probe_rows(rows)["vram_source"] == "llama.cpp"
+    rows[0].update(vram_peak_mb=900.0, vram_baseline_mb=770.0)
+    p = search.summarise_probe_rows(rows)
+    assert (p["vram_peak_mb"], p["vram_source"], p["vram_llama_mb"]) == (130.0, "nvml", 120.0)

@@ -108,7 +108,11 @@ class EnvironmentReport:
             ("OS / Python", f"{e.get('os')} / Python {e.get('python')}"),
             ("llama-cpp-python", e.get("llama_cpp_python")),
             ("GPU offload", offload_statement(self.support)),
-            ("GPUs (NVML)", e.get("gpu_info") or "none"),
+            ("GPUs (NVML)", ", ".join(g.get("name", "?") for g in e.get("gpus") or []) or "none"),
+            ("devices (llama.cpp)", ", ".join(
+                f"{d['name']}: {d['description']} ({d['free_mb']:.0f} of {d['total_mb']:.0f} MiB free)"
+                + (" [software device]" if d.get("software") else "")
+                for d in e.get("devices") or [] if d.get("name")) or "none besides the CPU"),
             ("model", f"{c['name']} ({c['model_type']}), {c['n_layers']} layers, n_ctx_train {c['n_ctx_train']}, "
                       f"rope_freq_base {c['rope_freq_base']}"),
             ("model file", f"{c['file_name']}, {c['size_bytes'] / 2**20:.1f} MiB, {c['bits_per_weight']:.2f} bits/weight"),

@@ -32,7 +32,8 @@ from kit.verdicts import NOT_TESTABLE, SUPPORTED, Verdict, combine, compare, not
 CLAIM = "G1"
 GUIDE_BASELINE_LAYERS = 30  # the guide's "good settings" n_gpu_layers
 TABLE_COLUMNS = ["n_gpu_layers", "status", "pp_ts", "pp_ts_lo", "pp_ts_hi", "tg_ts", "tg_ts_lo", "tg_ts_hi",
-                 "ttft_ms", "ttft_ms_lo", "ttft_ms_hi", "vram_added_mb", "rss_peak_mb", "load_ms", "error"]
+                 "ttft_ms", "ttft_ms_lo", "ttft_ms_hi", "vram_added_mb", "vram_source", "vram_nvml_mb",
+                 "vram_llama_mb", "vram_llama_kv_mb", "rss_peak_mb", "load_ms", "error"]
 PROBE_COLUMNS = ["n_gpu_layers", "status", "vram_peak_mb", "fits", "over_limit"]
 
 
@@ -164,11 +165,20 @@ def _layer_record(k: int, g: pd.DataFrame) -> dict:
     probe = summarise_probe_rows(ok.to_dict("records")) if not ok.empty else {}
     return {"n_gpu_layers": int(k), "status": "ok" if bad.empty else str(bad.iloc[0]["status"]),
             "error": None if bad.empty else bad.iloc[0].get("error"),
-            "vram_added_mb": probe.get("vram_peak_mb"), "rss_peak_mb": probe.get("rss_peak_mb")}
+            "vram_added_mb": probe.get("vram_peak_mb"), "vram_source": probe.get("vram_source"),
+            "vram_nvml_mb": probe.get("vram_nvml_mb"), "vram_llama_mb": probe.get("vram_llama_mb"),
+            "vram_llama_kv_mb": _max(ok, "vram_llama_kv_mb"), "rss_peak_mb": probe.get("rss_peak_mb")}
+
+
+def _max(rows: pd.DataFrame, col: str) -> float | None:
+    vals = pd.to_numeric(rows[col], errors="coerce").dropna() if col in rows else pd.Series(dtype=float)
+    return float(vals.max()) if not vals.empty else None
 
 
 def layer_table(df) -> pd.DataFrame:
-    """Per n_gpu_layers: pp and tg t/s (median, 95 % CI), TTFT (= pp time of the prompt), VRAM added, RSS, load."""
+    """Per n_gpu_layers: pp and tg t/s (median, 95 % CI), TTFT (= pp time of the prompt), device memory (NVML's
+    added VRAM where NVML sees the GPU, llama.cpp's allocated model + KV + compute buffers on the device for any
+    backend; `vram_added_mb` is the first of the two there is, `vram_source` says which), RSS, load."""
     if df is None or df.empty:
         return pd.DataFrame(columns=TABLE_COLUMNS)
     t = pd.DataFrame([_layer_record(k, g) for k, g in df.groupby("n_gpu_layers", sort=True)])
@@ -286,8 +296,10 @@ def plot_gpu_layers(table: pd.DataFrame, title_note: str = ""):
     _errorbar(axes[1], t, x, "ttft_ms", **style)
     axes[1].set(xlabel="n_gpu_layers", ylabel="ms", title="TTFT (prompt processing time)")
     axes[2].plot(x, t.rss_peak_mb.astype(float), marker="o", label="RAM: peak RSS")
-    if t.vram_added_mb.notna().any():
-        axes[2].plot(x, t.vram_added_mb.astype(float), marker="s", label="VRAM added")
+    if t.vram_nvml_mb.notna().any():
+        axes[2].plot(x, t.vram_nvml_mb.astype(float), marker="s", label="VRAM added (NVML)")
+    if t.vram_llama_mb.notna().any():
+        axes[2].plot(x, t.vram_llama_mb.astype(float), marker="^", label="device memory allocated (llama.cpp)")
     axes[2].set(xlabel="n_gpu_layers", ylabel="MiB", title="memory")
     axes[2].legend()
     for ax in axes:
