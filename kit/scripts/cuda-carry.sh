@@ -4,8 +4,9 @@
 #                                        llama.cpp's vocab test models, docs, tests and benches removed (76 -> ~8 MB)
 #   .gpu-carry/whl/                      Python 3.12 manylinux wheels of what the kit needs and the machine's image
 #                                        lacks (papermill, ipykernel and their needs, gguf, diskcache ...)
-#   .gpu-carry/model.part1, .part2       the bundled GGUF (92 MiB) in two parts: one call may carry 64 MiB in all,
-#                                        so the check runs in two calls (see cuda-check.sh)
+#   .gpu-carry/model.part00 ...          the bundled GGUF (92 MiB) in parts of 44 MiB, and model.sha256 (its hash,
+#                                        the number of parts): one call may carry 64 MiB in all, working tree
+#                                        included, so the check takes two calls (see cuda-check.sh)
 # Run here (a machine with PyPI), from the repository root. Ignored by git (.gitignore: .gpu-carry/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,10 +29,14 @@ $PY -m pip download -q --only-binary=:all: --python-version 3.12 --implementatio
 image="numpy pandas seaborn matplotlib psutil jinja2 markupsafe nvidia_ml_py pyyaml requests urllib3 idna certifi
        charset_normalizer tqdm packaging typing_extensions attrs python_dateutil six pytz tzdata click pygments
        contourpy cycler fonttools kiwisolver pillow pyparsing httpx httpcore h11 anyio sniffio"
-for name in $image; do rm -f "$C/whl/${name}"-*.whl "$C/whl/$(echo "$name" | tr _ -)"-*.whl; done
+# debugpy and jedi (10 MB) are optional for ipykernel and IPython: a headless kernel runs without them
+for name in $image debugpy jedi; do rm -f "$C/whl/${name}"-*.whl "$C/whl/$(echo "$name" | tr _ -)"-*.whl; done
 model=$($PY -c "from kit.models import resolve_model; print(resolve_model('smollm2-135m'))")
-split -n 2 -d "$model" "$C/model.part"
+# parts of 44 MiB: call 1 carries the sdist, the wheels and part 0 (about 61 MiB with the working tree), call 2 the rest
+split -b 44M -d "$model" "$C/model.part"
+echo "$(sha256sum "$model" | cut -d' ' -f1) $(ls "$C"/model.part* | wc -l) $(basename "$model")" > "$C/model.sha256"
 rm -rf "$C/tmp"
 du -sh "$C"/* | sed 's/^/  /'
-echo "call 1 carries: .gpu-carry/llama_cpp_python.tar.gz .gpu-carry/whl .gpu-carry/model.part00"
-echo "call 2 carries: .gpu-carry/model.part01 (the build and part 1 stay on the warm machine)"
+echo "call 1 carries: .gpu-carry/llama_cpp_python.tar.gz .gpu-carry/whl .gpu-carry/model.part00 .gpu-carry/model.sha256"
+echo "call 2 carries: $(ls "$C"/model.part* | tail -n +2 | tr '\n' ' ').gpu-carry/model.sha256"
+echo "(the build in .gpu-site and part 0 stay on the warm machine between the two calls)"

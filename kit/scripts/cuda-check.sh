@@ -27,21 +27,21 @@ if ! python3 -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_g
     "$C/llama_cpp_python.tar.gz" 2>&1 | tail -20
   echo "cuda-check: llama-cpp-python compiled for sm_$ARCH in $(( $(date +%s) - b0 )) s on $(nproc) cores" | tee "$OUT/build.txt"
 fi
-MODEL=$SITE/SmolLM2-135M-Instruct.Q4_1.gguf
+# the model: parts arrive over two calls; each is kept in .gpu-site until all are there, then joined and checked
+read -r SHA NPARTS NAME < "$C/model.sha256"
+MODEL=$SITE/$NAME
 if [ ! -f "$MODEL" ]; then
-  if [ -f "$C/model.part00" ] && [ -f "$C/model.part01" ]; then
-    cat "$C/model.part00" "$C/model.part01" > "$MODEL.tmp" && mv "$MODEL.tmp" "$MODEL"
-  else
-    [ -f "$C/model.part00" ] && cp "$C/model.part00" "$SITE/model.part00" || true
-    if [ -f "$SITE/model.part00" ] && [ -f "$C/model.part01" ]; then
-      cat "$SITE/model.part00" "$C/model.part01" > "$MODEL.tmp" && mv "$MODEL.tmp" "$MODEL"
-    else
-      echo "cuda-check: the model is not complete yet: carry .gpu-carry/model.part01 in the next call"; exit 0
-    fi
+  for part in "$C"/model.part*; do [ -f "$part" ] && cp -n "$part" "$SITE/"; done
+  have=$(ls "$SITE"/model.part* 2>/dev/null | wc -l)
+  if [ "$have" -lt "$NPARTS" ]; then
+    echo "cuda-check: $have of $NPARTS model parts here: carry the others in the next call"; exit 0
   fi
+  cat "$SITE"/model.part* > "$MODEL.tmp"
+  [ "$(sha256sum "$MODEL.tmp" | cut -d' ' -f1)" = "$SHA" ] || { echo "cuda-check: the joined model's sha256 differs"; exit 1; }
+  mv "$MODEL.tmp" "$MODEL" && rm -f "$SITE"/model.part*
 fi
 python3 -m kit info --model "$MODEL" --no-bandwidth > "$OUT/info.txt" 2>&1
-python3 -m kit bench -m "$MODEL" -ngl 0,99 -p 512 -n 128 -r 5 -o csv > "$OUT/bench_ngl.csv" 2> "$OUT/bench.log"
+python3 -m kit bench -q -m "$MODEL" -ngl 0,99 -p 512 -n 128 -r 5 -o csv > "$OUT/bench_ngl.csv" 2> "$OUT/bench.log"
 RUN=/tmp/gpu-check-run
 python3 -m kit run --quick --model "$MODEL" --only 00,10,20,30 --out "$RUN" > "$OUT/run.log" 2>&1 || true
 python3 - "$MODEL" "$RUN" "$OUT" <<'PY' >> "$OUT/run.log" 2>&1 || true
