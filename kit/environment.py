@@ -132,7 +132,8 @@ def llama_build_info() -> dict:
         "mlock_supported": bool(llama_cpp.llama_supports_mlock()),
         "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
     }
-    devices = gpu.backend_devices() if info["gpu_offload"] else []
+    # llama.cpp's devices where NVML sees no GPU (on CUDA, asking the backend creates a context in this process)
+    devices = gpu.backend_devices() if info["gpu_offload"] and not gpu.nvml_available() else []
     names = sorted({re.sub(r"\d+$", "", d["name"]) for d in devices if d.get("name")})
     # llama-bench's column: the GPU backend's name (Vulkan, CUDA, Metal ...), else CPU
     info["backends"] = ",".join(names) if names else ("GPU" if info["gpu_offload"] else "CPU")

@@ -159,8 +159,12 @@ def offload_support(nvml: Any = None, build_supports: bool | None = None, device
     """
     build = gpu.build_supports_gpu_offload() if build_supports is None else bool(build_supports)
     gpus = gpu.gpu_inventory(nvml)
-    devices = (gpu.backend_devices() if build else []) if devices is None else devices
-    usable = [g for g in gpus if "free_mb" in g] + [d for d in devices if d.get("total_mb")]
+    nvml_usable = [g for g in gpus if "free_mb" in g]
+    if devices is None:
+        # llama.cpp's device list only where NVML sees nothing: asking a CUDA backend for memory creates a CUDA
+        # context in this (parent) process, which would hold VRAM the trials' readings then include
+        devices = gpu.backend_devices() if build and not nvml_usable else []
+    usable = nvml_usable + [d for d in devices if d.get("total_mb")]
     if not build:
         reason = NOT_TESTABLE_NO_OFFLOAD
     elif not usable:
