@@ -427,6 +427,27 @@ def looks_confidence(looks: int, confidence: float = 0.95) -> float:
     return 1 - (1 - confidence) / max(1, looks)
 
 
+def looks_note(rows, claim: str | None = None) -> str:
+    """One sentence on what adaptive rounds did, for an undecided verdict: how many blocks ran of the schedule, and
+    that the schedule or the time cap, not a decision, ended them (rows' `looks`, `looks_planned`, `looks_capped`).
+    "" where the rows ran no adaptive schedule or nothing was capped. claim: only rows whose adaptive schedule was
+    that claim's (`adaptive_claim`)."""
+    recs = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else list(rows)
+    lk = [r for r in recs if _known(r.get("looks_planned")) and _known(r.get("looks"))
+          and (claim is None or r.get("adaptive_claim") in (None, claim) or not _known(r.get("adaptive_claim")))]
+    capped = [r for r in lk if r.get("looks_capped") is True or r.get("looks_capped") == 1]
+    if not capped:
+        return ""
+    planned = int(max(r["looks_planned"] for r in lk))
+    ran = int(max(r["looks"] for r in capped))
+    return (f"Adaptive rounds ran {ran} of {planned} planned blocks of repetitions and stopped undecided at the "
+            f"schedule's or the time cap's end (raise looks or looks_max_s, or run on a quieter machine).")
+
+
+def _known(x) -> bool:
+    return x is not None and x == x   # not None, not NaN
+
+
 def rows_confidence(rows) -> float:
     """The confidence a verdict on these rows must use: `looks_confidence` of the largest schedule of looks the
     rows were measured under (column `looks_planned`, written by adaptive sweeps), else 95 %. Takes a DataFrame or

@@ -294,3 +294,21 @@ def test_s1_pairs_by_prompt_and_seed_decide_what_unpaired_medians_cannot():
     unpaired = compare("S1", df.iloc[0]["samples_ts"], df.iloc[1]["samples_ts"])
     assert unpaired.verdict == INCONCLUSIVE and unpaired.ci_high - unpaired.ci_low > 0.3
     assert gen.s1_verdict(_paired_rows(0.85)).verdict == REFUTED
+
+
+def test_s1_pools_every_block_of_seeds_at_the_schedules_confidence():
+    one = _paired_rows(0.97)
+    two = one.copy()
+    for col in ("requests",):
+        two[col] = [[{**r, "seed": r["seed"] + 1000} for r in reqs] for reqs in two[col]]
+    both = pd.concat([one.assign(look=1, looks_planned=3, part="sampling"),
+                      two.assign(look=2, looks_planned=3, part="sampling")], ignore_index=True)
+    v = gen.s1_verdict(both)
+    assert v.n_candidate == 20 and v.details["looks"] == 2 and v.details["looks_planned"] == 3
+    assert v.confidence == pytest.approx(1 - 0.05 / 3) and "2 of 3 planned blocks" in v.summary
+    cols = {"n_requests": 10, "temperature": 0.1, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1,
+            "max_tokens_label": "48", "engine_decode_ms_per_token": 7.0, "median_ts": 100.0, "n_gen_tokens_mean": 48.0,
+            "e2e_ms": 900.0, "truncation_rate": 1.0, "distinct_2": 0.9, "rep_4gram": 0.0, "deterministic_share": 0.0,
+            "samples_decode_ms_per_token": [[10.0, 10.5, 9.5]] * 4}
+    table = gen.sampling_table(both.assign(**cols))
+    assert list(table["label"]) == ["guide", "default"] and list(table["requests"]) == [20, 20]

@@ -119,3 +119,14 @@ def test_schema_round_trip_and_validation(tmp_path):
 def test_too_few_samples_is_not_a_verdict():
     v = compare("G2", [120.0, 121.0], [100.0, 100.5])
     assert v.verdict == NOT_TESTABLE and "too few samples" in v.reason
+
+
+def test_looks_note_says_when_a_cap_not_a_decision_ended_adaptive_rounds():
+    from kit.verdicts import looks_note
+    rows = [{"looks": 3, "looks_planned": 3, "looks_capped": True, "adaptive_claim": "G3"},
+            {"looks": 1, "looks_planned": 3, "looks_capped": False, "adaptive_claim": "G3"},
+            {"looks": 2, "looks_planned": 5, "looks_capped": False, "adaptive_claim": "M1"}]
+    note = looks_note(rows, "G3")
+    assert "ran 3 of 3 planned blocks" in note and "stopped undecided" in note
+    assert looks_note(rows, "M1") == ""            # M1's rounds decided: nothing to say
+    assert looks_note([{"status": "ok"}]) == ""    # no adaptive schedule at all

@@ -30,8 +30,8 @@ from kit.measure import Test, pp, tg
 from kit.plots import setup, speed_plot
 from kit.results import median_table, pooled_samples
 from kit.sweep import Adaptive, grid, planned_rows, run_sweep
-from kit.verdicts import (MIXED, NOT_TESTABLE, Verdict, combine, compare, not_testable, ratio_of, ratio_text,
-                          rows_confidence)
+from kit.verdicts import (INCONCLUSIVE, MIXED, NOT_TESTABLE, Verdict, combine, compare, looks_note, not_testable,
+                          ratio_of, ratio_text, rows_confidence)
 
 CLAIM_BATCH = "G3"
 CLAIM_FLASH = "G2"
@@ -330,6 +330,8 @@ def verdict_batch(df, study: BatchFlashStudy, evidence: Sequence[str] = (), gpu_
                   details={"per_prompt": per_prompt, "scope": "cpu" if scope else "gpu",
                            "ttft_definition": "engine prompt-processing time for n_prompt tokens"})
     shaky = " Samples unstable (CV >= 10 %): repeat on a quiet machine before acting on it." if out.unstable else ""
+    if out.verdict in (INCONCLUSIVE, MIXED):
+        shaky += (" " + looks_note(df, CLAIM_BATCH)).rstrip()
     out.summary = (f"{gb}/{gu} against {bb}/{bu}, prompt t/s per prompt length: {out.summary}{shaky} "
                    f"{scope}").strip()
     out.reason = "; ".join(x for x in (out.reason, scope) if x)
@@ -415,6 +417,8 @@ def verdict_flash(df, evidence: Sequence[str] = (), gpu_offload: bool | None = N
     per = "; ".join(f"{flash_condition(v)}: {ratio_text(v)}" for v in comps)
     shaky = (" Some samples unstable (CV >= 10 %): repeat on a quiet machine before acting on it."
              if out.unstable else "")
+    if out.verdict in (INCONCLUSIVE, MIXED):
+        shaky += (" " + looks_note(df, CLAIM_FLASH)).rstrip()
     lead = ("Depends on the test and the context depth. " if out.verdict == MIXED else
             f"Every test and depth: {out.label()}. " if out.verdict != NOT_TESTABLE else "")
     out.summary = f"{lead}Flash attention on / off per condition: {per}.{shaky} {scope}".strip()

@@ -30,7 +30,7 @@ from kit.quality import ensure_reference, reference_path
 from kit.results import ci_label, load_results, median_table, ok_rows, pooled_samples
 from kit.sweep import Adaptive, run_sweep
 from kit.verdicts import (INCONCLUSIVE, MIXED, NO_EFFECT, REFUTED, SUPPORTED, combine, compare, from_interval,
-                          median_ci, not_testable, paired_log_ratio, rows_confidence)
+                          looks_note, median_ci, not_testable, paired_log_ratio, rows_confidence)
 
 GUIDE_N_CTX = (2048, 4096, 8192, 16384)
 GUIDE_MODEL_PROPERTIES = {"n_ctx_train": 131072, "rope_freq_base": 10000.0}
@@ -485,6 +485,8 @@ def m1_verdict(df, study: ContextStudy, evidence=(), confidence: float | None = 
         words.append(_M1_CONCLUSION[v.verdict])
     if v.unstable:
         words.append("Samples unstable (CV >= 10 %): repeat on a quieter machine.")
+    if INCONCLUSIVE in (tgv.verdict, ttft.verdict) and looks_note(d, "M1"):
+        words.append(looks_note(d, "M1"))
     note = beyond_train_note(study)
     if note:
         words.append(note)

@@ -23,6 +23,7 @@ import math
 import re
 import statistics
 import textwrap
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,7 +34,8 @@ from kit.data import load_prompts
 from kit.measure import Test, requests_row, stream_chat
 from kit.results import load_results, median_table, no_rows_reason
 from kit.sweep import run_sweep, split_out_dir
-from kit.verdicts import MIN_SAMPLES, bootstrap_ratio, compare, from_interval, not_testable, paired_log_ratio, too_few
+from kit.verdicts import (INCONCLUSIVE, MIN_SAMPLES, bootstrap_ratio, compare, from_interval, not_testable,
+                          paired_log_ratio, rows_confidence, too_few)
 
 # The guide's "speeding up generation" settings (section 6).
 GUIDE_SAMPLING = {"temperature": 0.1, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
@@ -182,6 +184,9 @@ class GenerationStudy(ChatStudyConfig):
     repetitions: int = param(5, "seeds per prompt in the sampling sweep (one request each)", ge=1)
     cap_repetitions: int = param(2, "seeds per prompt in the cap sweep", ge=1)
     s2_cap: int = param(GUIDE_MAX_TOKENS, "the cap S2 compares with unlimited (the guide's 512); one of caps", ge=1)
+    looks: int = param(3, "S1: blocks of `repetitions` seeds at most (guide and defaults only after the first) while "
+                          "S1 is inconclusive; every look and the verdict at confidence 1 - 0.05/looks", ge=1, le=10)
+    looks_max_s: float = param(120.0, "seconds of added S1 blocks at most", ge=0)
     equivalence: float = param(0.05, "a speed ratio whose whole 95 % CI lies within 1 +- this is 'no effect' (S1's "
                                      "stated speed band)",
                                ge=0, le=0.5)
@@ -242,11 +247,26 @@ class GenerationStudy(ChatStudyConfig):
 
 
 def run_generation_study(study: GenerationStudy, progress: bool = True):
-    """Two trials, one model load each: the sampling sweep (S1) and the max_tokens sweep (S2). Returns all rows."""
+    """Two trials, one model load each: the sampling sweep (S1) and the max_tokens sweep (S2). While S1 is
+    inconclusive, another block of seeds for the guide's sampling and the defaults runs (a fresh trial with the seed
+    moved on, so new requests), up to `looks` blocks and `looks_max_s` seconds of added blocks: a fixed schedule of
+    looks, every look at looks_confidence(looks). Rows say their block (`look`) and the schedule (`looks_planned`).
+    Returns all rows."""
     name, root = split_out_dir(study.out_path)
     base = study.settings()
+    tag = {"claim": "S1", "part": "sampling", "looks_planned": study.looks}
     run_sweep(name, base, study.sampling_tests(), repetitions=study.repetitions, out_root=root,
-              timeout_s=study.timeout_s, progress=progress, extra={"claim": "S1", "part": "sampling"})
+              timeout_s=study.timeout_s, progress=progress, extra={**tag, "look": 1})
+    spent = 0.0
+    for look in range(2, study.looks + 1):
+        df = load_results(study.out_path)
+        if s1_verdict(df, study.equivalence).verdict != INCONCLUSIVE or spent >= study.looks_max_s:
+            break
+        t0 = time.perf_counter()
+        tests = [t for t in study.sampling_tests() if t.params.get("label") in ("guide", "default")]
+        run_sweep(name, base.replace(seed=base.seed + 1000 * (look - 1)), tests, repetitions=study.repetitions,
+                  out_root=root, timeout_s=study.timeout_s, progress=progress, extra={**tag, "look": look})
+        spent += time.perf_counter() - t0
     caps = study.cap_tests()
     if caps:
         run_sweep(name, base, caps, repetitions=study.cap_repetitions, out_root=root,
@@ -299,8 +319,9 @@ def sampling_table(df, part: str | None = "sampling"):
     if ok.empty:
         return pd.DataFrame(columns=["label", "ms/token (ITL)", "ms/token 95% CI", "tokens/s", "requests"])
     cost = median_table(ok, by="label", cols="samples_decode_ms_per_token").set_index("label")
+    n_req = ok.groupby("label")["n_requests"].sum()   # S1's added blocks: one row per label, every block counted
     rows = []
-    for _, r in ok.iterrows():
+    for _, r in ok.drop_duplicates("label", keep="first").iterrows():
         med, lo, hi = cost.loc[r["label"], ["samples_decode_ms_per_token", "samples_decode_ms_per_token_lo",
                                             "samples_decode_ms_per_token_hi"]]
         has_ci = lo is not None and lo == lo
@@ -313,7 +334,7 @@ def sampling_table(df, part: str | None = "sampling"):
             "tokens/s": r["median_ts"], "output tokens (mean)": r["n_gen_tokens_mean"],
             "e2e ms (median)": r["e2e_ms"], "truncated": r["truncation_rate"],
             "distinct-2": r["distinct_2"], "repeated 4-grams": r["rep_4gram"],
-            "same text across seeds": r["deterministic_share"], "requests": r["n_requests"],
+            "same text across seeds": r["deterministic_share"], "requests": int(n_req[r["label"]]),
         })
     return pd.DataFrame(rows)
 
@@ -322,10 +343,22 @@ def _int_or_none(x):
     return None if x is None or x != x else int(x)
 
 
-def _row(df, label: str):
+def _pooled(df, label: str):
+    """The sampling sweep's rows of one label, every S1 block pooled into one row: requests and samples joined
+    (the last row's other columns), its `looks` the blocks pooled. None without a row."""
     ok = request_sampling_view(_ok(df))
+    if "part" in ok:
+        ok = ok[ok["part"].isna() | (ok["part"] == "sampling")]
     m = ok[ok["label"] == label]
-    return None if m.empty else m.iloc[-1]
+    if m.empty:
+        return None
+    row = m.iloc[-1].copy()
+    if len(m) > 1:
+        for col in ("requests", "samples_ts", "samples_n_gen_tokens", "samples_e2e_ms"):
+            if col in m:
+                row[col] = [x for v in m[col] if isinstance(v, list) for x in v]
+    row["looks"] = len(m)
+    return row
 
 
 def s1_pairs(g, d) -> list[tuple[float, float]]:
@@ -343,11 +376,12 @@ def s1_pairs(g, d) -> list[tuple[float, float]]:
     return [(a[k], b[k]) for k in sorted(a, key=str) if k in b]
 
 
-def s1_verdict(df, equivalence: float | None = 0.05, evidence: Sequence[str] = ()):
+def s1_verdict(df, equivalence: float | None = 0.05, evidence: Sequence[str] = (), confidence: float | None = None):
     """S1: per-token decode speed, guide sampling vs llama-cpp-python defaults, paired by prompt and seed (the
     geometric mean of the per-pair ratios, a bootstrap over pairs); rows without per-request records fall back to
-    the unpaired ratio of medians. Output length reported apart. equivalence None: S1's stated band."""
-    g, d = _row(df, "guide"), _row(df, "default")
+    the unpaired ratio of medians. Output length reported apart. equivalence None: S1's stated band. Every block of
+    seeds the study ran is pooled; confidence None: the rows' (`rows_confidence`, higher under a schedule of looks)."""
+    g, d = _pooled(df, "guide"), _pooled(df, "default")
     if g is None or d is None:
         return not_testable("S1", no_rows_reason(df, "the sampling sweep has no successful 'guide' and 'default' "
                                                      "rows to compare", part="sampling"), evidence=evidence)
@@ -357,10 +391,12 @@ def s1_verdict(df, equivalence: float | None = 0.05, evidence: Sequence[str] = (
         short = too_few("S1", len(pairs), len(pairs), "n_prompts or repetitions", evidence, MIN_SAMPLES)
         if short:
             return short
-        point, lo, hi = paired_log_ratio([math.log(x) for x, _ in pairs], [math.log(y) for _, y in pairs])
+        conf = confidence or rows_confidence(_ok(df)[_ok(df)["label"].isin(["guide", "default"])])
+        point, lo, hi = paired_log_ratio([math.log(x) for x, _ in pairs], [math.log(y) for _, y in pairs],
+                                         confidence=conf)
         v = from_interval("S1", point, lo, hi, claimed="better", higher_is_better=True, equivalence=equivalence,
                           metric=metric + ", paired by prompt and seed", n_candidate=len(pairs),
-                          n_baseline=len(pairs), evidence=evidence)
+                          n_baseline=len(pairs), evidence=evidence, confidence=conf)
     else:
         short = too_few("S1", len(g["samples_ts"]), len(d["samples_ts"]), "n_prompts or repetitions", evidence)
         if short:
@@ -379,8 +415,15 @@ def s1_verdict(df, equivalence: float | None = 0.05, evidence: Sequence[str] = (
         v.band_why = (f"the study's equivalence parameter (+-{v.band:.0%}): a per-token cost change smaller "
                       f"than that is below what sampling settings are chosen for")
     how = f"{len(pairs)} request pairs, same prompt and seed" if pairs else "unpaired medians"
+    looks, planned = int(g.get("looks", 1) or 1), _int_or_none(g.get("looks_planned")) or 1
+    v.details.update(looks=looks, looks_planned=planned)
+    if planned > 1:
+        how += f", {looks} of {planned} planned blocks of seeds"
+        if v.verdict == INCONCLUSIVE and looks >= planned:
+            how += " (the last planned block stopped it undecided: raise looks or repetitions)"
     v.summary = (f"Per-token speed with the guide's sampling is {v.effect:.3f}x the defaults' "
-                 f"(95 % CI {v.ci_low:.3f}-{v.ci_high:.3f}, {how}; equivalence band +-{v.band:.0%}): {v.label()}. "
+                 f"({v.confidence:.1%} CI {v.ci_low:.3f}-{v.ci_high:.3f}, {how}; equivalence band "
+                 f"+-{v.band:.0%}): {v.label()}. "
                  f"Tokens per answer, guide / defaults: {ln:.2f}x (95 % CI {ln_lo:.2f}-{ln_hi:.2f}, capped at "
                  f"max_tokens={_int_or_none(g['max_tokens'])}); end-to-end latency {e2e:.2f}x ({e_lo:.2f}-{e_hi:.2f}).")
     return v
