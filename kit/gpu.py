@@ -16,6 +16,7 @@ The "what fits" searches (n_gpu_layers, context size) that use these readings li
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import threading
 import time
@@ -330,7 +331,6 @@ def _ggml() -> Any:
     """llama-cpp-python's handle on libggml with the device functions typed, or None (no llama_cpp, or a build
     without the backend device API)."""
     try:
-        import ctypes
         import llama_cpp  # noqa: F401 - loads and registers the build's backends
         from llama_cpp import _ggml as g
         lib = g.libggml
@@ -358,7 +358,6 @@ def backend_devices(include_cpu: bool = False) -> list[dict[str, Any]]:
     """The devices llama.cpp's backends registered (GPU, integrated GPU, accelerator; the CPU too with include_cpu):
     index, name (e.g. "Vulkan0", "CUDA0"), description, type, free_mb, total_mb, software (llvmpipe and the like).
     Empty without the API. Vulkan skips CPU-type Vulkan devices unless GGML_VK_VISIBLE_DEVICES names them."""
-    import ctypes
     lib = _ggml()
     if lib is None:
         return []

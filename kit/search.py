@@ -95,7 +95,9 @@ def _search(key: str, candidates: Sequence[int], probe: Callable[[int], dict[str
 def _reason(found: Any, largest: Any, probes: list[dict[str, Any]], what: str) -> str:
     """One line for the notebook: what was found and why nothing larger."""
     if found is None:
-        return f"nothing fits: even {what}={probes[-1][what]} failed ({probes[-1]['status']})"
+        last = probes[-1]
+        cause = (f"over the VRAM limit: {last['vram_peak_mb']} MiB" if last.get("over_limit") else last["status"])
+        return f"nothing fits: even {what}={last[what]} failed ({cause})"
     if found == largest:
         return f"all fits: {what}={found}"
     first_fail = min((p for p in probes if p[what] > found), key=lambda p: p[what])
