@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import re
 import threading
 import time
@@ -327,8 +328,9 @@ _BUFFER_LINE = re.compile(r"^\s*\S+:\s+(?P<dev>\S+)\s+(?:(?P<what>model|KV|compu
 HOST_BUFFERS = re.compile(r"^(CPU|CPU_Mapped|CPU_REPACK|AMX|.*_Host)$")
 
 
+@functools.lru_cache(maxsize=1)
 def _ggml() -> Any:
-    """llama-cpp-python's handle on libggml with the device functions typed, or None (no llama_cpp, or a build
+    """llama-cpp-python's handle on libggml with the device functions typed (once per process), or None (no llama_cpp, or a build
     without the backend device API)."""
     try:
         import llama_cpp  # noqa: F401 - loads and registers the build's backends

@@ -391,7 +391,8 @@ def s1_verdict(df, equivalence: float | None = 0.05, evidence: Sequence[str] = (
         short = too_few("S1", len(pairs), len(pairs), "n_prompts or repetitions", evidence, MIN_SAMPLES)
         if short:
             return short
-        conf = confidence or rows_confidence(_ok(df)[_ok(df)["label"].isin(["guide", "default"])])
+        ok = _ok(df)
+        conf = confidence or rows_confidence(ok[ok["label"].isin(["guide", "default"])])
         point, lo, hi = paired_log_ratio([math.log(x) for x, _ in pairs], [math.log(y) for _, y in pairs],
                                          confidence=conf)
         v = from_interval("S1", point, lo, hi, claimed="better", higher_is_better=True, equivalence=equivalence,
