@@ -201,26 +201,37 @@ def _present(rows: Sequence[dict], col: str) -> list[float]:
     return [v for v in (as_float(r.get(col)) for r in rows) if v is not None]
 
 
+def vram_added(rows: Sequence[dict]) -> dict:
+    """The device memory a trial's rows say it took, MiB: NVML's reading where there is one (peak minus the
+    baseline before loading: what the device really lost), else what llama.cpp says it allocated on its devices
+    (weights, KV cache, compute buffers). {"vram_mb", "vram_source" ('nvml', 'llama.cpp' or None),
+    "vram_nvml_mb", "vram_llama_mb"}; the probes and the tuner's memory limit both use it."""
+    added = [(as_float(r.get("vram_peak_mb")), as_float(r.get("vram_baseline_mb"))) for r in rows]
+    added = [p - b for p, b in added if p is not None and b is not None]
+    llama = _present(rows, "vram_llama_mb")
+    nvml_mb = round(max(added), 1) if added else None
+    llama_mb = round(max(llama), 1) if llama else None
+    return {"vram_mb": nvml_mb if nvml_mb is not None else llama_mb,
+            "vram_source": "nvml" if added else ("llama.cpp" if llama else None),
+            "vram_nvml_mb": nvml_mb, "vram_llama_mb": llama_mb}
+
+
 def summarise_probe_rows(rows: Sequence[dict]) -> dict:
     """One probe result from a trial's rows: status ('ok', 'oom', or the failing row's status), the VRAM the
-    trial added (peak minus baseline, MiB), the device peak, RSS, speeds and the error text."""
+    trial added (`vram_added`), the device peak, RSS, speeds and the error text."""
     rows = list(rows)
     bad = next((r for r in rows if r.get("status") != "ok"), None)
     status = "ok" if rows and bad is None else (bad or {}).get("status", "error")
     error = (bad or {}).get("error")
     if status != "ok" and error and OOM_PATTERN.search(str(error)):
         status = "oom"
-    added = [(as_float(r.get("vram_peak_mb")), as_float(r.get("vram_baseline_mb"))) for r in rows]
-    added = [p - b for p, b in added if p is not None and b is not None]
     peaks, rss = _present(rows, "vram_peak_mb"), _present(rows, "rss_peak_mb")
-    llama = _present(rows, "vram_llama_mb")
-    # NVML's reading where there is one (what the device really lost), else what llama.cpp says it allocated
-    vram = round(max(added), 1) if added else (round(max(llama), 1) if llama else None)
+    vram = vram_added(rows)
     out = {"status": status,
-           "vram_peak_mb": vram,
-           "vram_source": "nvml" if added else ("llama.cpp" if llama else None),
-           "vram_nvml_mb": round(max(added), 1) if added else None,
-           "vram_llama_mb": round(max(llama), 1) if llama else None,
+           "vram_peak_mb": vram["vram_mb"],
+           "vram_source": vram["vram_source"],
+           "vram_nvml_mb": vram["vram_nvml_mb"],
+           "vram_llama_mb": vram["vram_llama_mb"],
            "vram_device_peak_mb": max(peaks) if peaks else None,
            "rss_peak_mb": max(rss) if rss else None,
            "error": error}

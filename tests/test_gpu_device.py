@@ -6,7 +6,8 @@ NVML (test_gpu.py, test_offload.py).
 What runs: llama.cpp's device list and memory (no NVML needed), the device memory a trial's rows carry (model
 weights, KV cache, compute buffers, from llama.cpp's own allocation lines), and `find_optimal_gpu_layers` /
 `find_max_context` under a memory limit chosen between what 0 layers and all layers take, so that the bisection
-meets real over-limit probes and returns the largest count within the limit."""
+meets real over-limit probes and returns the largest count within the limit, and the tuner's GPU-layer step under
+the same kind of limit (the largest count that fits, then 0 layers screened against it)."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,7 @@ from kit.measure import pp, tg
 from kit.models import model_card
 from kit.paths import DEFAULT_MODEL
 from kit.search import find_max_context, find_optimal_gpu_layers, offload_statement, offload_support
+from kit.studies.autotune.tuner import Constraints, SearchSpace, Workload, benchmark_settings
 from kit.sweep import run_trial
 
 SUPPORT = offload_support()
@@ -82,3 +84,42 @@ def test_find_max_context_under_a_limit():
     res = find_max_context(DEFAULT_MODEL, n_gpu_layers=n_all, candidates=[512, 1024, 2048, 4096], vram_limit_mb=limit)
     assert res["testable"] and res["best_n_ctx"] in (512, 1024, 2048), res
     assert any(p["over_limit"] for p in res["probes"]) and res["best_n_ctx"] < 4096
+
+
+def test_tuner_gpu_layer_step_under_a_limit(tmp_path):
+    card = model_card(DEFAULT_MODEL)
+    n_all = card.n_layers + 1
+    lo, hi = _trial(1)["vram_llama_mb"], _trial(n_all)["vram_llama_mb"]
+    limit = round((lo + hi) / 2, 1)
+    # the guide's start (n_gpu_layers 30 = every repeating layer) at a small context, and a request below the
+    # 32-token batch at which llama.cpp sends CPU-side matrix products to the device too
+    start = Settings(model=DEFAULT_MODEL, n_gpu_layers=card.n_layers, use_mmap=True, n_batch=512, n_ubatch=512,
+                     n_ctx=512)
+    space = SearchSpace(threads=[], n_batch=[], n_ubatch=[], flash_attn=[], kv_type=[], n_ctx=[],
+                        n_gpu_layers=[0, n_all])
+    res = benchmark_settings(DEFAULT_MODEL, study="tune_gpu", out_root=tmp_path, space=space,
+                             constraints=Constraints(ram_limit_mb=None, vram_limit_mb=limit, max_ppl_ratio=None),
+                             workload=Workload(n_prompt=16, n_gen=4, ppl_chunks=2, ppl_chunk_tokens=32),
+                             screen_repetitions=1, repetitions=3, confirm_top=1, min_gain=0.05, start=start,
+                             progress=False)
+    gpu_res = res.gpu_layers
+    found = gpu_res["best_n_gpu_layers"]
+    assert gpu_res["testable"] and 0 < found < card.n_layers, gpu_res
+    assert any(p["over_limit"] and not p["fits"] for p in gpu_res["probes"])
+    ref = res.screened[0]
+    assert ref.settings.n_gpu_layers == found and ref.status == "ok"
+    assert ref.vram_source in ("nvml", "llama.cpp") and 0 < ref.vram_added_mb <= limit, ref
+    step = next(s for s in res.steps if s["axis"] == "n_gpu_layers")
+    assert step["tried"] == [{"n_gpu_layers": 0}]    # a count above the one found is not screened: it does not fit
+    d = step["decision"]
+    if d is not None and d["taken"]:
+        assert step["changed"] and step["to"].startswith("ngl=0 ") and d["verdict"] == "supported"
+    else:
+        assert not step["changed"] and step["to"].startswith(f"ngl={found} ")
+    # the start offloads more than fits: it breaks the limit, so the winner is a confirmed configuration within it
+    start_c = next(c for c in res.confirmed if c.settings == res.start)
+    assert start_c.vram_added_mb > limit and res.best != res.start and res.best.n_gpu_layers <= found
+    assert "breaks a limit" in res.why_best or "beats the start" in res.why_best
+    if SUPPORT["software"]:
+        # llvmpipe decodes ~60x slower than the CPU (README): the step must leave it for 0 layers
+        assert res.best.n_gpu_layers == 0 and d and d["taken"], (res.steps, res.why_best)

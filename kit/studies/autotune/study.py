@@ -44,6 +44,9 @@ class AutotuneStudy(StudyConfig):
     profiles_dir: str = param("outputs/profiles", "where the kit's own speed/balanced/quality .env files go")
     n_prompt: int = param(256, "prompt tokens of the modelled request (pp test; tg runs at this depth)", ge=1)
     n_gen: int = param(32, "generated tokens of the modelled request (tg test)", ge=1)
+    n_gpu_layers: list[int] = param([0], "GPU layer counts screened against the largest that fits (what "
+                                    "find_optimal_gpu_layers found; GPU builds only, counts above it are skipped)",
+                                    ge=0)
     threads: list[int] = param([], "thread counts (n_threads and n_threads_batch alike); empty: cpu_count/2 and "
                                "cpu_count", ge=1)
     n_batch: list[int] = param([512, 1024], "n_batch values screened", ge=1)
@@ -104,7 +107,8 @@ class AutotuneStudy(StudyConfig):
         return SearchSpace(threads=list(self.threads) or default_threads(), n_batch=list(self.n_batch),
                            n_ubatch=list(self.n_ubatch), flash_attn=list(self.flash_attn),
                            kv_type=list(self.kv_type), n_ctx=list(self.n_ctx),
-                           rope_freq_base=[float(x) for x in self.rope_freq_base])
+                           rope_freq_base=[float(x) for x in self.rope_freq_base],
+                           n_gpu_layers=[int(x) for x in self.n_gpu_layers])
 
     def constraints(self) -> Constraints:
         """The limits, with the parameters' 0 ("no limit" / "free VRAM minus a margin") as None."""

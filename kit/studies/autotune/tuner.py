@@ -3,9 +3,11 @@
 The search (``benchmark_settings``):
 1. **Start** from the guide's "good settings" (n_gpu_layers 30 capped by the build, use_mmap, n_batch 512,
    Q4_K_M where such a file exists, else the model given) and measure a quality reference there.
-2. **GPU layers** through `kit.search.find_optimal_gpu_layers` with a real probe (a child process per count);
-   on a build without GPU offload this is "not testable here" and n_gpu_layers stays 0.
-3. **Screen** one axis at a time (threads, n_batch, n_ubatch, flash_attn, KV cache type, rope_freq_base, n_ctx)
+2. **GPU layers** through `kit.search.find_optimal_gpu_layers` with a real probe (a child process per count,
+   running the workload's request); on a build without GPU offload this is "not testable here" and n_gpu_layers
+   stays 0. The largest count that fits is the origin, not a verdict: smaller counts (`n_gpu_layers`, default 0)
+   are screened against it as the first axis, so a device slower than the CPU (Mesa's llvmpipe) is left.
+3. **Screen** one axis at a time (n_gpu_layers where offload is testable, threads, n_batch, n_ubatch, flash_attn, KV cache type, rope_freq_base, n_ctx)
    with few repetitions (`kit.sweep.run_sweep`, resumable). A value that breaks a constraint is refused with the
    numbers (memory: peak RSS of the trial, and VRAM it added where there is a GPU, under the limit; quality: a
    candidate that changes the numbers - a quantized KV cache, another model file, a RoPE override - gets a
@@ -52,14 +54,14 @@ from kit.models import model_card
 from kit.paths import DEFAULT_MODEL, resolve
 from kit.quality import ppl_test
 from kit.results import as_float
-from kit.search import find_optimal_gpu_layers
+from kit.search import find_optimal_gpu_layers, vram_added
 from kit.sweep import run_sweep, trial_key
 from kit.verdicts import INCONCLUSIVE, NO_EFFECT, SUPPORTED, Verdict, compare, looks_confidence
 
 # the guide's "good settings" (section "Анализ текущих настроек") and its current n_ctx (section 2)
 GUIDE_GOOD = {"n_gpu_layers": 30, "use_mmap": True, "n_batch": 512, "n_ctx": 8192}
 GUIDE_QUANT = "Q4_K_M"
-AXES_ORDER = ("threads", "n_batch", "n_ubatch", "flash_attn", "kv_type", "rope_freq_base", "n_ctx")
+AXES_ORDER = ("n_gpu_layers", "threads", "n_batch", "n_ubatch", "flash_attn", "kv_type", "rope_freq_base", "n_ctx")
 LIMIT_AXES = ("kv_type", "rope_freq_base", "n_ctx")   # the axes that move memory or quality (the X4 run's space)
 QUALITY_FIELDS = ("model", "type_k", "type_v", "rope_freq_base")
 QUALITY_KIND = "kit.quality:perplexity_test"
@@ -80,6 +82,7 @@ class SearchSpace:
     kv_type: list            # K and V together
     n_ctx: list
     rope_freq_base: list = field(default_factory=list)   # RoPE base overrides (None: the model's own)
+    n_gpu_layers: list = field(default_factory=list)     # counts screened against the one the search found
     gpu_layers: bool = True  # run find_optimal_gpu_layers first
 
     def only(self, axes: Sequence[str]) -> "SearchSpace":
@@ -254,7 +257,8 @@ class Candidate:
     pp_ts: float | None = None
     tg_ts: float | None = None
     rss_peak_mb: float | None = None
-    vram_added_mb: float | None = None
+    vram_added_mb: float | None = None      # device memory the trial took (kit.search.vram_added)
+    vram_source: str | None = None          # 'nvml' or 'llama.cpp'
     ppl: float | None = None
     ppl_ratio: float | None = None
     samples_ppl: list = field(default_factory=list)
@@ -410,9 +414,8 @@ class _Tuner:
         mem_rows = [r for r in rows if r.get("test_kind") != QUALITY_KIND]
         rss = [x for x in (num(r.get("rss_peak_mb")) for r in mem_rows) if x is not None]
         c.rss_peak_mb = max(rss) if rss else None
-        vram = [(num(r.get("vram_peak_mb")), num(r.get("vram_baseline_mb"))) for r in mem_rows]
-        vram = [a - (b or 0) for a, b in vram if a is not None]
-        c.vram_added_mb = round(max(vram), 1) if vram else None
+        vram = vram_added(mem_rows)
+        c.vram_added_mb, c.vram_source = vram["vram_mb"], vram["vram_source"]
         bad = [r for r in rows if r.get("status") != "ok"]
         if bad:
             c.status = bad[0].get("status", "error")
@@ -439,7 +442,8 @@ class _Tuner:
         if self.c.ram_limit_mb is not None and c.rss_peak_mb is not None and c.rss_peak_mb > self.c.ram_limit_mb:
             return "memory", f"peak RSS {c.rss_peak_mb:.0f} MB > RAM limit {self.c.ram_limit_mb:.0f} MB"
         if self.c.vram_limit_mb is not None and c.vram_added_mb is not None and c.vram_added_mb > self.c.vram_limit_mb:
-            return "memory", f"VRAM {c.vram_added_mb:.0f} MB > limit {self.c.vram_limit_mb:.0f} MB"
+            return "memory", (f"VRAM {c.vram_added_mb:.0f} MiB ({c.vram_source}) > limit "
+                              f"{self.c.vram_limit_mb:.0f} MiB")
         if quality and self.reference is not None and changes_quality(c.settings, self.reference.settings):
             return self._quality_violation(c)
         return None
@@ -562,21 +566,31 @@ def _check_args(start: Settings, cons: Constraints, w: Workload, screen_repetiti
     return Constraints(**{**asdict(cons), "min_n_ctx": max(cons.min_n_ctx, need)})
 
 
-def _search_origin(start: Settings, space: SearchSpace, vram_limit_mb: float | None) -> tuple[dict, Settings, Settings]:
-    """find_optimal_gpu_layers from the start point: (its result, the baseline, the search's origin).
+def _search_origin(start: Settings, space: SearchSpace, vram_limit_mb: float | None,
+                   workload: Workload) -> tuple[dict, Settings, Settings, SearchSpace]:
+    """find_optimal_gpu_layers from the start point: (its result, the baseline, the search's origin, the space).
 
-    The search starts from the guide's settings with the GPU layers found; the guide's own settings stay the
-    baseline every comparison is made against (with n_gpu_layers 0 where offload is not testable)."""
+    The probes run the workload's own request (pp n_prompt, tg at that depth), so a count that fits has loaded
+    and run what the tuner scores. The search starts from the guide's settings with the GPU layers found; the
+    guide's own settings stay the baseline every comparison is made against (with n_gpu_layers 0 where offload
+    is not testable). The largest count that fits is not always the fastest (a software device, a slow PCIe
+    link): the space's `n_gpu_layers` below the found count are screened against it like any axis; counts above
+    it are dropped (they do not fit), and so is the whole axis where no search found a count."""
     if space.gpu_layers:
-        gpu = find_optimal_gpu_layers(start.model, vram_limit_mb=vram_limit_mb, base=start.replace(n_gpu_layers=0))
+        gpu = find_optimal_gpu_layers(start.model, vram_limit_mb=vram_limit_mb, base=start.replace(n_gpu_layers=0),
+                                      tests=workload.speed_tests())
     else:
         gpu = {"best_n_gpu_layers": start.n_gpu_layers, "reason": "not searched", "testable": False, "probes": []}
     origin = start
-    if gpu.get("testable") and gpu.get("best_n_gpu_layers") is not None:
-        origin = start.replace(n_gpu_layers=gpu["best_n_gpu_layers"])
+    found = gpu.get("best_n_gpu_layers") if gpu.get("testable") else None
+    if found is not None:
+        origin = start.replace(n_gpu_layers=found)
     elif gpu.get("reason", "").startswith("not testable"):
         start = origin = start.replace(n_gpu_layers=0)
-    return gpu, start, origin
+    counts = [int(v) for v in space.n_gpu_layers if found is not None and 0 <= int(v) < found]
+    space = SearchSpace(**{**{a: list(getattr(space, a)) for a in AXES_ORDER}, "n_gpu_layers": counts,
+                           "gpu_layers": space.gpu_layers})
+    return gpu, start, origin, space
 
 
 def _screen(t: _Tuner, origin: Settings, space: SearchSpace) -> tuple[Candidate, Candidate]:
@@ -703,7 +717,7 @@ def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, s
         raise SettingsError(f"confirm_looks={confirm_looks} must be >= 1 and confirm_max_s={confirm_max_s} >= 0")
     t = _Tuner(study, str(out_root), cons, workload, screen_repetitions, repetitions, min_gain, progress, decide,
                confirm_looks, confirm_max_s)
-    gpu, start, origin = _search_origin(start, space, constraints.vram_limit_mb)
+    gpu, start, origin, space = _search_origin(start, space, constraints.vram_limit_mb, workload)
     ref, cur = _screen(t, origin, space)
     defaults = llama_defaults(start.model)
     if defaults.n_ctx < workload.n_prompt + workload.n_gen:
