@@ -1,6 +1,9 @@
 """kit.studies.generation: prompt set, text statistics, study validation, the sampling test kind on the real model, verdicts."""
 from __future__ import annotations
 
+import math
+import statistics
+
 import pandas as pd
 import pytest
 
@@ -162,16 +165,22 @@ def test_study_rows_resume_and_carry_the_request_sampling(tmp_path):
     df = gen.run_generation_study(st, progress=False)
     assert (df["status"] == "ok").all(), df[["label", "error"]].to_string()
     assert set(df["label"]) == {"guide", "default", "temperature=0.0", "max_tokens=8"}
+    # one short trial per seed, every configuration once in it, the order reversed on the next seed
+    s1 = df[df["part"] == "sampling"]
+    assert sorted(s1["seed"].unique()) == [42, 43] and s1.groupby("seed")["label"].nunique().eq(3).all()
+    first, second = (s1[s1["seed"] == seed]["label"].tolist() for seed in (42, 43))   # in the order appended
+    assert first == ["guide", "default", "temperature=0.0"] and second == first[::-1], (first, second)
     # the trial's configuration stays in the plain columns; what the requests used is test_<name>
-    raw = df.set_index("label")
+    raw = df.drop_duplicates("label").set_index("label")
     assert (df["temperature"] == Settings().temperature).all()
     assert raw.loc["guide", "test_temperature"] == 0.1 and raw.loc["guide", "test_repeat_penalty"] == 1.1
-    by = gen.request_sampling_view(df).set_index("label")
+    by = gen.request_sampling_view(df).drop_duplicates("label").set_index("label")
     assert by.loc["guide", "temperature"] == 0.1 and by.loc["guide", "repeat_penalty"] == 1.1
     assert by.loc["default", "temperature"] == Settings().temperature
     assert by.loc["max_tokens=8", "max_tokens"] == 8 and by.loc["max_tokens=8", "temperature"] == 0.1
     assert set(gen.requests_frame(df).query("label == 'guide'")["temperature"]) == {0.1}
-    assert by.loc["temperature=0.0", "deterministic_share"] == 1.0
+    # greedy gives one text whatever the seed: counted over both seeds' trials
+    assert gen.sampling_table(df).set_index("label").loc["temperature=0.0", "same text across seeds"] == 1.0
     assert (df["rss_peak_mb"] > 0).all() and "gpu_util_pct" in df
     n_lines = len(read_rows(tmp_path / "70_generation" / "results.jsonl"))
     gen.run_generation_study(st, progress=False)  # a rerun measures nothing again
@@ -204,7 +213,10 @@ def test_s2_verdict_counts_latency_and_truncation():
     ])
     v = gen.s2_verdict(df)
     assert v.n_candidate == 6 and v.n_baseline == 6  # prompt c never ran unlimited: left out of the ratio
-    assert v.effect == pytest.approx((4000.0 + 1002.0) / 2 / ((12000.0 + 1002.0) / 2), rel=0.01)
+    # paired by prompt and seed: the geometric mean of the six per-request ratios (a: ~1/3, b: 1)
+    ratios = [(4000.0 + s) / (12000.0 + s) for s in range(3)] + [1.0] * 3
+    assert v.effect == pytest.approx(math.exp(statistics.fmean(math.log(r) for r in ratios)), rel=1e-3)
+    assert v.details["paired_requests"] == 6 and "paired by prompt and seed" in v.metric
     assert v.details["truncation_rate_cap_all_prompts"] == pytest.approx(1 / 3, abs=1e-3)
     assert v.details["truncation_rate_unlimited_hit_n_ctx"] == 0.0
     assert v.details["unlimited_max_tokens_seen"] == 1500
@@ -245,7 +257,8 @@ def test_s2_verdict_the_issues_wide_interval_is_inconclusive():
         {"status": "ok", "label": "max_tokens=unlimited", "part": "max_tokens", "max_tokens_label": "unlimited",
          "requests": unl}])
     v = gen.s2_verdict(df)
-    assert v.ci_low < 0.8 and v.ci_high > 1.3 and 0.9 < v.effect < 1.2, (v.effect, v.ci_low, v.ci_high)
+    # paired by prompt and seed (ratios 0.84, 1.73, 0.875, 1.12): still far wider than the band on both sides
+    assert v.ci_low < 0.9 and v.ci_high > 1.3 and 0.9 < v.effect < 1.2, (v.effect, v.ci_low, v.ci_high)
     assert v.band == band_of("S2").width and v.band_why
     assert v.verdict == INCONCLUSIVE == decide(v.ci_low, v.ci_high, higher_is_better=False, equivalence=v.band)
     assert v.samples_to_decide > 4 and v.label().startswith("inconclusive: about")

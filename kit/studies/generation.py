@@ -182,7 +182,8 @@ class GenerationStudy(ChatStudyConfig):
     n_cap_prompts: int = param(2, "prompts (the first n) in the cap sweep", ge=0)
     n_unlimited_prompts: int = param(2, "of those, how many also run without a cap", ge=0)
     repetitions: int = param(5, "seeds per prompt in the sampling sweep (one request each)", ge=1)
-    cap_repetitions: int = param(2, "seeds per prompt in the cap sweep", ge=1)
+    cap_repetitions: int = param(3, "seeds per prompt in the cap sweep (S2 pairs each with and without the cap)",
+                                 ge=1)
     s2_cap: int = param(GUIDE_MAX_TOKENS, "the cap S2 compares with unlimited (the guide's 512); one of caps", ge=1)
     looks: int = param(3, "S1: blocks of `repetitions` seeds at most (guide and defaults only after the first) while "
                           "S1 is inconclusive; every look and the verdict at confidence 1 - 0.05/looks", ge=1, le=10)
@@ -246,17 +247,30 @@ class GenerationStudy(ChatStudyConfig):
         return tests
 
 
-def run_generation_study(study: GenerationStudy, progress: bool = True):
-    """Two trials, one model load each: the sampling sweep (S1) and the max_tokens sweep (S2). While S1 is
-    inconclusive, another block of seeds for the guide's sampling and the defaults runs (a fresh trial with the seed
-    moved on, so new requests), up to `looks` blocks and `looks_max_s` seconds of added blocks: a fixed schedule of
-    looks, every look at looks_confidence(looks). Rows say their block (`look`) and the schedule (`looks_planned`).
-    Returns all rows."""
+def _seed_blocks(study: GenerationStudy, base: Settings, tests: Sequence[Test], seeds: Sequence[int],
+                 progress: bool, extra: dict) -> None:
+    """One trial per seed, each configuration once in it (every prompt, that seed), the configurations' order
+    reversed every other seed. A comparison pairs the same prompt and seed under two configurations: these ran
+    seconds apart and, over the seeds, in both orders, so a drift of the machine does not land on one side (run as
+    one block per configuration, the arm that always ran second took it all)."""
     name, root = split_out_dir(study.out_path)
+    for i, seed in enumerate(seeds):
+        order = list(tests) if i % 2 == 0 else list(reversed(tests))
+        run_sweep(name, base.replace(seed=seed), order, repetitions=1, out_root=root, timeout_s=study.timeout_s,
+                  progress=progress, extra={**extra, "seed_block": i, "order": i % 2})
+
+
+def run_generation_study(study: GenerationStudy, progress: bool = True):
+    """The sampling sweep (S1) and the max_tokens sweep (S2), each as one short trial per seed with its
+    configurations alternating (`_seed_blocks`). While S1 is inconclusive, another block of `repetitions` seeds for
+    the guide's sampling and the defaults runs (the seeds moved on by 1000, so new requests), up to `looks` blocks
+    and `looks_max_s` seconds of added blocks: a fixed schedule of looks, every look at looks_confidence(looks).
+    Rows say their block (`look`), the schedule (`looks_planned`) and their seed's place (`seed_block`).
+    Returns all rows."""
     base = study.settings()
     tag = {"claim": "S1", "part": "sampling", "looks_planned": study.looks}
-    run_sweep(name, base, study.sampling_tests(), repetitions=study.repetitions, out_root=root,
-              timeout_s=study.timeout_s, progress=progress, extra={**tag, "look": 1})
+    seeds = [base.seed + r for r in range(study.repetitions)]
+    _seed_blocks(study, base, study.sampling_tests(), seeds, progress, {**tag, "look": 1})
     spent = 0.0
     for look in range(2, study.looks + 1):
         df = load_results(study.out_path)
@@ -264,13 +278,12 @@ def run_generation_study(study: GenerationStudy, progress: bool = True):
             break
         t0 = time.perf_counter()
         tests = [t for t in study.sampling_tests() if t.params.get("label") in ("guide", "default")]
-        run_sweep(name, base.replace(seed=base.seed + 1000 * (look - 1)), tests, repetitions=study.repetitions,
-                  out_root=root, timeout_s=study.timeout_s, progress=progress, extra={**tag, "look": look})
+        _seed_blocks(study, base, tests, [s + 1000 * (look - 1) for s in seeds], progress, {**tag, "look": look})
         spent += time.perf_counter() - t0
     caps = study.cap_tests()
     if caps:
-        run_sweep(name, base, caps, repetitions=study.cap_repetitions, out_root=root,
-                  timeout_s=study.timeout_s, progress=progress, extra={"claim": "S2", "part": "max_tokens"})
+        _seed_blocks(study, base, caps, [base.seed + r for r in range(study.cap_repetitions)], progress,
+                     {"claim": "S2", "part": "max_tokens"})
     return load_results(study.out_path)
 
 
@@ -311,30 +324,53 @@ def requests_frame(df):
     return pd.DataFrame(recs) if recs else pd.DataFrame(columns=list(REQUEST_COLUMNS))
 
 
+def _req_stat(req, col: str, how: str = "mean", ndigits: int = 4):
+    """mean or median of one per-request column (None where no request has it)."""
+    if col not in req:
+        return None
+    x = pd.to_numeric(req[col], errors="coerce").dropna()
+    return round(float(x.median() if how == "median" else x.mean()), ndigits) if len(x) else None
+
+
+def _same_text_share(req) -> float | None:
+    """Share of the prompts asked with two seeds or more whose answers were one text (None: no such prompt)."""
+    if req.empty or "text_sha" not in req:
+        return None
+    per = req.groupby("prompt_id").agg(seeds=("seed", "nunique"), texts=("text_sha", "nunique"))
+    per = per[per["seeds"] > 1]
+    return round(float((per["texts"] == 1).mean()), 4) if len(per) else None
+
+
 def sampling_table(df, part: str | None = "sampling"):
-    """Per configuration: per-token cost (median [95 % CI]), length, truncation, text diversity, determinism."""
+    """Per configuration, over every request it made (every seed, every block): per-token cost (median [95 % CI]),
+    length, truncation, text diversity, and whether seeds gave one text."""
     ok = request_sampling_view(_ok(df))
     if part and not ok.empty:
         ok = ok[ok["part"] == part]
     if ok.empty:
         return pd.DataFrame(columns=["label", "ms/token (ITL)", "ms/token 95% CI", "tokens/s", "requests"])
     cost = median_table(ok, by="label", cols="samples_decode_ms_per_token").set_index("label")
-    n_req = ok.groupby("label")["n_requests"].sum()   # S1's added blocks: one row per label, every block counted
+    req = requests_frame(ok)
     rows = []
     for _, r in ok.drop_duplicates("label", keep="first").iterrows():
         med, lo, hi = cost.loc[r["label"], ["samples_decode_ms_per_token", "samples_decode_ms_per_token_lo",
                                             "samples_decode_ms_per_token_hi"]]
         has_ci = lo is not None and lo == lo
+        mine = req[req["label"] == r["label"]] if not req.empty else req
+        n_req = len(mine) if len(mine) else int(ok.loc[ok["label"] == r["label"], "n_requests"].sum())
         rows.append({
             "label": r["label"], "temperature": r["temperature"], "top_p": r["top_p"], "top_k": _int_or_none(r["top_k"]),
             "repeat_penalty": r["repeat_penalty"], "max_tokens": r["max_tokens_label"],
             "ms/token (ITL)": round(med, 3) if med is not None and med == med else None,
             "ms/token 95% CI": f"[{lo:.3f}, {hi:.3f}]" if has_ci else "",
-            "engine ms/token": r["engine_decode_ms_per_token"],
-            "tokens/s": r["median_ts"], "output tokens (mean)": r["n_gen_tokens_mean"],
-            "e2e ms (median)": r["e2e_ms"], "truncated": r["truncation_rate"],
-            "distinct-2": r["distinct_2"], "repeated 4-grams": r["rep_4gram"],
-            "same text across seeds": r["deterministic_share"], "requests": int(n_req[r["label"]]),
+            "engine ms/token": _req_stat(mine, "engine_decode_ms_per_token", "median"),
+            "tokens/s": round(1e3 / med, 2) if med else None,
+            "output tokens (mean)": _req_stat(mine, "n_gen_tokens", ndigits=1),
+            "e2e ms (median)": _req_stat(mine, "e2e_ms", "median", 1),
+            "truncated": (round(float((mine["finish_reason"] == "length").mean()), 4)
+                          if "finish_reason" in mine and len(mine) else None),
+            "distinct-2": _req_stat(mine, "distinct_2"), "repeated 4-grams": _req_stat(mine, "rep_4gram"),
+            "same text across seeds": _same_text_share(mine), "requests": n_req,
         })
     return pd.DataFrame(rows)
 
@@ -357,7 +393,11 @@ def _pooled(df, label: str):
         for col in ("requests", "samples_ts", "samples_n_gen_tokens", "samples_e2e_ms"):
             if col in m:
                 row[col] = [x for v in m[col] if isinstance(v, list) for x in v]
-    row["looks"] = len(m)
+        for col in ("decode_ms_per_token", "overhead_ms_per_token"):   # over every pooled request, not the last row's
+            vals = [r.get(col) for r in row.get("requests") or [] if r.get(col) is not None]
+            if vals:
+                row[col] = round(statistics.median(vals), 4)
+    row["looks"] = int(m["look"].nunique()) if "look" in m and m["look"].notna().any() else len(m)
     return row
 
 
@@ -430,6 +470,15 @@ def s1_verdict(df, equivalence: float | None = 0.05, evidence: Sequence[str] = (
     return v
 
 
+def s2_pairs(capped, unlimited) -> list[tuple[float, float]]:
+    """(capped, unlimited) end-to-end ms of the requests both made with the same prompt and seed."""
+    key = ["prompt_id", "seed"]
+    a = capped.drop_duplicates(key).set_index(key)["e2e_ms"]
+    b = unlimited.drop_duplicates(key).set_index(key)["e2e_ms"]
+    both = [k for k in a.index if k in b.index and a[k] and b[k] and a[k] > 0 and b[k] > 0]
+    return [(float(a[k]), float(b[k])) for k in sorted(both, key=str)]
+
+
 def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
     """S2: e2e latency with max_tokens=cap against unlimited, on the prompts both ran; truncation rates beside it."""
     req = requests_frame(df)
@@ -443,24 +492,30 @@ def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):
         return not_testable("S2", f"the max_tokens sweep needs both max_tokens={cap} and unlimited rows "
                                   "(set caps to include it and n_unlimited_prompts >= 1)", evidence=evidence)
     same = capped[capped["prompt_id"].isin(set(unl["prompt_id"]))]
-    short = too_few("S2", len(same), len(unl), "n_unlimited_prompts or cap_repetitions", evidence)
+    pairs = s2_pairs(same, unl)
+    short = too_few("S2", len(pairs), len(pairs), "n_unlimited_prompts or cap_repetitions", evidence)
     if short:
         return short
-    v = compare("S2", same["e2e_ms"].tolist(), unl["e2e_ms"].tolist(), higher_is_better=False, claimed="better",
-                metric=f"end-to-end latency, max_tokens={cap} / unlimited, same prompts and seeds",
-                evidence=evidence)
+    # paired by prompt and seed: the same request with and without the cap (the same answer up to the cap), so
+    # what the prompt does to latency cancels and only the cap (and the machine's noise) is left
+    point, lo, hi = paired_log_ratio([math.log(a) for a, _ in pairs], [math.log(b) for _, b in pairs])
+    v = from_interval("S2", point, lo, hi, claimed="better", higher_is_better=False,
+                      metric=f"end-to-end latency, max_tokens={cap} / unlimited, paired by prompt and seed",
+                      n_candidate=len(pairs), n_baseline=len(pairs), evidence=evidence)
     trunc_cap_all = float((capped["finish_reason"] == "length").mean())
     trunc_cap_same = float((same["finish_reason"] == "length").mean())
     trunc_unl = float((unl["finish_reason"] == "length").mean())
     ln, lo, hi = bootstrap_ratio(same["n_gen_tokens"].tolist(), unl["n_gen_tokens"].tolist())
-    v.details = {"truncation_rate_cap_all_prompts": round(trunc_cap_all, 4),
+    v.details = {"paired_requests": len(pairs),
+                 "truncation_rate_cap_all_prompts": round(trunc_cap_all, 4),
                  "truncation_rate_cap_same_prompts": round(trunc_cap_same, 4),
                  "truncation_rate_unlimited_hit_n_ctx": round(trunc_unl, 4),
                  "output_tokens_ratio": round(ln, 4), "output_tokens_ci": [round(lo, 4), round(hi, 4)],
                  "unlimited_max_tokens_seen": int(unl["n_gen_tokens"].max()),
                  "n_prompts_unlimited": int(unl["prompt_id"].nunique())}
     v.summary = (f"max_tokens={cap} makes end-to-end latency {v.effect:.2f}x unlimited (95 % CI "
-                 f"{v.ci_low:.2f}-{v.ci_high:.2f}) on {v.details['n_prompts_unlimited']} prompt(s): {v.label()}. "
+                 f"{v.ci_low:.2f}-{v.ci_high:.2f}, {len(pairs)} request pairs, same prompt and seed, on "
+                 f"{v.details['n_prompts_unlimited']} prompt(s)): {v.label()}. "
                  f"The cap cut off {trunc_cap_all:.0%} of answers over all {capped['prompt_id'].nunique()} prompts "
                  f"(finish_reason 'length'); unlimited answers reached n_ctx in {trunc_unl:.0%} of requests "
                  f"(longest {v.details['unlimited_max_tokens_seen']} tokens). A cap saves time only on answers "
