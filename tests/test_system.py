@@ -133,7 +133,7 @@ def test_study_validation(bad):
 
 def test_defaults_are_the_notebook_values():
     s = system.SystemStudy()
-    assert s.load_repetitions == 3 and s.nice == -10 and s.out_path == REPO_ROOT / "outputs" / "40_threads_system"
+    assert s.load_repetitions == 5 and s.nice == -10 and s.out_path == REPO_ROOT / "outputs" / "40_threads_system"
     assert s.thread_counts == system.default_thread_counts(s.topology)
     assert system.SystemStudy.defaults()["thread_counts"] == []
 

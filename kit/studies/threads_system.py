@@ -361,7 +361,8 @@ class SystemStudy(StudyConfig):
     priority_threads: int = param(0, "n_threads in the priority part, 0 means os.cpu_count() as in the guide", ge=0)
     priority_max_s: float = param(1.5, "a priority run stops after n_gen tokens or this many seconds (time-boxed)",
                                   gt=0, le=60)
-    load_repetitions: int = param(3, "loads (trials) per loading condition", ge=1)
+    load_repetitions: int = param(5, "loads (trials) per loading condition and block (at least 5, like every "
+                                                "timed comparison: 3 loads a side decided O3 both ways)", ge=1)
     load_looks: int = param(3, "O3's looks: while cold against warm (mmap on, mlock off) is inconclusive, another "
                                "block of load_repetitions loads of each runs, up to this many blocks (each look at "
                                "confidence 1 - 0.05/looks)", ge=1)
