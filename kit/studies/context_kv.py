@@ -485,8 +485,9 @@ def m1_verdict(df, study: ContextStudy, evidence=(), confidence: float | None = 
         words.append(_M1_CONCLUSION[v.verdict])
     if v.unstable:
         words.append("Samples unstable (CV >= 10 %): repeat on a quieter machine.")
-    if INCONCLUSIVE in (tgv.verdict, ttft.verdict) and looks_note(d, "M1"):
-        words.append(looks_note(d, "M1"))
+    capped = looks_note(d, "M1") if INCONCLUSIVE in (tgv.verdict, ttft.verdict) else ""
+    if capped:
+        words.append(capped)
     note = beyond_train_note(study)
     if note:
         words.append(note)

@@ -401,19 +401,26 @@ def _pooled(df, label: str):
     return row
 
 
+def _paired_by_request(a, b, col: str) -> list[tuple[float, float]]:
+    """(a, b) values of `col` for the requests both sides made with the same prompt and seed (request records,
+    first of each key; values that are missing or not positive are left out), in key order."""
+    def by_key(recs) -> dict:
+        out = {}
+        for r in recs:
+            x = r.get(col)
+            if x is not None and x == x and x > 0:
+                out.setdefault((r.get("prompt_id"), r.get("seed")), float(x))
+        return out
+    x, y = by_key(a), by_key(b)
+    return [(x[k], y[k]) for k in sorted(x, key=str) if k in y]
+
+
 def s1_pairs(g, d) -> list[tuple[float, float]]:
     """(guide, default) decode tokens/s of the requests both rows made with the same prompt and seed: the same
     prompt and seed under both samplings, so the pairing removes what the prompt does to speed (its length, the
     context the answer decodes at)."""
-    def per_request(row) -> dict:
-        out = {}
-        for r in row.get("requests") or []:
-            ms = r.get("decode_ms_per_token")
-            if ms and ms > 0:
-                out[(r.get("prompt_id"), r.get("seed"))] = 1e3 / ms
-        return out
-    a, b = per_request(g), per_request(d)
-    return [(a[k], b[k]) for k in sorted(a, key=str) if k in b]
+    pairs = _paired_by_request(g.get("requests") or [], d.get("requests") or [], "decode_ms_per_token")
+    return [(1e3 / a, 1e3 / b) for a, b in pairs]
 
 
 def s1_verdict(df, equivalence: float | None = 0.05, evidence: Sequence[str] = (), confidence: float | None = None):
@@ -472,11 +479,7 @@ def s1_verdict(df, equivalence: float | None = 0.05, evidence: Sequence[str] = (
 
 def s2_pairs(capped, unlimited) -> list[tuple[float, float]]:
     """(capped, unlimited) end-to-end ms of the requests both made with the same prompt and seed."""
-    key = ["prompt_id", "seed"]
-    a = capped.drop_duplicates(key).set_index(key)["e2e_ms"]
-    b = unlimited.drop_duplicates(key).set_index(key)["e2e_ms"]
-    both = [k for k in a.index if k in b.index and a[k] and b[k] and a[k] > 0 and b[k] > 0]
-    return [(float(a[k]), float(b[k])) for k in sorted(both, key=str)]
+    return _paired_by_request(capped.to_dict("records"), unlimited.to_dict("records"), "e2e_ms")
 
 
 def s2_verdict(df, cap: int = GUIDE_MAX_TOKENS, evidence: Sequence[str] = ()):

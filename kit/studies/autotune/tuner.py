@@ -41,7 +41,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -588,8 +588,7 @@ def _search_origin(start: Settings, space: SearchSpace, vram_limit_mb: float | N
     elif gpu.get("reason", "").startswith("not testable"):
         start = origin = start.replace(n_gpu_layers=0)
     counts = [int(v) for v in space.n_gpu_layers if found is not None and 0 <= int(v) < found]
-    space = SearchSpace(**{**{a: list(getattr(space, a)) for a in AXES_ORDER}, "n_gpu_layers": counts,
-                           "gpu_layers": space.gpu_layers})
+    space = replace(space, n_gpu_layers=counts)
     return gpu, start, origin, space
 
 
