@@ -268,7 +268,8 @@ def cost_text(cost: dict[str, str]) -> str:
 
 
 def _pct(x: float) -> str:
-    return f"{(x - 1) * 100:+.0f} %"
+    """A gain on the better scale: '+13 %', '-9 %'; from x10 on, the factor ('x10,000'), not '+999900 %'."""
+    return f"x{x:,.0f}" if x >= 10 else f"{(x - 1) * 100:+.0f} %"
 
 
 def gain_text(v: dict) -> str:
