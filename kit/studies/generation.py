@@ -182,7 +182,7 @@ class GenerationStudy(ChatStudyConfig):
     n_cap_prompts: int = param(2, "prompts (the first n) in the cap sweep", ge=0)
     n_unlimited_prompts: int = param(2, "of those, how many also run without a cap", ge=0)
     repetitions: int = param(5, "seeds per prompt in the sampling sweep (one request each)", ge=1)
-    cap_repetitions: int = param(3, "seeds per prompt in the cap sweep (S2 pairs each with and without the cap)",
+    cap_repetitions: int = param(5, "seeds per prompt in the cap sweep (S2 pairs each with and without the cap)",
                                  ge=1)
     s2_cap: int = param(GUIDE_MAX_TOKENS, "the cap S2 compares with unlimited (the guide's 512); one of caps", ge=1)
     looks: int = param(3, "S1: blocks of `repetitions` seeds at most (guide and defaults only after the first) while "

@@ -71,7 +71,7 @@ class AutotuneStudy(StudyConfig):
     min_gain: float = param(0.05, "a screened value is measured again against the current one (full repetitions, "
                             "interleaved) only if it was faster by more than this fraction (X3's band); it is taken "
                             "only if compare labels it supported", ge=0)
-    profile_repetitions: int = param(3, "passes over the questions per profile (request-level)", ge=1)
+    profile_repetitions: int = param(5, "passes over the questions per profile (request-level)", ge=1)
     request_questions: int = param(1, "RAG questions per pass (data/rag_questions.jsonl, dev split)", ge=1)
     request_max_tokens: int = param(32, "answer cap for every profile's requests (the guide's profiles set none)",
                                     ge=1)
