@@ -222,7 +222,8 @@ def cmd_compare(args) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(compare.format_comparison(df, prov, (args.run_a, args.run_b), args.o))
+    speeds = (compare.machine_speed(args.run_a), compare.machine_speed(args.run_b))
+    print(compare.format_comparison(df, prov, (args.run_a, args.run_b), args.o, speeds=speeds))
     if args.html:
         print(f"html: {report.compare_page(args.run_a, args.run_b, args.html)}", file=sys.stderr)
     return 0

@@ -1,6 +1,8 @@
 """Two runs side by side: per claim, the label in each run and the effect with its interval; every flip flagged,
-with what the first run already said about it (inconclusive, borderline); and what differs in their provenance
-(build, CPU, model). Like llama.cpp's compare-llama-bench.py, but with intervals.
+with what the first run already said about it (inconclusive, borderline) and what changed between the runs (the
+effect moved, or only the interval's width: a noisier or quieter run); what differs in their provenance (build, CPU,
+model); and each run's machine speed from its speed probe. Like llama.cpp's compare-llama-bench.py, but with
+intervals.
 
 `python -m kit compare RUN_A RUN_B [--html FILE] [-o md|csv|json]` prints the table (kit.__main__); `python -m kit
 report --compare RUN_B` (or `kit run --compare-to RUN_B`) adds it to the report (kit.report). Reads files only.
@@ -9,17 +11,20 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from typing import Sequence
 
 import pandas as pd
 
+from kit.drift import DRIFT_FILE, PROBE_DIR
 from kit.environment import ENVIRONMENT_FILE
 from kit.paths import resolve
 from kit.results import RESULTS_FILE, read_rows
 from kit.verdicts import CLAIM_IDS, INCONCLUSIVE, VERDICTS_FILE, label_of
 
 NOT_RUN = "not run"
+WIDTH_CHANGE = 1.5  # an interval this many times as wide (or narrow) in B as in A is named in a flip's cause
 # what a row says about the process that measured it (kit.sweep's provenance columns)
 PROVENANCE_FIELDS = ("build_commit", "ggml_version", "llama_cpp_python_version", "cpu_info", "gpu_info", "backends",
                      "hostname", "model_filename", "model_sha256", "kit_version")
@@ -127,10 +132,52 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> pd.DataF
             "first_run": _first_run_said(va),
             "conditions_changed": _condition_changes(va, vb),
             "metric": (va or vb or {}).get("metric", ""),
+            "n_a": _n(va), "n_b": _n(vb),
         })
+        rows[-1]["cause"] = flip_cause(rows[-1]) if rows[-1]["flip"] else ""
     cols = ["claim", "study", "verdict_a", "verdict_b", "label_a", "label_b", "effect_a", "ci_low_a", "ci_high_a",
-            "effect_b", "ci_low_b", "ci_high_b", "b_over_a", "flip", "first_run", "conditions_changed", "metric"]
+            "effect_b", "ci_low_b", "ci_high_b", "b_over_a", "flip", "first_run", "cause", "conditions_changed",
+            "metric", "n_a", "n_b"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def _n(v: dict | None) -> int | None:
+    """Samples per side behind a verdict's interval (the smaller side), where the verdict says."""
+    ns = [_num((v or {}).get(k)) for k in ("n_baseline", "n_candidate")]
+    ns = [int(x) for x in ns if x is not None]
+    return min(ns) if ns else None
+
+
+def _log_width(lo, hi) -> float | None:
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi) or lo <= 0 or hi <= lo:
+        return None
+    return math.log(hi / lo)
+
+
+def flip_cause(row) -> str:
+    """What changed between the runs for a flipped claim, from the two intervals alone: whether each run's point
+    lies inside the other's interval (the same effect, measured with different precision) or not (the effect
+    moved), and how much wider or narrower B's interval is, with the samples per side where they differ. '' where
+    either run has no interval."""
+    ea, eb = row["effect_a"], row["effect_b"]
+    la, ha, lb, hb = row["ci_low_a"], row["ci_high_a"], row["ci_low_b"], row["ci_high_b"]
+    if any(x is None or pd.isna(x) for x in (ea, eb, la, ha, lb, hb)):
+        return ""
+    inside = la <= eb <= ha and lb <= ea <= hb
+    parts = ["each run's effect lies inside the other's interval" if inside else
+             "the effect moved: a run's effect lies outside the other's interval"]
+    wa, wb = _log_width(la, ha), _log_width(lb, hb)
+    if wa and wb and (wb / wa >= WIDTH_CHANGE or wa / wb >= WIDTH_CHANGE):
+        wider = wb > wa
+        ratio = wb / wa if wider else wa / wb
+        n_a, n_b = row.get("n_a"), row.get("n_b")
+        same_n = n_a is not None and n_a == n_b
+        why = (" with the same samples per side: a noisier run" if same_n and wider else
+               " with the same samples per side: a quieter run" if same_n else
+               f" (samples per side: A {n_a}, B {n_b})" if n_a is not None and n_b is not None else "")
+        parts.append(f"B's interval x{ratio:.1f} as wide as A's{why}" if wider else
+                     f"A's interval x{ratio:.1f} as wide as B's{why}")
+    return "; ".join(parts)
 
 
 def run_provenance(root: str | os.PathLike) -> dict[str, list[str]]:
@@ -162,6 +209,18 @@ def provenance_diff(run_a: str | os.PathLike, run_b: str | os.PathLike) -> pd.Da
                           "differs": pa[f] != pb[f]} for f in PROVENANCE_FIELDS])
 
 
+def machine_speed(root: str | os.PathLike) -> str:
+    """The run's speed probe (kit.drift) as one phrase: 'tg64 87.0 -> 80.9, pp128 281 -> 247 t/s (start -> end)',
+    or 'not probed'. Two runs of one machine at different speeds differ in noise too, which moves intervals."""
+    try:
+        tests = json.loads((resolve(root) / PROBE_DIR / DRIFT_FILE).read_text()).get("tests") or []
+    except (OSError, json.JSONDecodeError, AttributeError):
+        tests = []
+    parts = [f"{t['test']} {t['start_ts']:.3g} -> {t['end_ts']:.3g}" for t in tests
+             if _num(t.get("start_ts")) is not None and _num(t.get("end_ts")) is not None]
+    return ", ".join(parts) + " t/s (start -> end of the run)" if parts else "not probed"
+
+
 def _ci(row, side: str) -> str:
     eff = row[f"effect_{side}"]
     if eff is None or pd.isna(eff):
@@ -176,7 +235,7 @@ def flip_note(row) -> str:
         if row["verdict_a"] == NOT_RUN or row["verdict_b"] == NOT_RUN:
             return "only in one run"
         return ""
-    return f"FLIP ({row['first_run']} in A)"
+    return f"FLIP ({row['first_run']} in A)" + (f": {row['cause']}" if row.get("cause") else "")
 
 
 def row_note(row) -> str:
@@ -191,8 +250,8 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
     flips = df[df["flip"]]
     lines = [f"same label in both runs: {len(both) - len(flips)} of {len(both)} claims measured in both"]
     if len(flips):
-        lines.append("flips: " + "; ".join(f"{r.claim} {r.verdict_a} -> {r.verdict_b} ({r.first_run} in A)"
-                                           for r in flips.itertuples()))
+        lines.append("flips: " + " | ".join(f"{r.claim} {r.verdict_a} -> {r.verdict_b} ({r.first_run} in A)"
+                                             + (f": {r.cause}" if r.cause else "") for r in flips.itertuples()))
         warned = flips["first_run"].isin(["inconclusive", "borderline"])
         lines.append("every flip was inconclusive or borderline in A: " + ("yes" if warned.all() else
                      "no: " + ", ".join(flips[~warned]["claim"])))
@@ -202,7 +261,7 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
 
 
 def format_comparison(df: pd.DataFrame, prov: pd.DataFrame | None = None, names: Sequence[str] = ("A", "B"),
-                      fmt: str = "md") -> str:
+                      fmt: str = "md", speeds: Sequence[str] | None = None) -> str:
     """The comparison as a markdown table (and the provenance fields that differ), or csv / json."""
     if fmt == "csv":
         return df.to_csv(index=False)
@@ -223,11 +282,14 @@ def format_comparison(df: pd.DataFrame, prov: pd.DataFrame | None = None, names:
         diff = prov[prov["differs"]]
         lines += ["", "provenance: " + ("the same build, machine and model" if diff.empty else "differs in")]
         lines += [f"- {r.field}: A {r.run_a} | B {r.run_b}" for r in diff.itertuples()]
+    if speeds is not None:
+        lines += ["", f"machine speed (speed probe): A {speeds[0]}; B {speeds[1]}"]
     return "\n".join(lines)
 
 
 def compare_html(df: pd.DataFrame, prov: pd.DataFrame | None = None, names: Sequence[str] = ("A", "B"),
-                 label_class=lambda label: label.split(":")[0].split(" (")[0].replace(" ", "-")) -> str:
+                 label_class=lambda label: label.split(":")[0].split(" (")[0].replace(" ", "-"),
+                 speeds: Sequence[str] | None = None) -> str:
     """The comparison as an HTML section (for the report, or `kit compare --html`)."""
     e = html.escape
     a, b = names
@@ -251,4 +313,6 @@ def compare_html(df: pd.DataFrame, prov: pd.DataFrame | None = None, names: Sequ
             out.append("<p>Provenance differs:</p><table><tr><th>field</th><th>A</th><th>B</th></tr>"
                        + "".join(f"<tr><td>{e(r.field)}</td><td>{e(r.run_a)}</td><td>{e(r.run_b)}</td></tr>"
                                  for r in diff.itertuples()) + "</table>")
+    if speeds is not None:
+        out.append(f"<p>Machine speed (speed probe): A {e(speeds[0])}; B {e(speeds[1])}</p>")
     return "\n".join(out)

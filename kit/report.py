@@ -839,7 +839,8 @@ def compare_section(run_a: str | os.PathLike, run_b: str | os.PathLike) -> str:
     except FileNotFoundError as exc:
         return f"<h2>Compared with another run</h2><p>{html.escape(str(exc))}</p>"
     return ("<h2 id='compare'>Compared with another run</h2>"
-            + compare_mod.compare_html(df, prov, (str(resolve(run_a)), str(resolve(run_b))), label_class=_cls))
+            + compare_mod.compare_html(df, prov, (str(resolve(run_a)), str(resolve(run_b))), label_class=_cls,
+                                       speeds=(compare_mod.machine_speed(run_a), compare_mod.machine_speed(run_b))))
 
 
 def compare_page(run_a: str | os.PathLike, run_b: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -96,3 +96,38 @@ def test_a_condition_that_changes_inside_a_mixed_claim_is_named(tmp_path):
     g2 = compare.compare_runs(a, b).set_index("claim").loc["G2"]
     assert not g2["flip"] and g2["conditions_changed"] == "tg at depth 1024: refuted -> inconclusive"
     assert list(compare.provenance_diff(a, b)["differs"]) == [False] * len(compare.PROVENANCE_FIELDS)
+
+
+def test_a_flip_says_whether_the_effect_moved_or_only_the_interval_widened(tmp_path):
+    """G3 decided on quiet samples in A, inconclusive on noisy ones in B at the same ratio: the same effect, B's
+    interval several times as wide with the same samples per side. M1 moves from x1.11 to x1.00: the effect moved."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    verdicts.write_verdicts(a / "20_batch_flash_attn", [verdicts.compare(
+        "G3", [100, 100.5, 99.5, 100.2, 99.8], [100, 100.3, 99.7, 100.1, 99.9], metric="pp t/s ratio")])
+    verdicts.write_verdicts(b / "20_batch_flash_attn", [verdicts.compare(
+        "G3", [90, 110, 100, 95, 105], [92, 108, 100, 97, 103], metric="pp t/s ratio")])
+    verdicts.write_verdicts(a / "30_context_kv", [verdicts.compare("M1", FAST, BASE, metric="tg t/s ratio")])
+    verdicts.write_verdicts(b / "30_context_kv", [verdicts.compare(
+        "M1", [100.5, 101, 99.5, 100, 101.5], BASE, metric="tg t/s ratio")])
+    df = compare.compare_runs(a, b).set_index("claim")
+    g3, m1 = df.loc["G3"], df.loc["M1"]
+    assert (g3["verdict_a"], g3["verdict_b"]) == ("no meaningful effect", "inconclusive") and g3["flip"]
+    assert g3["n_a"] == g3["n_b"] == 5
+    assert g3["cause"].startswith("each run's effect lies inside the other's interval")
+    assert "as wide as A's with the same samples per side: a noisier run" in g3["cause"]
+    assert m1["flip"] and m1["cause"].startswith("the effect moved")
+    lines = compare.summary_lines(compare.compare_runs(a, b))
+    assert "a noisier run" in lines[1] and lines[2] == "every flip was inconclusive or borderline in A: no: G3, M1"
+
+
+def test_machine_speed_reads_each_runs_probe(tmp_path):
+    a, b = _two_runs(tmp_path)
+    (a / "speed_probe").mkdir()
+    (a / "speed_probe" / "drift.json").write_text(json.dumps({"tests": [
+        {"test": "tg64", "start_ts": 87.02, "end_ts": 80.89}, {"test": "pp128", "start_ts": 280.8, "end_ts": 247.0}]}))
+    assert compare.machine_speed(a) == "tg64 87 -> 80.9, pp128 281 -> 247 t/s (start -> end of the run)"
+    assert compare.machine_speed(b) == "not probed"
+    out = compare.format_comparison(compare.compare_runs(a, b), speeds=(compare.machine_speed(a),
+                                                                       compare.machine_speed(b)))
+    assert out.endswith("machine speed (speed probe): A tg64 87 -> 80.9, pp128 281 -> 247 t/s (start -> end of the "
+                        "run); B not probed")
