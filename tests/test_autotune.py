@@ -149,7 +149,11 @@ def test_tuner_moves_only_on_a_supported_comparison(tuned):
 def test_x4_limits_derive_from_the_measurements_and_bind(tuned):
     res, _, _, x4, limits = tuned
     rss = [c.rss_peak_mb for c in res.screened + res.confirmed if c.rss_peak_mb is not None]
-    assert limits["ram_limit_mb"] == pytest.approx(min(rss) + (max(rss) - min(rss)) / 2, abs=0.1)
+    levels = sorted({round(x) for x in rss})
+    below, above = max(zip(levels, levels[1:]), key=lambda g: g[1] - g[0])
+    assert limits["ram_limit_mb"] == pytest.approx((below + above) / 2, abs=0.1)
+    # the limit sits in the widest gap between footprints: no configuration within a few MB of it
+    assert min(abs(x - limits["ram_limit_mb"]) for x in rss) >= (above - below) / 2 - 1
     assert limits["max_ppl_ratio"] == 1.01  # the floor given: q4_0 and the RoPE override exceed it
     # the constrained run starts at the largest configuration measured (over the limit by construction, so it must
     # move) and screens KV type, RoPE base and n_ctx only
@@ -340,3 +344,37 @@ def test_x1_speed_profile_against_quality_profile():
     assert v.verdict == verdicts.SUPPORTED and v.effect < 1 and set(v.details["profiles"]) == set(guide)
     close = autotune.x1_verdict({"speed": m([880, 950, 900, 870]), "quality": m([900, 910, 860, 930])})
     assert close.verdict in (verdicts.NO_EFFECT, verdicts.INCONCLUSIVE) and close.band == 0.05
+
+
+def test_a_start_over_the_limit_falls_back_to_defaults_within_it(tmp_path):
+    """The confirmation's rule where the start breaks the memory limit and the contender, admitted at screening,
+    is refused at confirmation (its footprint straddles the limit): llama.cpp's defaults, confirmed beside them
+    and within the limit, are the answer, never the start over the limit (run C of 2026-12-08 kept a 390 MB start
+    under a 304 MB limit). The measurements are given, so the rule alone is tested."""
+    from kit.studies.autotune import tuner
+
+    start, contender, defaults = (Settings(n_ctx=8192, n_batch=1024), Settings(n_ctx=8192, type_k="q8_0",
+                                  type_v="q8_0", flash_attn=True), Settings(n_ctx=2048))
+    key = tuner.settings_key
+    footprint = {key(start): 390.3, key(contender): 304.3, key(defaults): 218.0}
+    speed = {key(start): 1.34, key(contender): 1.47, key(defaults): 1.47}
+
+    class Measured(tuner._Tuner):
+        def measure(self, configs, stage, axis, changes, reps, **kw):
+            return [tuner.Candidate(settings=s, stage=stage, axis=axis, change={}, score_s=speed[key(s)],
+                                    rss_peak_mb=footprint[key(s)],
+                                    samples_request_s=[speed[key(s)] * f for f in (0.99, 1.0, 1.01, 1.0, 0.995)])
+                    for s in configs]
+
+    cons = autotune.Constraints(ram_limit_mb=304.1, vram_limit_mb=None, max_ppl_ratio=None)
+    t = Measured("t", str(tmp_path), cons, autotune.Workload(32, 8, 1, 64), 1, 5, 0.05, False)
+    cur = tuner.Candidate(settings=contender, stage="screen", axis="kv_type", change={}, score_s=1.45,
+                          rss_peak_mb=304.0)
+    best, conf, _, why = tuner._confirm(t, cur, start, defaults, 1, [])
+    assert best == defaults and "llama.cpp's defaults" in why and "breaks a limit" in why
+    assert [r["reason"] for r in t.refusals] == ["memory"]  # the contender, refused at confirmation
+    # with no configuration within the limit the tuner says so rather than pretending
+    footprint[key(defaults)] = 320.0
+    t = Measured("t", str(tmp_path), cons, autotune.Workload(32, 8, 1, 64), 1, 5, 0.05, False)
+    best, _, _, why = tuner._confirm(t, cur, start, defaults, 1, [])
+    assert best == start and why == "the start breaks a limit and no confirmed configuration is within it"

@@ -43,7 +43,8 @@ class AutotuneStudy(StudyConfig):
     out_dir: str = param("outputs/85_autotune", "rows, figures, verdicts, autotune.json (relative: to the repo root)")
     profiles_dir: str = param("outputs/profiles", "where the kit's own speed/balanced/quality .env files go")
     n_prompt: int = param(256, "prompt tokens of the modelled request (pp test; tg runs at this depth)", ge=1)
-    n_gen: int = param(32, "generated tokens of the modelled request (tg test)", ge=1)
+    n_gen: int = param(128, "generated tokens of the modelled request (tg test; llama-bench's default -n 128)",
+                       ge=1)
     n_gpu_layers: list[int] = param([0], "GPU layer counts screened against the largest that fits (what "
                                     "find_optimal_gpu_layers found; GPU builds only, counts above it are skipped)",
                                     ge=0)

@@ -672,13 +672,18 @@ def _confirm(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, con
                     confidence=level)) for c in feasible]
     won = [c for c, v in ok if v.verdict == SUPPORTED]
     start_bad = t.violation(base, quality=False)
+    # where the start breaks a limit, llama.cpp's defaults (confirmed beside it) are a fallback within the limits too
+    dflt = conf[pool.index(defaults)]
+    within_limits = [c for c, _ in ok] + ([dflt] if dflt is not base and all(dflt is not c for c in feasible)
+                                          and t.violation(dflt) is None else [])
     if won:
         best = next((c for c in won if c.settings == cur.settings), None) or min(won, key=lambda c: c.score_s)
         why = "beats the start beyond the band: " + ratio_words(verdict_brief(next(v for c, v in ok if c is best)))
-    elif start_bad and ok:
-        best = next((c for c, _ in ok if c.settings == cur.settings), None) or min((c for c, _ in ok),
-                                                                                 key=lambda c: c.score_s)
-        why = f"the start breaks a limit ({start_bad[1]}): the fastest confirmed configuration within"
+    elif start_bad and within_limits:
+        best = next((c for c in within_limits if c.settings == cur.settings), None) or min(
+            (c for c in within_limits if c.score_s is not None), key=lambda c: c.score_s, default=within_limits[0])
+        why = (f"the start breaks a limit ({start_bad[1]}): the fastest confirmed configuration within"
+               + (" (llama.cpp's defaults)" if best is dflt else ""))
     else:
         best = base
         why = ("the start breaks a limit and no confirmed configuration is within it" if start_bad else
@@ -735,18 +740,21 @@ def benchmark_settings(model: str, *, study: str, out_root: str | os.PathLike, s
 def x4_limits(result: TuneResult, max_ppl_ratio: float | None) -> dict:
     """A memory limit and a quality floor that bind on what `result` measured (claim X4's test).
 
-    Memory: the smallest peak RSS among the screened and confirmed configurations plus half the gap to the
-    largest, so at least one measured configuration is above it and one below. Quality: the study's floor where a
+    Memory: halfway across the widest gap between the distinct peak RSS values of the screened and confirmed
+    configurations (rounded to 1 MB), so at least one measured configuration is above it and one below, and none
+    sits near it: a limit drawn through a configuration's own footprint (a few tenths of a MB apart from trial to
+    trial) refuses it in one trial and admits it in the next. Quality: the study's floor where a
     screened candidate's perplexity ratio exceeds it, else halfway between 1 and the largest ratio measured.
     A limit is None (with why) where the measurements leave no room for one to bind."""
     measured = [c for c in result.screened + result.confirmed if c.status == "ok"]
     rss = [c.rss_peak_mb for c in measured if c.rss_peak_mb is not None]
     out: dict = {"ram_limit_mb": None, "max_ppl_ratio": None}
-    if len(rss) >= 2 and max(rss) > min(rss):
-        lo, hi = min(rss), max(rss)
-        out.update(ram_limit_mb=round(lo + (hi - lo) / 2, 1), rss_min_mb=lo, rss_max_mb=hi,
-                   ram_why=f"the smallest measured peak RSS {lo:.0f} MB plus half the gap to the largest "
-                           f"{hi:.0f} MB")
+    levels = sorted({round(x) for x in rss})
+    if len(levels) >= 2:
+        below, above = max(zip(levels, levels[1:]), key=lambda g: g[1] - g[0])
+        out.update(ram_limit_mb=round(below + (above - below) / 2, 1), rss_min_mb=min(rss), rss_max_mb=max(rss),
+                   ram_why=f"halfway across the widest gap between measured peak RSS values, {below} MB to {above} MB "
+                           f"(measured {min(rss):.0f} to {max(rss):.0f} MB)")
     else:
         out["ram_why"] = "no limit can bind: the configurations measured share one peak RSS" if rss else \
             "no peak RSS was measured"
