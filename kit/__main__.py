@@ -217,12 +217,10 @@ def cmd_fidelity(args) -> int:
 def cmd_compare(args) -> int:
     """Two runs' verdicts side by side (kit.compare): a markdown table on stdout, optionally an HTML page."""
     try:
-        df = compare.compare_runs(args.run_a, args.run_b)
-        prov = compare.provenance_diff(args.run_a, args.run_b)
+        df, prov, speeds = compare.load_comparison(args.run_a, args.run_b)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    speeds = (compare.machine_speed(args.run_a), compare.machine_speed(args.run_b))
     print(compare.format_comparison(df, prov, (args.run_a, args.run_b), args.o, speeds=speeds))
     if args.html:
         print(f"html: {report.compare_page(args.run_a, args.run_b, args.html)}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from kit.drift import DRIFT_FILE, PROBE_DIR
+from kit.drift import read_drift
 from kit.environment import ENVIRONMENT_FILE
 from kit.paths import resolve
 from kit.results import RESULTS_FILE, read_rows
@@ -212,13 +212,16 @@ def provenance_diff(run_a: str | os.PathLike, run_b: str | os.PathLike) -> pd.Da
 def machine_speed(root: str | os.PathLike) -> str:
     """The run's speed probe (kit.drift) as one phrase: 'tg64 87.0 -> 80.9, pp128 281 -> 247 t/s (start -> end)',
     or 'not probed'. Two runs of one machine at different speeds differ in noise too, which moves intervals."""
-    try:
-        tests = json.loads((resolve(root) / PROBE_DIR / DRIFT_FILE).read_text()).get("tests") or []
-    except (OSError, json.JSONDecodeError, AttributeError):
-        tests = []
+    tests = (read_drift(root) or {}).get("tests") or []
     parts = [f"{t['test']} {t['start_ts']:.3g} -> {t['end_ts']:.3g}" for t in tests
              if _num(t.get("start_ts")) is not None and _num(t.get("end_ts")) is not None]
     return ", ".join(parts) + " t/s (start -> end of the run)" if parts else "not probed"
+
+
+def load_comparison(run_a: str | os.PathLike, run_b: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame,
+                                                                                   tuple[str, str]]:
+    """Everything `kit compare` and the report's section show: the claims, the provenance, each run's speed."""
+    return (compare_runs(run_a, run_b), provenance_diff(run_a, run_b), (machine_speed(run_a), machine_speed(run_b)))
 
 
 def _ci(row, side: str) -> str:

@@ -85,6 +85,15 @@ def summarize_drift(out_root: str | os.PathLike, run_id: str | None = None) -> d
     return summary
 
 
+def read_drift(out_root: str | os.PathLike) -> dict | None:
+    """A run's drift.json as summarize_drift wrote it; None where the run was not probed or the file is broken."""
+    p = resolve(out_root) / PROBE_DIR / DRIFT_FILE
+    try:
+        return json.loads(p.read_text()) if p.exists() else None
+    except json.JSONDecodeError:
+        return None
+
+
 def drift_text(summary: dict | None) -> str:
     """One paragraph for the report."""
     if not summary:

@@ -25,7 +25,7 @@ import pandas as pd
 
 from kit import compare as compare_mod
 from kit.config import SettingsError, read_dotenv
-from kit.drift import DRIFT_FILE, PROBE_DIR, drift_text, within_drift
+from kit.drift import drift_text, read_drift, within_drift
 from kit.environment import ENVIRONMENT_FILE
 from kit.paths import (
     OUTPUTS, SERVED_LEVELS_FILE, SERVED_SIDE_BY_SIDE_FILE, SERVED_STUDY, SERVED_SUMMARY_FILE, resolve,
@@ -743,7 +743,7 @@ def render_report(out_root: str | os.PathLike = OUTPUTS, status: dict | None = N
     executed = _executed_notebooks(root)
     pages, errors = _render_pages(executed, rep)
     vs = collect_verdicts(root)
-    drift = _read_drift(root)
+    drift = read_drift(root)
     e = html.escape
     machine = _run_line(root)
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>llama.cpp tuning: what to change</title>"
@@ -834,13 +834,12 @@ def served_section(root: Path) -> str:
 def compare_section(run_a: str | os.PathLike, run_b: str | os.PathLike) -> str:
     """This run against another, side by side (kit.compare), as a report section."""
     try:
-        df = compare_mod.compare_runs(run_a, run_b)
-        prov = compare_mod.provenance_diff(run_a, run_b)
+        df, prov, speeds = compare_mod.load_comparison(run_a, run_b)
     except FileNotFoundError as exc:
         return f"<h2>Compared with another run</h2><p>{html.escape(str(exc))}</p>"
     return ("<h2 id='compare'>Compared with another run</h2>"
             + compare_mod.compare_html(df, prov, (str(resolve(run_a)), str(resolve(run_b))), label_class=_cls,
-                                       speeds=(compare_mod.machine_speed(run_a), compare_mod.machine_speed(run_b))))
+                                       speeds=speeds))
 
 
 def compare_page(run_a: str | os.PathLike, run_b: str | os.PathLike, path: str | os.PathLike) -> Path:
@@ -860,14 +859,6 @@ def _render_pages(executed: dict[str, Path], rep: Path) -> tuple[dict[str, Path]
         except Exception as exc:  # noqa: BLE001 - one broken notebook must not hide the others
             errors[stem] = f"{type(exc).__name__}: {exc}"
     return pages, errors
-
-
-def _read_drift(root: Path) -> dict | None:
-    p = root / PROBE_DIR / DRIFT_FILE
-    try:
-        return json.loads(p.read_text()) if p.exists() else None
-    except json.JSONDecodeError:
-        return None
 
 
 def _studies_html(executed: dict[str, Path], status: dict, pages: dict[str, Path], errors: dict[str, str]) -> str:

@@ -674,14 +674,15 @@ def _confirm(t: _Tuner, cur: Candidate, start: Settings, defaults: Settings, con
     start_bad = t.violation(base, quality=False)
     # where the start breaks a limit, llama.cpp's defaults (confirmed beside it) are a fallback within the limits too
     dflt = conf[pool.index(defaults)]
-    within_limits = [c for c, _ in ok] + ([dflt] if dflt is not base and all(dflt is not c for c in feasible)
-                                          and t.violation(dflt) is None else [])
+    within_limits = feasible + ([dflt] if dflt is not base and not any(dflt is c for c in feasible)
+                                and t.violation(dflt) is None else [])
     if won:
         best = next((c for c in won if c.settings == cur.settings), None) or min(won, key=lambda c: c.score_s)
         why = "beats the start beyond the band: " + ratio_words(verdict_brief(next(v for c, v in ok if c is best)))
     elif start_bad and within_limits:
+        # (violation() refuses a candidate without a score, so every one here has one)
         best = next((c for c in within_limits if c.settings == cur.settings), None) or min(
-            (c for c in within_limits if c.score_s is not None), key=lambda c: c.score_s, default=within_limits[0])
+            within_limits, key=lambda c: c.score_s)
         why = (f"the start breaks a limit ({start_bad[1]}): the fastest confirmed configuration within"
                + (" (llama.cpp's defaults)" if best is dflt else ""))
     else:
