@@ -99,6 +99,42 @@ def pooled_samples(rows, col: str = "samples_ts") -> list[float]:
     return out
 
 
+def interleaved_pairs(candidate_rows, baseline_rows, col: str = "samples_ts") -> tuple[list, list] | None:
+    """The two sides' raw samples paired by round, where the sweep interleaved them sample by sample: one row a
+    side, the same interleave group, as many samples each, and in time order (`samples_at_s`) every round's two
+    samples both taken before the next round's. A pair then shares whatever the machine was doing in those
+    seconds, so a per-round ratio cancels slow drift that independent resampling counts as noise. None where
+    the rows cannot be paired: compare them as independent samples."""
+    if len(candidate_rows) != 1 or len(baseline_rows) != 1:
+        return None
+    c, b = candidate_rows.iloc[0], baseline_rows.iloc[0]
+    g = c.get("interleave_group"), b.get("interleave_group")
+    if g[0] is None or g[0] != g[0] or g[0] != g[1]:
+        return None
+    sides = []
+    for r in (c, b):
+        v, at = r.get(col), r.get("samples_at_s")
+        if not isinstance(v, list) or not isinstance(at, list) or len(v) != len(at) or not v:
+            return None
+        sides.append(sorted(zip((float(t) for t in at), (float(x) for x in v))))
+    (sc, sb) = sides
+    if len(sc) != len(sb):
+        return None
+    for i in range(len(sc) - 1):
+        if max(sc[i][0], sb[i][0]) > min(sc[i + 1][0], sb[i + 1][0]):
+            return None
+    return [x for _, x in sc], [x for _, x in sb]
+
+
+def compared_samples(candidate_rows, baseline_rows, col: str = "samples_ts") -> tuple[list, list, bool]:
+    """(candidate, baseline, paired) for `kit.verdicts.compare(..., paired=paired)`: paired by round where the
+    sweep interleaved the two (`interleaved_pairs`), else every sample of each side pooled."""
+    pairs = interleaved_pairs(candidate_rows, baseline_rows, col)
+    if pairs is not None:
+        return pairs[0], pairs[1], True
+    return pooled_samples(candidate_rows, col), pooled_samples(baseline_rows, col), False
+
+
 def as_float(v) -> float | None:
     """A row value as a plain float (verdict details are JSON); None for missing, non-numeric or NaN."""
     try:

@@ -368,6 +368,8 @@ class Adaptive:
     chance of a wrong label at most 5 %. `max_s` caps the seconds spent on extra blocks in one sweep. Rows say how
     many blocks their test ran (`looks`), the schedule (`looks_planned`), and `looks_capped` when the schedule or
     the time cap, not a decision, ended it. Applies where a sweep interleaves (engine tests of several configurations).
+    `paired`: judge a pair on its per-round ratios (`kit.verdicts.compare(paired=True)`), as a study whose verdict
+    pairs them by round (`kit.results.compared_samples`) does; a pair with unequal counts is judged unpaired.
     """
     claim: str
     pairs: Sequence[tuple[Settings, Settings]]     # (candidate, baseline)
@@ -376,6 +378,7 @@ class Adaptive:
     max_s: float = 120.0
     equivalence: float | None = None                # None: the claim's band (kit.verdicts.BANDS)
     test_kinds: tuple = ENGINE_KINDS                # the tests whose comparisons the verdict uses (pp, tg, pg)
+    paired: bool = False                            # the verdict pairs samples by round (compare(paired=True))
     spent_s: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
@@ -405,8 +408,9 @@ class Adaptive:
             b = index.get(json.dumps(base.to_dict(), sort_keys=True, default=str))
             if c is None or b is None or c not in samples or b not in samples:
                 continue
+            paired = self.paired and len(samples[c]) == len(samples[b])
             v = compare(self.claim, samples[c], samples[b], claimed=self.claimed, equivalence=self.equivalence,
-                        confidence=self.confidence)
+                        confidence=self.confidence, paired=paired)
             if v.verdict == INCONCLUSIVE:
                 out |= {c, b}
         return out

@@ -226,6 +226,24 @@ def bootstrap_ratio(candidate: Sequence[float], baseline: Sequence[float], n_boo
     return point, lo, hi
 
 
+def bootstrap_paired_ratio(candidate: Sequence[float], baseline: Sequence[float], n_boot: int = 4000,
+                           confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Median of per-round ratios (candidate_i / baseline_i) and its percentile bootstrap interval, resampling
+    rounds: for samples the sweep interleaved round by round (`kit.results.interleaved_pairs`). The median, like
+    the ratio of medians for independent samples, is not moved by one disturbed round."""
+    c, b = [float(x) for x in candidate], [float(x) for x in baseline]
+    if len(c) != len(b) or not c:
+        raise ValueError(f"paired rounds needed: {len(c)} vs {len(b)}")
+    if any(x <= 0 for x in c + b):
+        raise ValueError("a per-round ratio needs positive samples")
+    r = [x / y for x, y in zip(c, b)]
+    point = statistics.median(r)
+    rng = random.Random(seed)
+    boots = sorted(statistics.median(rng.choices(r, k=len(r))) for _ in range(n_boot))
+    a = (1 - confidence) / 2
+    return point, boots[int(a * (n_boot - 1))], boots[int((1 - a) * (n_boot - 1))]
+
+
 def decide(lo: float, hi: float, *, claimed: str = "better", higher_is_better: bool = True,
            equivalence: float = 0.0, no_change: float = 1.0) -> str:
     """The one verdict rule: the label an interval [lo, hi] of an effect (a ratio, no change = 1) earns.
@@ -316,7 +334,7 @@ def _band(claim: str, equivalence: float | None) -> tuple[float, str]:
 def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool = True,
             claimed: str = "better", metric: str = "", equivalence: float | None = None, evidence: Sequence[str] = (),
             summary: str = "", seed: int = 0, min_samples: int = MIN_SAMPLES,
-            hint: str = "the repetitions", confidence: float = 0.95) -> Verdict:
+            hint: str = "the repetitions", confidence: float = 0.95, paired: bool = False) -> Verdict:
     """Verdict on "candidate is <claimed> than baseline" from raw samples.
 
     claimed: "better" (the guide says the change helps), "worse" (it says the change costs), or "same".
@@ -325,6 +343,9 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
     looks, `looks_confidence`).
     Fewer than `min_samples` on either side gives "not testable here": a bootstrap of one or two values
     has no honest interval; `hint` names what to raise for more samples (a study parameter).
+    paired: candidate[i] and baseline[i] were measured in the same interleaved round (`kit.results.
+    interleaved_pairs`): the effect is the median per-round ratio (`bootstrap_paired_ratio`), else the ratio of
+    medians of independent samples (`bootstrap_ratio`).
     """
     if claimed not in ("better", "worse", "same"):
         raise ValueError("claimed must be 'better', 'worse' or 'same'")
@@ -334,7 +355,8 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
         few.metric = metric
         return few
     eq, why = _band(claim, equivalence)
-    point, lo, hi = bootstrap_ratio(candidate, baseline, seed=seed, confidence=confidence)
+    ratio = bootstrap_paired_ratio if paired else bootstrap_ratio
+    point, lo, hi = ratio(candidate, baseline, seed=seed, confidence=confidence)
     n = min(len(candidate), len(baseline))
     verdict, borderline, need = _label(claim, point, lo, hi, n, claimed=claimed, higher_is_better=higher_is_better,
                                        equivalence=eq, no_change=1.0, confidence=confidence)
@@ -342,7 +364,8 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
     unstable = any(x is not None and x >= UNSTABLE_CV for x in cvs)
     direction = "higher" if point > 1 else "lower"
     auto = (f"{metric or 'metric'}: {abs(point - 1) * 100:.1f} % {direction} "
-            f"({confidence_text(confidence)} CI {lo:.3f}-{hi:.3f}, n={len(candidate)} vs {len(baseline)})")
+            f"({confidence_text(confidence)} CI {lo:.3f}-{hi:.3f}, "
+            + (f"median of {n} per-round ratios)" if paired else f"n={len(candidate)} vs {len(baseline)})"))
     if need:
         auto += (f"; about {need} samples per side would decide it at this spread" if need < SAMPLES_CAP else
                  f"; over {SAMPLES_CAP} samples per side would be needed at this spread")
@@ -351,7 +374,7 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
                    unstable=unstable, n_baseline=len(baseline), n_candidate=len(candidate),
                    reason="unstable samples (CV >= 10 %): repeat on a quieter machine" if unstable else "",
                    band=eq, band_why=why, confidence=confidence, borderline=borderline, samples_to_decide=need,
-                   higher_is_better=higher_is_better)
+                   higher_is_better=higher_is_better, details={"paired_rounds": n} if paired else {})
 
 
 def from_interval(claim: str, point: float, lo: float, hi: float, *, claimed: str = "better",

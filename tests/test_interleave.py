@@ -2,12 +2,14 @@
 import os
 import signal
 
+import pandas as pd
 import psutil
 import pytest
 
 from kit.config import Settings
 from kit.measure import Test, pp, tg
 from kit.models import model_card
+from kit.results import compared_samples, interleaved_pairs
 from kit.sweep import _Plan, grid, interleave_group_size, run_interleaved, run_sweep
 
 BASE = Settings(n_ctx=512, n_batch=256, n_ubatch=128, n_threads=2, n_threads_batch=2)
@@ -60,6 +62,19 @@ def test_interleaved_sweep_alternates_repetitions_and_resumes(tmp_path):
         assert len(r["samples_ts"]) == 3 and r["repetitions"] == 3 and 1 < r["median_ts"] < 100_000
         assert 0.7 < r["perf_wall_ratio"] < 1.3  # llama.cpp's own counters agree over the same region
         assert 0 < r["cpu_util_pct"] < 100 * (os.cpu_count() or 2) + 50
+    # the rows pair by round (kit.results.interleaved_pairs): each side's samples in time order
+    one = df[df["test"] == df["test"].iloc[0]]
+    a, b = one.iloc[[0]], one.iloc[[1]]
+    pa, pb, paired = compared_samples(a, b)
+    assert paired and sorted(pa) == sorted(a.iloc[0]["samples_ts"]) and sorted(pb) == sorted(b.iloc[0]["samples_ts"])
+    order = sorted(range(3), key=lambda i: a.iloc[0]["samples_at_s"][i])
+    assert pa == [a.iloc[0]["samples_ts"][i] for i in order]
+    # rows of different tests, or a side with two rows, are not pairs: every sample pooled instead
+    other = df[df["test"] != one["test"].iloc[0]].iloc[[0]]
+    later = b.assign(samples_at_s=[[t + 1000 for t in b.iloc[0]["samples_at_s"]]])
+    assert interleaved_pairs(later, a) is None      # measured after the other side, not round by round
+    assert compared_samples(a, pd.concat([b, other]))[2] is False
+    assert len(compared_samples(a, pd.concat([b, other]))[1]) == 6
     d = df[df["test"] == tests[1].name]
     # the pp64 before it left 64 tokens in each child's cache: the depth is reused there, as back to back
     assert len(d) == 2 and d["depth_reused"].astype(bool).all() and (d["depth_fill_ms"] == 0).all()

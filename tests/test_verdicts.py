@@ -130,3 +130,19 @@ def test_looks_note_says_when_a_cap_not_a_decision_ended_adaptive_rounds():
     assert "ran 3 of 3 planned blocks" in note and "stopped undecided" in note
     assert looks_note(rows, "M1") == ""            # M1's rounds decided: nothing to say
     assert looks_note([{"status": "ok"}]) == ""    # no adaptive schedule at all
+
+
+def test_paired_rounds_cancel_a_drift_that_independent_samples_count_as_noise():
+    # both configurations slow down together round by round (another tenant), the candidate 2 % faster throughout
+    rng = random.Random(3)
+    drift = [300 * (1 - 0.02 * i) * (1 + rng.gauss(0, 0.003)) for i in range(15)]
+    base = [x * (1 + rng.gauss(0, 0.003)) for x in drift]
+    cand = [x * 1.02 * (1 + rng.gauss(0, 0.003)) for x in drift]
+    loose = compare("G3", cand, base)
+    tight = compare("G3", cand, base, paired=True)
+    assert loose.verdict == INCONCLUSIVE and loose.samples_to_decide
+    assert tight.verdict == NO_EFFECT and 1.0 < tight.ci_low < 1.02 < tight.ci_high < 1.04
+    assert tight.details == {"paired_rounds": 15} and "per-round ratios" in tight.summary
+    assert (tight.ci_high - tight.ci_low) < (loose.ci_high - loose.ci_low) / 5
+    with pytest.raises(ValueError, match="paired rounds"):
+        compare("G3", cand, base[:-1], paired=True)

@@ -28,7 +28,7 @@ from kit.config import Settings, StudyConfig, check_rule, param
 from kit.gpu import build_supports_gpu_offload
 from kit.measure import Test, pp, tg
 from kit.plots import setup, speed_plot
-from kit.results import median_table, pooled_samples
+from kit.results import compared_samples, median_table
 from kit.sweep import Adaptive, grid, planned_rows, run_sweep
 from kit.verdicts import (INCONCLUSIVE, MIXED, NOT_TESTABLE, Verdict, combine, compare, looks_note, not_testable,
                           ratio_of, ratio_text, rows_confidence)
@@ -174,7 +174,7 @@ class BatchFlashStudy(StudyConfig):
 # ---- running ---------------------------------------------------------------------------------------------------
 def _run_part(study: BatchFlashStudy, configs, tests, claim: str, part: str, progress: bool, pair):
     out = study.out_path
-    adaptive = Adaptive(claim, [pair], looks=study.looks, max_s=study.looks_max_s)
+    adaptive = Adaptive(claim, [pair], looks=study.looks, max_s=study.looks_max_s, paired=True)
     df = run_sweep(out.name, configs, tests, study.repetitions, out_root=out.parent, timeout_s=study.timeout_s,
                    progress=progress, extra={"claim": claim, "part": part}, adaptive=adaptive)
     return planned_rows(df, configs, tests, study.repetitions)
@@ -265,11 +265,11 @@ def batch_table(df) -> pd.DataFrame:
     return _mark_duplicates(t)[BATCH_COLUMNS]
 
 
-def _samples(df, **match) -> list[float]:
+def _rows(df, **match):
     sel = df
     for k, v in match.items():
         sel = sel[sel[k] == v]
-    return pooled_samples(sel[sel["status"] == "ok"])
+    return sel[sel["status"] == "ok"]
 
 
 def _gpu_scope(gpu_offload: bool | None) -> str:
@@ -290,11 +290,11 @@ def _batch_comparisons(df, study: BatchFlashStudy, evidence: Sequence[str],
     table = batch_table(df)
     out = []
     for n in sorted(study.prompt_lengths):
-        cand = _samples(df, n_prompt=n, n_batch=gb, n_ubatch=gu, test_kind="pp")
-        base = _samples(df, n_prompt=n, n_batch=bb, n_ubatch=bu, test_kind="pp")
+        cand, base, paired = compared_samples(_rows(df, n_prompt=n, n_batch=gb, n_ubatch=gu, test_kind="pp"),
+                                              _rows(df, n_prompt=n, n_batch=bb, n_ubatch=bu, test_kind="pp"))
         if not cand or not base:
             continue
-        v = compare(CLAIM_BATCH, cand, base, evidence=evidence, confidence=confidence,
+        v = compare(CLAIM_BATCH, cand, base, evidence=evidence, confidence=confidence, paired=paired,
                     metric=f"pp{n} t/s ratio, n_batch/n_ubatch {gb}/{gu} over {bb}/{bu}")
         plans = table[(table.n_prompt == n) & (((table.n_batch == gb) & (table.n_ubatch == gu)) |
                                                ((table.n_batch == bb) & (table.n_ubatch == bu)))]
@@ -374,11 +374,10 @@ def flash_comparisons(df, evidence: Sequence[str] = (), confidence: float | None
     for depth in sorted(d["n_depth"].dropna().unique()):
         for mode in ("pp", "tg"):
             sel = d[(d._mode == mode) & (d.n_depth == depth)]
-            on = _samples(sel, flash_attn=True)
-            off = _samples(sel, flash_attn=False)
+            on, off, paired = compared_samples(_rows(sel, flash_attn=True), _rows(sel, flash_attn=False))
             if not on or not off:
                 continue
-            v = compare(CLAIM_FLASH, on, off, evidence=evidence, confidence=confidence,
+            v = compare(CLAIM_FLASH, on, off, evidence=evidence, confidence=confidence, paired=paired,
                         metric=f"{mode} t/s ratio, flash_attn on / off, depth {int(depth)}")
             v.details = {**(v.details or {}), "test": mode, "n_depth": int(depth)}
             out.append(v)

@@ -27,7 +27,7 @@ from kit.models import model_card
 from kit.paths import DEFAULT_MODEL
 from kit.plots import median_plot, panel_figure, samples_long
 from kit.quality import ensure_reference, reference_path
-from kit.results import ci_label, load_results, median_table, ok_rows, pooled_samples
+from kit.results import ci_label, compared_samples, load_results, median_table, ok_rows, pooled_samples
 from kit.sweep import Adaptive, run_sweep
 from kit.verdicts import (INCONCLUSIVE, MIXED, NO_EFFECT, REFUTED, SUPPORTED, combine, compare, from_interval,
                           looks_note, median_ci, not_testable, paired_log_ratio, rows_confidence)
@@ -235,7 +235,7 @@ def _m1_adaptive(study: ContextStudy) -> Adaptive | None:
         return None
     small, large = (4096, 8192) if {4096, 8192} <= set(have) else (have[-2], have[-1])
     return Adaptive("M1", [(study.settings(n_ctx=small), study.settings(n_ctx=large))], looks=study.looks,
-                    max_s=study.looks_max_s)
+                    max_s=study.looks_max_s, paired=True)
 
 
 def run_context_study(study: ContextStudy, parts: tuple = PARTS, progress: bool = True):
@@ -268,10 +268,6 @@ def _ttft_rows(rows):
         return rows
     return rows.assign(samples_ttft_ms=[[ns / 1e6 for ns in xs] if isinstance(xs, list) else None
                                         for xs in rows["samples_ns"]])
-
-
-def _ttft_ms(rows) -> list[float]:
-    return [ns / 1e6 for ns in pooled_samples(rows, "samples_ns")]
 
 
 def _medians(rows, by: str, col: str, name: str, ci_name: str) -> dict:
@@ -434,7 +430,8 @@ def _used_context(df, study: ContextStudy, confidence: float = 0.95) -> tuple[di
         b = dd[(dd["test_kind"] == kind) & (dd["n_depth"] == lo_d)]
         if a.empty or b.empty:
             continue
-        u = compare("M1", pooled_samples(a), pooled_samples(b), claimed="worse", confidence=confidence,
+        ca, cb, paired = compared_samples(a, b)
+        u = compare("M1", ca, cb, claimed="worse", confidence=confidence, paired=paired,
                     metric=f"{kind} t/s at depth {hi_d} / depth {lo_d} (n_ctx {study.depth_ctx})")
         details[f"used_{kind}"] = u.to_dict()
         words.append(f"Using the context: {kind} at depth {hi_d} against depth {lo_d}: {u.label()}, "
@@ -465,11 +462,12 @@ def m1_verdict(df, study: ContextStudy, evidence=(), confidence: float | None = 
         return not_testable("M1", f"need two allocated n_ctx values with rows (have {have})", list(evidence))
     small, large = sizes
     gs, gl = d[d["n_ctx"] == small], d[d["n_ctx"] == large]
-    tgv = compare("M1", pooled_samples(gs[gs["test_kind"] == "tg"]), pooled_samples(gl[gl["test_kind"] == "tg"]),
-                  claimed="better", evidence=list(evidence), confidence=confidence,
+    ts, tl, paired = compared_samples(gs[gs["test_kind"] == "tg"], gl[gl["test_kind"] == "tg"])
+    tgv = compare("M1", ts, tl, claimed="better", evidence=list(evidence), confidence=confidence, paired=paired,
                   metric=f"tg t/s, same prompt, n_ctx {small} / {large} (allocated only)")
-    ttft = compare("M1", _ttft_ms(gs[gs["test_kind"] == "pg"]), _ttft_ms(gl[gl["test_kind"] == "pg"]),
-                   higher_is_better=False, claimed="better", confidence=confidence,
+    fs, fl, paired = compared_samples(gs[gs["test_kind"] == "pg"], gl[gl["test_kind"] == "pg"], "samples_ns")
+    ttft = compare("M1", [ns / 1e6 for ns in fs], [ns / 1e6 for ns in fl], higher_is_better=False,
+                   claimed="better", confidence=confidence, paired=paired,
                    metric=f"TTFT ms ({study.prompt_tokens}-token prompt), n_ctx {small} / {large}")
     kv_saved = (study.card.kv_cache_bytes(large) - study.card.kv_cache_bytes(small)) / 2**20
     used, used_words = _used_context(df, study)
