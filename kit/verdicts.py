@@ -236,12 +236,8 @@ def bootstrap_paired_ratio(candidate: Sequence[float], baseline: Sequence[float]
         raise ValueError(f"paired rounds needed: {len(c)} vs {len(b)}")
     if any(x <= 0 for x in c + b):
         raise ValueError("a per-round ratio needs positive samples")
-    r = [x / y for x, y in zip(c, b)]
-    point = statistics.median(r)
-    rng = random.Random(seed)
-    boots = sorted(statistics.median(rng.choices(r, k=len(r))) for _ in range(n_boot))
-    a = (1 - confidence) / 2
-    return point, boots[int(a * (n_boot - 1))], boots[int((1 - a) * (n_boot - 1))]
+    return bootstrap_ci([x / y for x, y in zip(c, b)], statistics.median, confidence=confidence, n_boot=n_boot,
+                        seed=seed)
 
 
 def decide(lo: float, hi: float, *, claimed: str = "better", higher_is_better: bool = True,
@@ -363,9 +359,9 @@ def compare(claim: str, candidate: Sequence[float], baseline: Sequence[float], *
     cvs = [cv(candidate), cv(baseline)]
     unstable = any(x is not None and x >= UNSTABLE_CV for x in cvs)
     direction = "higher" if point > 1 else "lower"
+    sizes = f"median of {n} per-round ratios" if paired else f"n={len(candidate)} vs {len(baseline)}"
     auto = (f"{metric or 'metric'}: {abs(point - 1) * 100:.1f} % {direction} "
-            f"({confidence_text(confidence)} CI {lo:.3f}-{hi:.3f}, "
-            + (f"median of {n} per-round ratios)" if paired else f"n={len(candidate)} vs {len(baseline)})"))
+            f"({confidence_text(confidence)} CI {lo:.3f}-{hi:.3f}, {sizes})")
     if need:
         auto += (f"; about {need} samples per side would decide it at this spread" if need < SAMPLES_CAP else
                  f"; over {SAMPLES_CAP} samples per side would be needed at this spread")

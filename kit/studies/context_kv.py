@@ -465,9 +465,9 @@ def m1_verdict(df, study: ContextStudy, evidence=(), confidence: float | None = 
     ts, tl, paired = compared_samples(gs[gs["test_kind"] == "tg"], gl[gl["test_kind"] == "tg"])
     tgv = compare("M1", ts, tl, claimed="better", evidence=list(evidence), confidence=confidence, paired=paired,
                   metric=f"tg t/s, same prompt, n_ctx {small} / {large} (allocated only)")
-    fs, fl, paired = compared_samples(gs[gs["test_kind"] == "pg"], gl[gl["test_kind"] == "pg"], "samples_ns")
-    ttft = compare("M1", [ns / 1e6 for ns in fs], [ns / 1e6 for ns in fl], higher_is_better=False,
-                   claimed="better", confidence=confidence, paired=paired,
+    fs, fl, paired = compared_samples(_ttft_rows(gs[gs["test_kind"] == "pg"]), _ttft_rows(gl[gl["test_kind"] == "pg"]),
+                                      "samples_ttft_ms")
+    ttft = compare("M1", fs, fl, higher_is_better=False, claimed="better", confidence=confidence, paired=paired,
                    metric=f"TTFT ms ({study.prompt_tokens}-token prompt), n_ctx {small} / {large}")
     kv_saved = (study.card.kv_cache_bytes(large) - study.card.kv_cache_bytes(small)) / 2**20
     used, used_words = _used_context(df, study)
